@@ -1,0 +1,403 @@
+"""Togather demo server: a tiny stand-in for the real Togather API, used to exercise deployments.
+
+It is deliberately small but honest: ``GET /health`` really queries PostgreSQL, compares the
+applied schema version with the migrations baked into the image, checks that a background job
+worker is alive and makes a real HTTP request to the server itself. A broken deployment therefore
+shows up as a failing health gate, exactly as it would with the real application.
+
+Environment: PORT (8080), DATABASE_URL, VERSION, GIT_COMMIT, BUILD_TIMESTAMP, MIGRATIONS_DIR
+(/app/migrations), HEALTH_MODE_FILE (/app/HEALTH_MODE), SLOW_START_SECONDS (30).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.pool
+
+PORT = int(os.environ.get("PORT", "8080"))
+DATABASE_URL = os.environ.get("DATABASE_URL", "")
+GIT_COMMIT = os.environ.get("GIT_COMMIT", "")
+VERSION = os.environ.get("VERSION") or GIT_COMMIT[:7] or "0000000"
+BUILD_TIMESTAMP = os.environ.get("BUILD_TIMESTAMP", "")
+MIGRATIONS_DIR = Path(os.environ.get("MIGRATIONS_DIR", "/app/migrations"))
+HEALTH_MODE_FILE = Path(os.environ.get("HEALTH_MODE_FILE", "/app/HEALTH_MODE"))
+SLOW_START_SECONDS = float(os.environ.get("SLOW_START_SECONDS", "30"))
+HEALTH_MODES = {"healthy", "degraded", "unhealthy", "crash", "slow"}
+
+POOL_MIN, POOL_MAX = 2, 5  # the worker and one health probe keep reusing their connections
+HEARTBEAT_MAX_AGE = 10.0  # seconds without a successful worker run before job_queue fails
+DRAIN_SECONDS = 5.0  # how long shutdown waits for in-flight requests
+
+STARTED = time.monotonic()
+# At most POOL_MAX - 1 concurrent health checks, so a burst of probes can't starve the worker.
+HEALTH_SLOTS = threading.BoundedSemaphore(POOL_MAX - 1)
+
+
+def log(message: str) -> None:
+    """One short line on stderr; Docker adds the timestamps."""
+    print(f"togather-demo: {message}", file=sys.stderr, flush=True)
+
+
+def describe_error(exc: BaseException) -> str:
+    """Exception class plus a scrubbed first line: never leak the URL or the password."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    password = urlsplit(DATABASE_URL).password if DATABASE_URL else None
+    for secret in {password, unquote(password)} if password else ():
+        text = text.replace(secret, "***")
+    text = re.sub(r"\b\w+://\S+", "<url>", text)
+    text = re.sub(r"password\s*=\s*\S+", "password=***", text, flags=re.IGNORECASE)
+    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
+
+
+def read_health_mode() -> str:
+    """The simulated health behaviour, read once at start (file absent means healthy)."""
+    try:
+        mode = HEALTH_MODE_FILE.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return "healthy"
+    return mode or "healthy"
+
+
+def expected_migration_version() -> int | None:
+    """Largest numeric prefix among the migration files shipped in the image."""
+    versions = [
+        int(m.group(1)) for p in MIGRATIONS_DIR.glob("*.sql") if (m := re.match(r"(\d+)_", p.name))
+    ]
+    return max(versions, default=None)
+
+
+class Database:
+    """Lazily created ThreadedConnectionPool: a database that is down at start (or goes away
+    later) must never crash the app, and a broken connection is discarded, never pooled again."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._pool: psycopg2.pool.ThreadedConnectionPool | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _get_pool(self) -> psycopg2.pool.ThreadedConnectionPool:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("database pool is closed")
+            if not self._dsn:
+                raise RuntimeError("DATABASE_URL is not set")
+            if self._pool is None:
+                self._pool = psycopg2.pool.ThreadedConnectionPool(
+                    POOL_MIN,
+                    POOL_MAX,
+                    self._dsn,
+                    connect_timeout=2,
+                    application_name="togather-demo",
+                )
+            return self._pool
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Any]:
+        """A pinged autocommit connection; on any error it is closed instead of returned."""
+        pool = self._get_pool()
+        # Idle pooled connections go stale when PostgreSQL restarts: ping, drop and retry until a
+        # fresh one is made (if the server is down, getconn() itself raises at once).
+        for attempt in range(POOL_MIN + 1):
+            conn = pool.getconn()
+            try:
+                conn.autocommit = True
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                break
+            except Exception as exc:
+                pool.putconn(conn, close=True)
+                stale = isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError)
+                if not stale or attempt == POOL_MIN:
+                    raise
+        try:
+            yield conn
+        except BaseException:
+            pool.putconn(conn, close=True)
+            raise
+        pool.putconn(conn, close=bool(conn.closed))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._pool is not None:
+                self._pool.closeall()
+
+
+class JobWorker(threading.Thread):
+    """Drains the ``jobs`` queue every second and records a heartbeat after each good run."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(name="job-worker", daemon=True)
+        self.db = db
+        self.stop_event = threading.Event()
+        self.last_ok: float | None = None
+        self.processed = 0
+        self._failing = False
+
+    def run(self) -> None:
+        while True:
+            try:
+                with self.db.connection() as conn, conn.cursor() as cur:
+                    cur.execute(
+                        "UPDATE jobs SET state = 'done', finished_at = now(), updated_at = now()"
+                        " WHERE id IN (SELECT id FROM jobs WHERE state = 'pending' ORDER BY id"
+                        " LIMIT 10 FOR UPDATE SKIP LOCKED)"
+                    )
+                    self.processed += cur.rowcount
+                self.last_ok = time.monotonic()
+                if self._failing:
+                    log("job worker: recovered")
+                self._failing = False
+            except Exception as exc:  # keep going whatever happens; log only on transitions
+                if not self._failing and not self.stop_event.is_set():
+                    log(f"job worker: {describe_error(exc)} (retrying every second)")
+                self._failing = True
+            if self.stop_event.wait(1.0):
+                return
+
+
+def check(status: str, message: str, started: float, **details: Any) -> dict[str, Any]:
+    """One entry of the health contract's ``checks`` object."""
+    result: dict[str, Any] = {
+        "status": status,
+        "message": message,
+        "latency": f"{round((time.monotonic() - started) * 1000)}ms",
+    }
+    if details:
+        result["details"] = details
+    return result
+
+
+class App:
+    """Process-wide state shared by the request handlers."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.db = Database(DATABASE_URL)
+        self.worker = JobWorker(self.db)
+        self.expected_version = expected_migration_version()
+        self.in_flight = 0
+        self.in_flight_lock = threading.Condition()
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """Run all checks; 503 if any fails, 200 otherwise (degraded when any warns)."""
+        with HEALTH_SLOTS:
+            checks: dict[str, dict[str, Any]] = {}
+            started = time.monotonic()
+            try:
+                with self.db.connection() as conn:
+                    self._db_checks(conn, checks, started)
+            except Exception as exc:
+                checks.setdefault("database", check("fail", describe_error(exc), started))
+                skipped = "skipped: database unavailable"
+                checks.setdefault("migrations", check("fail", skipped, time.monotonic()))
+                checks.setdefault("job_queue", self._job_queue_check(None, time.monotonic()))
+            checks["http_endpoint"] = self._http_check()
+        if self.mode == "unhealthy":
+            checks["database"] = check("fail", "forced by HEALTH_MODE=unhealthy", time.monotonic())
+        states = {c["status"] for c in checks.values()}
+        status = "unhealthy" if "fail" in states else "degraded" if "warn" in states else "healthy"
+        body = {
+            "status": status,
+            "version": VERSION,
+            "checks": checks,
+            "timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        return (503 if status == "unhealthy" else 200), body
+
+    def _db_checks(self, conn: Any, checks: dict[str, dict[str, Any]], started: float) -> None:
+        """database, migrations and job_queue share one connection (already pinged: SELECT 1)."""
+        checks["database"] = check(
+            "pass", "PostgreSQL connection successful", started, server_version=conn.server_version
+        )
+        started = time.monotonic()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT version FROM schema_migrations ORDER BY version DESC LIMIT 1")
+                row = cur.fetchone()
+            actual = int(row[0]) if row else None
+            expected = self.expected_version
+            ok = expected is not None and actual == expected
+            message = (
+                f"Schema version matches expected: {expected}"
+                if ok
+                else f"Schema version mismatch: expected {expected}, actual {actual}"
+            )
+            checks["migrations"] = check(
+                "pass" if ok else "fail",
+                message,
+                started,
+                expected_version=expected,
+                actual_version=actual,
+            )
+        except psycopg2.errors.UndefinedTable:
+            checks["migrations"] = check(
+                "fail",
+                "schema_migrations table missing",
+                started,
+                expected_version=self.expected_version,
+            )
+        except (psycopg2.Error, ValueError) as exc:
+            checks["migrations"] = check(
+                "fail", describe_error(exc), started, expected_version=self.expected_version
+            )
+        checks["job_queue"] = self._job_queue_check(conn, time.monotonic())
+
+    def _job_queue_check(self, conn: Any, started: float) -> dict[str, Any]:
+        """Worker heartbeat freshness, plus a warning for jobs that have waited too long."""
+        last = self.worker.last_ok
+        age = time.monotonic() - (last if last is not None else STARTED)
+        details: dict[str, Any] = {
+            "processed_total": self.worker.processed,
+            "heartbeat_age_ms": None if last is None else round(age * 1000),
+        }
+        if age >= HEARTBEAT_MAX_AGE:
+            return check(
+                "fail", f"job worker has not run successfully for {age:.0f}s", started, **details
+            )
+        if conn is not None:
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(
+                        "SELECT count(*) FROM jobs WHERE state = 'pending'"
+                        " AND created_at < now() - interval '5 minutes'"
+                    )
+                    details["stale_pending_jobs"] = cur.fetchone()[0]
+            except psycopg2.Error as exc:
+                return check("fail", describe_error(exc), started, **details)
+        if self.mode == "degraded":
+            return check("warn", "forced by HEALTH_MODE=degraded", started, **details)
+        if details.get("stale_pending_jobs"):
+            return check("warn", "pending jobs older than 5 minutes", started, **details)
+        message = "job worker starting" if last is None else "job worker alive"
+        return check("pass", message, started, **details)
+
+    def _http_check(self) -> dict[str, Any]:
+        """A real request to our own ``GET /`` over loopback."""
+        started = time.monotonic()
+        remaining = SLOW_START_SECONDS - (started - STARTED)
+        if self.mode == "slow" and remaining > 0:
+            return check("fail", "starting up", started, ready_in_seconds=round(remaining))
+        conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=1)
+        try:
+            conn.request("GET", "/")
+            status = conn.getresponse().status
+        except OSError as exc:
+            return check("fail", describe_error(exc), started)
+        finally:
+            conn.close()
+        if status == 200:
+            return check("pass", "HTTP server responding", started)
+        return check("fail", f"GET / returned HTTP {status}", started)
+
+
+class Handler(BaseHTTPRequestHandler):
+    """HTTP/1.0, one request per connection: idle keep-alive sockets can't delay shutdown."""
+
+    app: App
+    timeout = 10  # slow or idle clients get dropped instead of holding a thread forever
+    server_version = "togather-demo"
+
+    def do_GET(self) -> None:
+        with self.app.in_flight_lock:
+            self.app.in_flight += 1
+        try:
+            path = self.path.split("?", 1)[0]
+            if path == "/":
+                self.send_json(200, {"app": "togather-demo", "version": VERSION})
+            elif path == "/version":
+                self.send_json(
+                    200,
+                    {
+                        "version": VERSION,
+                        "git_commit": GIT_COMMIT,
+                        "build_timestamp": BUILD_TIMESTAMP,
+                    },
+                )
+            elif path == "/health":
+                self.send_json(*self.app.health())
+            else:
+                self.send_json(404, {"error": "not found"})
+        finally:
+            with self.app.in_flight_lock:
+                self.app.in_flight -= 1
+                self.app.in_flight_lock.notify_all()
+
+    def send_json(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log: load tests send thousands of requests."""
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # shutdown drains in-flight requests itself, with a deadline
+    request_queue_size = 128
+
+
+def main() -> int:
+    mode = read_health_mode()
+    if mode not in HEALTH_MODES:
+        log(f"unknown HEALTH_MODE {mode!r} (expected one of {sorted(HEALTH_MODES)}); exiting")
+        return 1
+    if mode == "crash":
+        log("HEALTH_MODE=crash: exiting on purpose before listening")
+        return 1
+    # Explicit handlers: as PID 1 in a container the default dispositions don't apply. The
+    # handler only flips a flag (taking locks inside a signal handler could deadlock).
+    stopping: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda sig, _frame: stopping.append(sig))
+
+    app = App(mode)
+    Handler.app = app
+    server = Server(("0.0.0.0", PORT), Handler)  # noqa: S104 (the container's published port)
+    app.worker.start()
+    threading.Thread(target=server.serve_forever, args=(0.2,), name="http", daemon=True).start()
+    log(
+        f"listening on 0.0.0.0:{PORT} version={VERSION} commit={GIT_COMMIT or '-'}"
+        f" mode={mode} expected_schema={app.expected_version}"
+    )
+    while not stopping:
+        time.sleep(0.2)
+
+    log(f"{signal.Signals(stopping[0]).name} received, shutting down")
+    server.shutdown()  # stop accepting; then let in-flight requests finish
+    server.server_close()
+    with app.in_flight_lock:
+        app.in_flight_lock.wait_for(lambda: app.in_flight == 0, timeout=DRAIN_SECONDS)
+    app.worker.stop_event.set()
+    app.worker.join(timeout=3)
+    app.db.close()
+    log("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Command lines and generated files for docker, compose, nginx, pg_dump and the migration tools.
+
+Pure functions: every value is quoted here (shlex.quote), nothing runs here, and the unit tests
+assert the exact strings. Secrets never appear in these strings: database passwords reach
+pg_dump, psql and the migration tools through a mode-600 PGPASSFILE, app secrets through app.env.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from .config import Settings, database_parts
+
+q = shlex.quote
+DOCKER_DIR = Path(__file__).parent / "docker"
+SNAPSHOT_RE = re.compile(r"^(?P<env>[a-z]+)_(?P<ts>\d{8}T\d{6}Z)_(?P<sha>[0-9a-f]{7})\.dump$")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where things live under the remote directory of one environment."""
+
+    root: str
+
+    @property
+    def compose_file(self) -> str:
+        return f"{self.root}/compose.yml"
+
+    @property
+    def slots_env(self) -> str:
+        return f"{self.root}/slots.env"
+
+    @property
+    def app_env(self) -> str:
+        return f"{self.root}/app.env"
+
+    @property
+    def pgpass(self) -> str:
+        return f"{self.root}/.pgpass"
+
+    @property
+    def upstream_dir(self) -> str:
+        return f"{self.root}/nginx/upstream"
+
+    @property
+    def upstream_file(self) -> str:
+        return f"{self.upstream_dir}/active.conf"
+
+    @property
+    def upstream_backup(self) -> str:
+        return f"{self.upstream_dir}/previous.conf.bak"
+
+    @property
+    def releases(self) -> str:
+        return f"{self.root}/releases"
+
+    def release(self, sha7: str) -> str:
+        return f"{self.releases}/{sha7}"
+
+
+def image_ref(settings: Settings, sha7: str) -> str:
+    return f"{settings.image}:{sha7}"
+
+
+def proxy_image_ref() -> str:
+    """Tagged by content so a changed nginx.conf or Dockerfile builds a new proxy image."""
+    digest = hashlib.sha256()
+    for name in ("Dockerfile", "nginx.conf"):
+        digest.update((DOCKER_DIR / "nginx" / name).read_bytes())
+    return f"togather-proxy:{digest.hexdigest()[:12]}"
+
+
+def compose(settings: Settings, *args: str) -> str:
+    layout = Layout(settings.remote_dir)
+    return " ".join([
+        "docker", "compose", "--project-name", q(settings.compose_project),
+        "--project-directory", q(layout.root), "--file", q(layout.compose_file),
+        "--env-file", q(layout.slots_env), *args])
+
+
+def service(slot: str) -> str:
+    return f"app-{slot}"
+
+
+def slots_env(settings: Settings, images: dict[str, str]) -> str:
+    """The non-secret values compose.yml interpolates."""
+    lines = {
+        "COMPOSE_PROJECT_NAME": settings.compose_project,
+        "APP_PORT": str(settings.app_port),
+        "BLUE_IMAGE": images.get("blue", f"{settings.image}:none"),
+        "GREEN_IMAGE": images.get("green", f"{settings.image}:none"),
+        "BLUE_PORT": str(settings.ports["blue"]),
+        "GREEN_PORT": str(settings.ports["green"]),
+        "PROXY_PORT": str(settings.ports["proxy"]),
+        "PROXY_BIND": settings.proxy["bind"],
+        "PROXY_IMAGE": proxy_image_ref(),
+        "STOP_GRACE_PERIOD": f"{settings.deployment['stop_timeout']}s",
+    }
+    return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+
+def parse_env_lines(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() and not key.startswith("#"):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def dotenv_quote(value: str) -> str:
+    """A value for Compose's env_file. Compose reads `KEY='...'` literally (no interpolation,
+    no escapes) except for the quote itself; a value holding a single quote or a newline is
+    written double-quoted with escapes."""
+    if "'" not in value and "\n" not in value and "\r" not in value:
+        return f"'{value}'"
+    escaped = (value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+               .replace("\r", "\\r").replace("$", "$$"))
+    return f'"{escaped}"'
+
+
+def app_env_file(variables: dict[str, str]) -> str:
+    return "".join(f"{k}={dotenv_quote(v)}\n" for k, v in sorted(variables.items()))
+
+
+def pgpass_line(url: str) -> str:
+    """A .pgpass line (host:port:db:user:password), with `:` and `\\` escaped."""
+    parts = database_parts(url)
+
+    def esc(value: str) -> str:
+        return value.replace("\\", "\\\\").replace(":", "\\:")
+
+    return ":".join(esc(parts[k]) for k in ("host", "port", "dbname", "user", "password")) + "\n"
+
+
+def pg_env(settings: Settings) -> str:
+    """Connection environment for libpq tools: everything but the password, which is in the
+    PGPASSFILE. Safe to show in a process list."""
+    parts = database_parts(settings.migrate_database_url)
+    layout = Layout(settings.remote_dir)
+    return " ".join([
+        f"PGPASSFILE={q(layout.pgpass)}", f"PGHOST={q(parts['host'])}",
+        f"PGPORT={q(parts['port'])}", f"PGUSER={q(parts['user'])}",
+        f"PGDATABASE={q(parts['dbname'])}", "PGCONNECT_TIMEOUT=10"])
+
+
+def passwordless_url(settings: Settings) -> str:
+    """The migration URL without its password (the tool's driver, lib/pq, reads PGPASSFILE)."""
+    parts = database_parts(settings.migrate_database_url)
+    query = parts["query"] or "sslmode=disable"
+    return (f"postgres://{quote(parts['user'], safe='')}@{parts['host']}:{parts['port']}/"
+            f"{quote(parts['dbname'], safe='')}?{query}")
+
+
+def upstream_conf(settings: Settings, slot: str) -> str:
+    return (
+        "# Written by togather-tasks: the active slot.\n"
+        "upstream togather_app {\n"
+        f"    server {service(slot)}:{settings.app_port} max_fails=0;\n"
+        "}\n"
+        'map "" $togather_slot {\n'
+        f"    default {slot};\n"
+        "}\n"
+    )
+
+
+def snapshot_name(env: str, timestamp: str, sha7: str) -> str:
+    """`staging_20261126T181500Z_abc1234.dump` (timestamp as YYYYmmddTHHMMSSZ)."""
+    return f"{env}_{timestamp}_{sha7}.dump"
+
+
+def snapshot_command(settings: Settings, path: str) -> str:
+    """pg_dump into a partial file, check the archive's table of contents, then rename:
+    a snapshot that exists under its final name is complete and readable."""
+    partial = f"{path}.partial"
+    directory = path.rsplit("/", 1)[0]
+    return (
+        f"umask 077 && mkdir -p {q(directory)} && "
+        f"{pg_env(settings)} pg_dump --format=custom --compress=6 --no-owner "
+        f"--file={q(partial)} && "
+        f"test -s {q(partial)} && pg_restore --list {q(partial)} > /dev/null && "
+        f"mv -f {q(partial)} {q(path)} && stat -c %s {q(path)}"
+    )
+
+
+def restore_command(settings: Settings, path: str, dbname: str | None = None) -> str:
+    """Restore a snapshot into the environment's database (or `dbname`), replacing objects."""
+    target = f"--dbname={q(dbname)} " if dbname else ""
+    return (f"{pg_env(settings)} pg_restore --clean --if-exists --no-owner --exit-on-error "
+            f"--single-transaction {target}{q(path)}")
+
+
+def migrate_command(settings: Settings, migrations_dir: str) -> str:
+    tool = settings.database["migration_tool"]
+    timeout = int(settings.database["migration_timeout"])
+    guard = f"timeout --kill-after=10 {timeout}"
+    if tool == "dbmate":
+        return (f"{pg_env(settings)} {guard} dbmate --url {q(passwordless_url(settings))} "
+                f"--migrations-dir {q(migrations_dir)} --no-dump-schema --wait "
+                f"--wait-timeout 10s up")
+    if tool == "golang-migrate":
+        return (f"{pg_env(settings)} {guard} migrate -path {q(migrations_dir)} "
+                f"-database {q(passwordless_url(settings))} up")
+    if tool == "custom":
+        # The operator's own command; it finds the database through the PG* variables.
+        return (f"cd {q(migrations_dir)} && {pg_env(settings)} {guard} sh -c "
+                f"{q(settings.database['migration_command'])}")
+    raise ValueError(f"no migration command for tool {tool!r}")
+
+
+def migration_tool_binary(tool: str) -> str | None:
+    return {"dbmate": "dbmate", "golang-migrate": "migrate"}.get(tool)
+
+
+def count_applied(tool: str, output: str) -> int:
+    if tool == "dbmate":
+        return sum(1 for line in output.splitlines() if line.startswith("Applying: "))
+    if tool == "golang-migrate":
+        return sum(1 for line in output.splitlines() if re.match(r"^\d+/u ", line.strip()))
+    return 0
+
+
+def dirty_check_command(settings: Settings) -> str:
+    """golang-migrate's schema_migrations(version, dirty): prints `version|t` or `version|f`,
+    nothing when the table does not exist yet; fails when the database cannot be reached."""
+    psql = f"{pg_env(settings)} psql -X -A -t -v ON_ERROR_STOP=1 -c"
+    exists = q("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    select = q("SELECT version, dirty FROM schema_migrations LIMIT 1")
+    return (f"exists=$({psql} {exists}) && "
+            f"if [ \"$exists\" = t ]; then {psql} {select}; fi")

@@ -1,0 +1,423 @@
+"""The one module that talks to hosts: Fabric/paramiko for SSH, Invoke's local runner for the
+special host `local`, both behind the same small interface.
+
+Hardening over plain Fabric:
+- `~/.ssh/config` is always honoured (Fabric skips it when handed Invoke's config object, so we
+  build our own `fabric.Config`);
+- host keys are checked against known_hosts on every hop, ProxyJump gateways included (Fabric
+  installs paramiko's AutoAddPolicy, which trusts any key); an unknown or changed key is refused
+  unless the operator accepts a new host explicitly;
+- connect and command timeouts, keepalives, one connection per host per run;
+- every failure becomes a typed error with a one-line message.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import posixpath
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import fabric
+import invoke
+import paramiko
+from invoke.exceptions import CommandTimedOut, ThreadException
+
+from .errors import (
+    CommandError,
+    CommandTimeoutError,
+    HostAuthError,
+    HostError,
+    HostKeyError,
+    HostUnreachableError,
+)
+
+LOCAL = "local"
+CONNECT_TIMEOUT = 15
+KEEPALIVE_SECONDS = 15
+DEFAULT_COMMAND_TIMEOUT = 600
+
+
+@dataclass
+class Result:
+    command: str
+    exit_status: int
+    stdout: str
+    stderr: str
+    duration: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+
+@dataclass
+class HttpResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body.decode("utf-8"))
+
+
+CommandObserver = Callable[["Host", Result], None]
+
+
+@dataclass
+class Host:
+    """Common interface; `LocalHost` and `RemoteHost` implement the I/O hooks."""
+
+    name: str
+    observer: CommandObserver | None = field(default=None, repr=False)
+
+    def run(self, command: str, *, timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+            check: bool = True, what: str | None = None) -> Result:
+        """Run a shell command (already quoted by the caller). `check` turns a non-zero exit
+        into CommandError; `what` names the action in that error."""
+        start = time.monotonic()
+        result = self._run(command, timeout)
+        result.duration = time.monotonic() - start
+        if self.observer:
+            self.observer(self, result)
+        if check and not result.ok:
+            detail = _last_line(result.stderr) or _last_line(result.stdout)
+            raise CommandError(
+                f"{what or 'command'} failed on {self.name} (exit {result.exit_status})"
+                + (f": {detail}" if detail else ""),
+                exit_status=result.exit_status, stderr=result.stderr)
+        return result
+
+    def write_file(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
+        """Write a whole file atomically: temporary file in the same directory with its final
+        mode, then rename; readers see the old or the new content, never a mix."""
+        tmp = posixpath.join(posixpath.dirname(path),
+                             f".{posixpath.basename(path)}.{secrets.token_hex(4)}.tmp")
+        self._write(tmp, data, mode)
+        self._rename(tmp, path)
+
+    def write_temp(self, directory: str, data: bytes, *, mode: int = 0o600) -> str:
+        """Write a new uniquely named file in `directory` (for a caller that renames it)."""
+        tmp = posixpath.join(directory, f".upload.{secrets.token_hex(8)}.tmp")
+        self._write(tmp, data, mode)
+        return tmp
+
+    def stream_into(self, command: str, source: IO[bytes], *, timeout: float) -> Result:
+        """Run `command` with `source` as its standard input (e.g. `docker load`)."""
+        start = time.monotonic()
+        result = self._stream_into(command, source, timeout)
+        result.duration = time.monotonic() - start
+        if self.observer:
+            self.observer(self, result)
+        return result
+
+    def http_get(self, address: str, port: int, path: str, *, timeout: float) -> HttpResponse:
+        """GET http://address:port/path as seen from the host itself (a slot or the proxy on
+        the host's loopback), without exposing anything: over SSH it is a direct-tcpip
+        channel of the existing connection."""
+        raise NotImplementedError
+
+    # I/O hooks
+    def _run(self, command: str, timeout: float | None) -> Result:
+        raise NotImplementedError
+
+    def _write(self, path: str, data: bytes, mode: int) -> None:
+        raise NotImplementedError
+
+    def _rename(self, src: str, dst: str) -> None:
+        raise NotImplementedError
+
+    def _stream_into(self, command: str, source: IO[bytes], timeout: float) -> Result:
+        raise NotImplementedError
+
+    @property
+    def connections_opened(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        """Nothing to close by default."""
+
+
+class LocalHost(Host):
+    """This machine, through Invoke's local runner: the same code path without SSH."""
+
+    def __init__(self, observer: CommandObserver | None = None) -> None:
+        super().__init__(name=LOCAL, observer=observer)
+        self._context = invoke.Context()
+
+    def _run(self, command: str, timeout: float | None) -> Result:
+        try:
+            r = self._context.run(command, hide=True, warn=True, in_stream=False, pty=False,
+                                  timeout=timeout)
+        except CommandTimedOut as exc:
+            raise CommandTimeoutError(
+                f"command timed out after {exc.timeout:g} s on {self.name}") from None
+        return Result(command, r.exited, r.stdout, r.stderr, 0.0)
+
+    def _write(self, path: str, data: bytes, mode: int) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(path, mode)
+
+    def _rename(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+    def _stream_into(self, command: str, source: IO[bytes], timeout: float) -> Result:
+        r = self._context.run(command, hide=True, warn=True, in_stream=source, timeout=timeout)
+        return Result(command, r.exited, r.stdout, r.stderr, 0.0)
+
+    def http_get(self, address: str, port: int, path: str, *, timeout: float) -> HttpResponse:
+        conn = http.client.HTTPConnection(address, port, timeout=timeout)
+        try:
+            conn.request("GET", path, headers={"Connection": "close"})
+            resp = conn.getresponse()
+            return HttpResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()},
+                                resp.read())
+        finally:
+            conn.close()
+
+
+class _StrictHostKeyPolicy(paramiko.MissingHostKeyPolicy):
+    """Refuse unknown host keys, or with `accept_new` record them (ssh's accept-new)."""
+
+    def __init__(self, known_hosts_file: str | None, accept_new: bool) -> None:
+        self.known_hosts_file = known_hosts_file
+        self.accept_new = accept_new
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
+                         key: paramiko.PKey) -> None:
+        fingerprint = key.fingerprint
+        if not self.accept_new:
+            raise HostKeyError(
+                f"unknown host key for {hostname} ({key.get_name()} {fingerprint}): refused",
+                hint="Verify the fingerprint with the host's owner, then accept it once with "
+                     "`inv hosts.trust --env=ENV`.")
+        if not self.known_hosts_file:
+            raise HostKeyError("no known_hosts file to record the new host key in")
+        path = Path(self.known_hosts_file).expanduser()
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with path.open("a") as fh:
+            fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+def known_hosts_files(ssh_config: dict[str, Any]) -> list[str]:
+    files = ssh_config.get("userknownhostsfile")
+    user_files = (files.split() if isinstance(files, str) else list(files or [])) or [
+        "~/.ssh/known_hosts", "~/.ssh/known_hosts2"]
+    global_files = ssh_config.get("globalknownhostsfile")
+    system_files = (global_files.split() if isinstance(global_files, str)
+                    else list(global_files or [])) or ["/etc/ssh/ssh_known_hosts"]
+    return [os.path.expanduser(f) for f in user_files + system_files]
+
+
+def _harden(connection: fabric.Connection, accept_new: bool) -> None:
+    """Strict host keys on this connection and on every ProxyJump hop behind it."""
+    hop: Any = connection
+    while isinstance(hop, fabric.Connection):
+        files = known_hosts_files(hop.ssh_config)
+        client = hop.client
+        for path in files:
+            if os.path.isfile(path):
+                try:
+                    client.get_host_keys().load(path)
+                except (OSError, paramiko.SSHException) as exc:
+                    raise HostKeyError(f"cannot read known_hosts file {path}: {exc}") from None
+        # Deliberately strict even where ssh_config says StrictHostKeyChecking=no.
+        client.set_missing_host_key_policy(_StrictHostKeyPolicy(files[0], accept_new))
+        hop = hop.gateway
+
+
+class RemoteHost(Host):
+    """A host over SSH: an ~/.ssh/config alias or user@host:port."""
+
+    def __init__(self, name: str, observer: CommandObserver | None = None, *,
+                 ssh_config_path: str | None = None, accept_new_host_key: bool = False,
+                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+        super().__init__(name=name, observer=observer)
+        # A fresh fabric.Config loads ~/.ssh/config (or the given file); one cloned from
+        # Invoke's config would not.
+        config = fabric.Config(runtime_ssh_path=ssh_config_path) if ssh_config_path \
+            else fabric.Config()
+        config.run.hide = True
+        config.run.warn = True
+        config.run.in_stream = False
+        kwargs: dict[str, Any] = {"banner_timeout": connect_timeout,
+                                  "auth_timeout": connect_timeout}
+        try:
+            self._conn = fabric.Connection(name, config=config, connect_kwargs=kwargs,
+                                           connect_timeout=int(connect_timeout))
+        except ValueError as exc:
+            raise HostUnreachableError(f"invalid host {name!r}: {exc}") from None
+        self._accept_new = accept_new_host_key
+        _harden(self._conn, accept_new_host_key)
+        self._opened = 0
+        self._sftp: paramiko.SFTPClient | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self._conn.user}@{self._conn.host}:{self._conn.port}"
+
+    @property
+    def connections_opened(self) -> int:
+        return self._opened
+
+    def _ensure_open(self) -> None:
+        if self._conn.is_connected:
+            return
+        self._sftp = None
+        try:
+            self._conn.open()
+        except HostError:
+            raise
+        except paramiko.BadHostKeyException as exc:
+            raise HostKeyError(
+                f"host key for {self.name} ({self.address}) has CHANGED: refused "
+                f"(got {exc.key.get_name()} {exc.key.fingerprint})",
+                hint="This can mean a man-in-the-middle. If the host was really reinstalled, "
+                     "remove the old key (`ssh-keygen -R HOST -f KNOWN_HOSTS`) and accept the "
+                     "new one with `inv hosts.trust --env=ENV`.") from None
+        except paramiko.AuthenticationException as exc:
+            raise HostAuthError(
+                f"authentication to {self.name} ({self.address}) failed: {exc}",
+                hint="Check IdentityFile/User for this host in ~/.ssh/config and that the key "
+                     "is in the remote authorized_keys.") from None
+        except TimeoutError as exc:
+            raise HostUnreachableError(
+                f"cannot reach {self.name} ({self.address}): connection timed out"
+                f"{f' ({exc})' if str(exc) else ''}") from None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            reason = _one_line(exc) or type(exc).__name__
+            raise HostUnreachableError(
+                f"cannot reach {self.name} ({self.address}): {reason}") from None
+        self._opened += 1
+        transport = self._conn.transport
+        if transport is not None:
+            transport.set_keepalive(KEEPALIVE_SECONDS)
+
+    def _run(self, command: str, timeout: float | None) -> Result:
+        self._ensure_open()
+        try:
+            r = self._conn.run(command, hide=True, warn=True, in_stream=False, pty=False,
+                               timeout=timeout)
+        except CommandTimedOut as exc:
+            raise CommandTimeoutError(
+                f"command timed out after {exc.timeout:g} s on {self.name}") from None
+        except (OSError, paramiko.SSHException, EOFError, ThreadException) as exc:
+            raise HostError(f"connection to {self.name} lost: {_one_line(exc)}") from None
+        return Result(command, r.exited if r.exited is not None else -1, r.stdout, r.stderr,
+                      0.0)
+
+    def _sftp_client(self) -> paramiko.SFTPClient:
+        self._ensure_open()
+        if self._sftp is None:
+            self._sftp = self._conn.client.open_sftp()
+        return self._sftp
+
+    def _write(self, path: str, data: bytes, mode: int) -> None:
+        try:
+            sftp = self._sftp_client()
+            with sftp.open(path, "wbx") as fh:
+                fh.chmod(mode)
+                fh.set_pipelined(True)
+                fh.write(data)
+        except OSError as exc:
+            raise HostError(f"cannot write {path} on {self.name}: {_one_line(exc)}") from None
+        except (paramiko.SSHException, EOFError) as exc:
+            raise HostError(f"connection to {self.name} lost: {_one_line(exc)}") from None
+
+    def _rename(self, src: str, dst: str) -> None:
+        try:
+            self._sftp_client().posix_rename(src, dst)
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise HostError(f"cannot rename {src} to {dst} on {self.name}: "
+                            f"{_one_line(exc)}") from None
+
+    def _stream_into(self, command: str, source: IO[bytes], timeout: float) -> Result:
+        self._ensure_open()
+        transport = self._conn.transport
+        channel = transport.open_session(timeout=CONNECT_TIMEOUT)
+        channel.settimeout(timeout)
+        try:
+            channel.exec_command(command)
+            while chunk := source.read(1 << 16):
+                channel.sendall(chunk)
+            channel.shutdown_write()
+            stdout, stderr = io.BytesIO(), io.BytesIO()
+            while True:
+                if channel.recv_ready():
+                    stdout.write(channel.recv(1 << 16))
+                elif channel.recv_stderr_ready():
+                    stderr.write(channel.recv_stderr(1 << 16))
+                elif channel.exit_status_ready() and not channel.recv_ready() \
+                        and not channel.recv_stderr_ready():
+                    break
+                else:
+                    time.sleep(0.05)
+            status = channel.recv_exit_status()
+        except TimeoutError:
+            raise CommandTimeoutError(
+                f"command timed out after {timeout:g} s on {self.name}") from None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise HostError(f"connection to {self.name} lost: {_one_line(exc)}") from None
+        finally:
+            channel.close()
+        return Result(command, status, stdout.getvalue().decode(errors="replace"),
+                      stderr.getvalue().decode(errors="replace"), 0.0)
+
+    def http_get(self, address: str, port: int, path: str, *, timeout: float) -> HttpResponse:
+        self._ensure_open()
+        try:
+            channel = self._conn.transport.open_channel(
+                "direct-tcpip", (address, port), ("127.0.0.1", 0), timeout=timeout)
+        except paramiko.ChannelException as exc:
+            raise ConnectionRefusedError(f"{address}:{port}: {exc.text}") from None
+        except paramiko.SSHException as exc:
+            raise ConnectionError(f"{address}:{port}: {_one_line(exc)}") from None
+        channel.settimeout(timeout)
+        try:
+            channel.sendall(f"GET {path} HTTP/1.1\r\nHost: {address}:{port}\r\n"
+                            "Connection: close\r\nUser-Agent: togather-tasks\r\n\r\n".encode())
+            resp = http.client.HTTPResponse(channel)  # type: ignore[arg-type]
+            resp.begin()
+            return HttpResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()},
+                                resp.read())
+        finally:
+            channel.close()
+
+    def close(self) -> None:
+        try:
+            if self._sftp is not None:
+                self._sftp.close()
+            self._conn.close()
+        except (OSError, paramiko.SSHException, EOFError):
+            pass
+
+
+def connect(name: str, observer: CommandObserver | None = None, *,
+            accept_new_host_key: bool = False) -> Host:
+    """A host by its ssh name; `local` is this machine without SSH."""
+    if name == LOCAL:
+        return LocalHost(observer)
+    return RemoteHost(name, observer, accept_new_host_key=accept_new_host_key,
+                      ssh_config_path=os.environ.get("TOGATHER_SSH_CONFIG"))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
