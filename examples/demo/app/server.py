@@ -41,13 +41,16 @@ HEALTH_MODE_FILE = Path(os.environ.get("HEALTH_MODE_FILE", "/app/HEALTH_MODE"))
 SLOW_START_SECONDS = float(os.environ.get("SLOW_START_SECONDS", "30"))
 HEALTH_MODES = {"healthy", "degraded", "unhealthy", "crash", "slow"}
 
-POOL_MIN, POOL_MAX = 2, 5  # the worker and one health probe keep reusing their connections
+POOL_MIN, POOL_MAX = 1, 4  # serves /health; the job worker has its own connection
+# connect_timeout bounds connecting; tcp_user_timeout bounds queries on a connection whose peer
+# silently vanished (firewall, host down), so /health can't hang on it.
+CONNECT_ARGS = {"connect_timeout": 2, "tcp_user_timeout": 3000, "application_name": "togather-demo"}
 HEARTBEAT_MAX_AGE = 10.0  # seconds without a successful worker run before job_queue fails
 DRAIN_SECONDS = 5.0  # how long shutdown waits for in-flight requests
 
 STARTED = time.monotonic()
-# At most POOL_MAX - 1 concurrent health checks, so a burst of probes can't starve the worker.
-HEALTH_SLOTS = threading.BoundedSemaphore(POOL_MAX - 1)
+# A burst of concurrent probes waits for a free connection instead of exhausting the pool.
+HEALTH_SLOTS = threading.BoundedSemaphore(POOL_MAX)
 
 
 def log(message: str) -> None:
@@ -101,11 +104,7 @@ class Database:
                 raise RuntimeError("DATABASE_URL is not set")
             if self._pool is None:
                 self._pool = psycopg2.pool.ThreadedConnectionPool(
-                    POOL_MIN,
-                    POOL_MAX,
-                    self._dsn,
-                    connect_timeout=2,
-                    application_name="togather-demo",
+                    POOL_MIN, POOL_MAX, self._dsn, **CONNECT_ARGS
                 )
             return self._pool
 
@@ -142,20 +141,28 @@ class Database:
 
 
 class JobWorker(threading.Thread):
-    """Drains the ``jobs`` queue every second and records a heartbeat after each good run."""
+    """Drains the ``jobs`` queue every second and records a heartbeat after each good run.
 
-    def __init__(self, db: Database) -> None:
+    It uses its own connection rather than the pool, so that its reconnect attempts against an
+    unreachable database (up to connect_timeout each) never hold up /health."""
+
+    def __init__(self) -> None:
         super().__init__(name="job-worker", daemon=True)
-        self.db = db
         self.stop_event = threading.Event()
         self.last_ok: float | None = None
         self.processed = 0
         self._failing = False
 
     def run(self) -> None:
+        conn = None
         while True:
             try:
-                with self.db.connection() as conn, conn.cursor() as cur:
+                if conn is None:
+                    if not DATABASE_URL:
+                        raise RuntimeError("DATABASE_URL is not set")
+                    conn = psycopg2.connect(DATABASE_URL, **CONNECT_ARGS)
+                    conn.autocommit = True
+                with conn.cursor() as cur:
                     cur.execute(
                         "UPDATE jobs SET state = 'done', finished_at = now(), updated_at = now()"
                         " WHERE id IN (SELECT id FROM jobs WHERE state = 'pending' ORDER BY id"
@@ -167,11 +174,16 @@ class JobWorker(threading.Thread):
                     log("job worker: recovered")
                 self._failing = False
             except Exception as exc:  # keep going whatever happens; log only on transitions
+                if conn is not None:
+                    conn.close()  # possibly broken: reconnect on the next run
+                    conn = None
                 if not self._failing and not self.stop_event.is_set():
                     log(f"job worker: {describe_error(exc)} (retrying every second)")
                 self._failing = True
             if self.stop_event.wait(1.0):
-                return
+                break
+        if conn is not None:
+            conn.close()
 
 
 def check(status: str, message: str, started: float, **details: Any) -> dict[str, Any]:
@@ -192,24 +204,31 @@ class App:
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.db = Database(DATABASE_URL)
-        self.worker = JobWorker(self.db)
+        self.worker = JobWorker()
         self.expected_version = expected_migration_version()
         self.in_flight = 0
         self.in_flight_lock = threading.Condition()
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """Run all checks; 503 if any fails, 200 otherwise (degraded when any warns)."""
+        checks: dict[str, dict[str, Any]] = {}
         with HEALTH_SLOTS:
-            checks: dict[str, dict[str, Any]] = {}
             started = time.monotonic()
             try:
-                with self.db.connection() as conn:
-                    self._db_checks(conn, checks, started)
+                with self.db.connection() as conn:  # already pinged with SELECT 1
+                    checks["database"] = check(
+                        "pass",
+                        "PostgreSQL connection successful",
+                        started,
+                        server_version=conn.server_version,
+                    )
+                    checks["migrations"] = self._migrations_check(conn)
+                    checks["job_queue"] = self._job_queue_check(conn)
             except Exception as exc:
                 checks.setdefault("database", check("fail", describe_error(exc), started))
                 skipped = "skipped: database unavailable"
                 checks.setdefault("migrations", check("fail", skipped, time.monotonic()))
-                checks.setdefault("job_queue", self._job_queue_check(None, time.monotonic()))
+                checks.setdefault("job_queue", self._job_queue_check(None))
             checks["http_endpoint"] = self._http_check()
         if self.mode == "unhealthy":
             checks["database"] = check("fail", "forced by HEALTH_MODE=unhealthy", time.monotonic())
@@ -223,56 +242,39 @@ class App:
         }
         return (503 if status == "unhealthy" else 200), body
 
-    def _db_checks(self, conn: Any, checks: dict[str, dict[str, Any]], started: float) -> None:
-        """database, migrations and job_queue share one connection (already pinged: SELECT 1)."""
-        checks["database"] = check(
-            "pass", "PostgreSQL connection successful", started, server_version=conn.server_version
-        )
-        started = time.monotonic()
+    def _migrations_check(self, conn: Any) -> dict[str, Any]:
+        """Newest applied version (dbmate varchar or golang-migrate bigint) vs newest file."""
+        started, expected = time.monotonic(), self.expected_version
         try:
             with conn.cursor() as cur:
                 cur.execute("SELECT version FROM schema_migrations ORDER BY version DESC LIMIT 1")
                 row = cur.fetchone()
             actual = int(row[0]) if row else None
-            expected = self.expected_version
-            ok = expected is not None and actual == expected
-            message = (
-                f"Schema version matches expected: {expected}"
-                if ok
-                else f"Schema version mismatch: expected {expected}, actual {actual}"
-            )
-            checks["migrations"] = check(
-                "pass" if ok else "fail",
-                message,
-                started,
-                expected_version=expected,
-                actual_version=actual,
-            )
         except psycopg2.errors.UndefinedTable:
-            checks["migrations"] = check(
-                "fail",
-                "schema_migrations table missing",
-                started,
-                expected_version=self.expected_version,
+            return check(
+                "fail", "schema_migrations table missing", started, expected_version=expected
             )
         except (psycopg2.Error, ValueError) as exc:
-            checks["migrations"] = check(
-                "fail", describe_error(exc), started, expected_version=self.expected_version
+            return check("fail", describe_error(exc), started, expected_version=expected)
+        versions = {"expected_version": expected, "actual_version": actual}
+        if expected is not None and actual == expected:
+            return check(
+                "pass", f"Schema version matches expected: {expected}", started, **versions
             )
-        checks["job_queue"] = self._job_queue_check(conn, time.monotonic())
+        message = f"Schema version mismatch: expected {expected}, actual {actual}"
+        return check("fail", message, started, **versions)
 
-    def _job_queue_check(self, conn: Any, started: float) -> dict[str, Any]:
+    def _job_queue_check(self, conn: Any) -> dict[str, Any]:
         """Worker heartbeat freshness, plus a warning for jobs that have waited too long."""
-        last = self.worker.last_ok
-        age = time.monotonic() - (last if last is not None else STARTED)
+        started, last = time.monotonic(), self.worker.last_ok
+        age = started - (last if last is not None else STARTED)  # startup allowance: 10 s
         details: dict[str, Any] = {
             "processed_total": self.worker.processed,
             "heartbeat_age_ms": None if last is None else round(age * 1000),
         }
         if age >= HEARTBEAT_MAX_AGE:
-            return check(
-                "fail", f"job worker has not run successfully for {age:.0f}s", started, **details
-            )
+            message = f"job worker has not run successfully for {age:.0f}s"
+            return check("fail", message, started, **details)
         if conn is not None:
             try:
                 with conn.cursor() as cur:

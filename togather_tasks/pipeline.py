@@ -1,0 +1,501 @@
+"""The deploy pipeline (SPEC section 5), read top to bottom like the runbook:
+
+validate -> lock -> build -> snapshot -> migrate -> start -> health -> switch -> record -> finish
+
+Until `switch` succeeds, traffic never leaves the old slot: any failure stops the new slot,
+records the failed deployment, releases the lock and exits with the step's code. After it, the
+deploy has happened; later problems are reported, never undone.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from . import commands as cmd
+from . import images, slots, snapshots, source
+from .errors import (
+    CommandTimeoutError,
+    ConfigError,
+    ExitCode,
+    Interrupted,
+    MigrationError,
+    TogatherError,
+)
+from .lock import describe
+from .output import Progress
+from .session import Session
+from .signals import shielded
+from .state import State, iso, new_deployment, utc_now
+from .ulid import new_id
+
+q = shlex.quote
+STEPS = ("validate", "lock", "build", "snapshot", "migrate", "start", "health", "switch",
+         "record", "finish")
+PAUSE_ENV = "TOGATHER_TEST_PAUSE_BEFORE"
+PAUSE_SECONDS = 120
+MIN_DOCKER = (20, 10)
+LOCK_RENEW_EVERY = 300
+
+
+@dataclass
+class DeployOptions:
+    ref: str = "HEAD"
+    dry_run: bool = False
+    force: bool = False
+    skip_migrations: bool = False
+
+
+@dataclass
+class DeployResult:
+    deployment: dict[str, Any]
+    timings: dict[str, float]
+    log_path: str | None
+    ssh_connections: int
+    plan: list[str] = field(default_factory=list)
+
+
+def pause_if_requested(step: str) -> None:
+    """Test hook: with TOGATHER_TEST_PAUSE_BEFORE=<step>, announce and sleep (bounded) before
+    that step so a fault test can kill the process at a known point."""
+    if os.environ.get(PAUSE_ENV) == step:
+        print(f"togather: paused before {step} (pid {os.getpid()})", flush=True)
+        time.sleep(PAUSE_SECONDS)
+
+
+class Deploy:
+    def __init__(self, session: Session, options: DeployOptions) -> None:
+        self.s = session
+        self.settings = session.settings
+        self.options = options
+        self.progress = Progress(session.console, session.log,
+                                 1 if options.dry_run else len(STEPS))
+        self.deployment_id = new_id("dep")
+        self.started = time.monotonic()
+        self.started_at: datetime = utc_now()
+        self.commit = ""
+        self.sha7 = ""
+        self.image = ""
+        self.state: State | None = None
+        self.lock: dict[str, Any] | None = None
+        self.last_renew = 0.0
+        self.new_slot = ""
+        self.old_slot: str | None = None
+        self.snapshot_path: str | None = None
+        self.migrations_run = 0
+        self.switched = False
+        self.new_slot_started = False
+        self.release_dir = ""
+
+    @property
+    def migrations_enabled(self) -> bool:
+        return (not self.options.skip_migrations
+                and self.settings.database["migration_tool"] != "none")
+
+    # --- the runbook ----------------------------------------------------------------------
+
+    def run(self) -> DeployResult:
+        self.s.log.event("deploy_start", deployment_id=self.deployment_id, ref=self.options.ref,
+                         environment=self.settings.env, dry_run=self.options.dry_run)
+        self.validate()
+        if self.options.dry_run:
+            plan = self.plan()
+            return DeployResult({}, self.progress.timings, self._log_path(),
+                                self.s.ssh_connections(), plan)
+        self.acquire_lock()
+        try:
+            for step in (self.build, self.snapshot, self.migrate, self.start, self.health,
+                         self.switch, self.record, self.finish):
+                pause_if_requested(step.__name__)
+                self.renew_lock_if_due()
+                step()
+        except (TogatherError, Interrupted) as exc:
+            with shielded():
+                self.fail(exc)
+            raise
+        finally:
+            with shielded():
+                self.release_lock()
+        self.success_audit()
+        return DeployResult(self.state.current if self.state else {}, self.progress.timings,
+                            self._log_path(), self.s.ssh_connections())
+
+    def validate(self) -> None:
+        with self.progress.step("validate", "configuration, git ref and hosts") as note:
+            for warning in self.settings.warnings:
+                self.s.console.warn(warning)
+            self.commit = source.resolve_ref(self.settings.root, self.options.ref)
+            self.sha7 = self.commit[:7]
+            self.image = cmd.image_ref(self.settings, self.sha7)
+            self.check_tree()
+            if source.uncommitted_changes(self.settings.root):
+                self.s.console.warn("the working tree has uncommitted changes; they are not "
+                                    f"deployed (building commit {self.sha7})")
+            for host in self.s.all_hosts:
+                self.check_host(host, primary=host is self.s.primary)
+            snap = self.s.store.read()
+            self.state = snap.state
+            self.new_slot = self.state.next_slot()
+            self.old_slot = self.state.active_slot
+            if self.migrations_enabled:
+                self.check_database()
+            note(f"{self.sha7} -> {self.settings.env} ({', '.join(self.settings.hosts)}), "
+                 f"slot {self.new_slot}")
+
+    def check_tree(self) -> None:
+        root, build = self.settings.root, self.settings.build
+        dockerfile = f"{build['context'].rstrip('/')}/{build['dockerfile']}" \
+            if build["context"] not in (".", "./") else build["dockerfile"]
+        problems = []
+        if not source.has_path(root, self.commit, dockerfile):
+            problems.append(f"commit {self.sha7} has no {dockerfile} (build.dockerfile, "
+                            "relative to build.context)")
+        if self.migrations_enabled and not source.has_path(
+                root, self.commit, self.settings.database["migrations_path"]):
+            problems.append(f"commit {self.sha7} has no "
+                            f"{self.settings.database['migrations_path']} "
+                            "(database.migrations_path); use --skip-migrations or fix the path")
+        if problems:
+            raise ConfigError(problems)
+
+    def check_host(self, host, *, primary: bool) -> None:
+        tools = ["flock", "timeout", "sha256sum", "tar"]
+        if primary and self.migrations_enabled:
+            tools += ["pg_dump", "pg_restore", "psql"]
+            binary = cmd.migration_tool_binary(self.settings.database["migration_tool"])
+            if binary:
+                tools.append(binary)
+        probe = ("printf 'docker=%s\\n' \"$(docker version --format '{{.Server.Version}}' "
+                 "2>&1 | tail -n 1)\"; printf 'compose=%s\\n' \"$(docker compose version "
+                 "--short 2>/dev/null)\"; for t in " + " ".join(tools) +
+                 "; do command -v \"$t\" > /dev/null || printf 'missing=%s\\n' \"$t\"; done")
+        out = host.run(probe, timeout=60, what="checking the host").stdout
+        values: dict[str, list[str]] = {}
+        for line in out.splitlines():
+            key, _, value = line.partition("=")
+            values.setdefault(key, []).append(value.strip())
+        problems = []
+        docker = (values.get("docker") or [""])[0]
+        version = tuple(int(p) for p in docker.split(".")[:2] if p.isdigit())
+        if len(version) < 2:
+            problems.append(f"{host.name}: the Docker daemon does not answer "
+                            f"({docker or 'no output'}); start it (e.g. `systemctl start "
+                            "docker`) and retry")
+        elif version < MIN_DOCKER:
+            problems.append(f"{host.name}: Docker {docker} is too old (>= 20.10 needed)")
+        compose = (values.get("compose") or [""])[0]
+        if not compose.lstrip("v").startswith("2"):
+            problems.append(f"{host.name}: the Docker Compose v2 plugin is missing "
+                            "(`docker compose version` failed)")
+        for missing in values.get("missing", []):
+            problems.append(f"{host.name}: `{missing}` is not installed or not on PATH")
+        if problems:
+            raise TogatherError("; ".join(problems),
+                                hint="Nothing was changed. Fix the host and retry.")
+
+    def check_database(self) -> None:
+        """Read-only: golang-migrate's dirty flag must be clear before we touch anything."""
+        if self.settings.database["migration_tool"] != "golang-migrate":
+            return
+        result = self.s.primary.run(cmd.dirty_check_command(self.settings), timeout=60,
+                                    check=False)
+        if not result.ok:
+            raise MigrationError(f"cannot read schema_migrations on {self.s.primary.name}: "
+                                 f"{result.stderr.strip().splitlines()[-1:] or ['no output']}")
+        row = result.stdout.strip()
+        if not row:
+            return
+        version, _, dirty = row.partition("|")
+        if dirty.strip() == "t":
+            url = cmd.passwordless_url(self.settings)
+            env = cmd.pg_env(self.settings)
+            raise MigrationError(
+                f"the database is dirty: migration {version} failed part-way in an earlier "
+                "run; refusing to migrate (nothing was changed)",
+                hint=("Recover by hand on the database host, then deploy again:\n"
+                      f"  1. inspect what migration {version} changed and repair or undo it\n"
+                      f"  2. mark the last fully applied version: {env} migrate -path "
+                      f"<migrations> -database {q(url)} force <VERSION>\n"
+                      f"     ({version} if it did apply completely, the one before it "
+                      "otherwise)\n"
+                      f"  or restore the last snapshot: inv db.snapshots --env="
+                      f"{self.settings.env}; inv db.restore --env={self.settings.env} "
+                      "--snapshot=NAME"))
+
+    def plan(self) -> list[str]:
+        """Every remote command the deploy would run (secrets are never in them)."""
+        st, layout = self.settings, cmd.Layout(self.settings.remote_dir)
+        primary = st.primary_host
+        lines = [f"[{primary}] lock {st.state_path} (compare-and-swap under flock)"]
+        for host in st.hosts:
+            lines += [
+                f"[{host}] mkdir -p {layout.upstream_dir} {layout.releases}",
+                f"[{host}] upload {layout.compose_file} (mode 644), {layout.app_env} "
+                f"(secrets, mode 600)",
+                f"[{host}] upload git archive of {self.sha7} to {layout.release(self.sha7)}",
+                f"[{host}] " + self.build_command(),
+            ]
+        if self.migrations_enabled:
+            snap = cmd.snapshot_name(st.env, "<UTC>", self.sha7)
+            lines += [
+                f"[{primary}] upload {layout.pgpass} (database password, mode 600)",
+                f"[{primary}] " + cmd.snapshot_command(st, f"{st.snapshot_dir}/{snap}"),
+                f"[{primary}] " + cmd.migrate_command(
+                    st, f"{layout.release(self.sha7)}/{st.database['migrations_path']}"),
+            ]
+        for host in st.hosts:
+            lines += [
+                f"[{host}] write {layout.slots_env} ({self.new_slot.upper()}_IMAGE={self.image})",
+                f"[{host}] " + cmd.compose(st, "up", "--detach", "--no-deps",
+                                           cmd.service(self.new_slot)),
+                f"[{host}] GET 127.0.0.1:{st.ports[self.new_slot]}{st.health_endpoint} until "
+                f"healthy (<= {st.health.retries} checks)",
+                f"[{host}] write {layout.upstream_file} -> {cmd.service(self.new_slot)}; "
+                "nginx -t; nginx -s reload; verify through the proxy",
+            ]
+            if self.old_slot:
+                lines.append(f"[{host}] after {st.deployment['drain_seconds']}s: " + cmd.compose(
+                    st, "stop", "--timeout", str(st.deployment["stop_timeout"]),
+                    cmd.service(self.old_slot)))
+        lines.append(f"[{primary}] record {self.deployment_id} in {st.state_path}; release the "
+                     "lock")
+        return lines
+
+    def acquire_lock(self) -> None:
+        with self.progress.step("lock", "taking the environment lock") as note:
+            self.lock, decision = self.s.store.acquire(
+                self.s.operator, deployment_id=self.deployment_id, operation="deploy",
+                timeout_minutes=self.settings.deployment["lock_timeout_minutes"],
+                force=self.options.force)
+            self.last_renew = time.monotonic()
+            if decision.replaced:
+                self.s.console.warn("took over the lock of "
+                                    f"{describe(decision.replaced, utc_now())}: "
+                                    f"{decision.reason}")
+            # Re-read under the lock: the slot choice must come from the state we now own.
+            self.state = self.s.store.read().state
+            self.new_slot = self.state.next_slot()
+            self.old_slot = self.state.active_slot
+            note(f"{self.lock['lock_id']} held by {self.lock['locked_by']}")
+
+    def renew_lock_if_due(self) -> None:
+        if self.lock and time.monotonic() - self.last_renew > LOCK_RENEW_EVERY:
+            self.s.store.renew(self.lock["lock_id"],
+                               self.settings.deployment["lock_timeout_minutes"])
+            self.last_renew = time.monotonic()
+
+    def build_command(self, release: str | None = None) -> str:
+        """`docker build` of the release unpacked at `release` (default: on the host)."""
+        st = self.settings
+        release = release or cmd.Layout(st.remote_dir).release(self.sha7)
+        context = f"{release}/{st.build['context']}".rstrip("/.") or release
+        args = {"GIT_COMMIT": self.commit, "VERSION": self.sha7,
+                "BUILD_TIMESTAMP": iso(self.started_at), **{k: str(v) for k, v in
+                                                            st.build["args"].items()}}
+        parts = ["docker", "build", "--quiet", "--tag", q(self.image), "--file",
+                 q(f"{context}/{st.build['dockerfile']}")]
+        for key, value in args.items():
+            parts += ["--build-arg", q(f"{key}={value}")]
+        parts += ["--label", q(f"org.opencontainers.image.revision={self.commit}"),
+                  "--label", q(f"org.opencontainers.image.version={self.sha7}"),
+                  "--label", q(f"org.opencontainers.image.created={iso(self.started_at)}"),
+                  q(context)]
+        return " ".join(parts)
+
+    def build(self) -> None:
+        with self.progress.step("build", f"image {self.image}") as note:
+            archive = source.archive(self.settings.root, self.commit)
+            built = []
+            for host in self.s.all_hosts:
+                slots.prepare_host(self.settings, host, primary=host is self.s.primary)
+                self.upload_release(host, archive)
+                if self.image_present(host):
+                    continue
+                if self.settings.build["strategy"] == "remote":
+                    host.run(self.build_command(), timeout=self.settings.build["timeout"],
+                             what=f"docker build of {self.image}")
+                else:
+                    self.build_elsewhere(host)
+                built.append(host.name)
+            for host in self.s.all_hosts:
+                slots.ensure_proxy_image(self.settings, host, self.settings.build["timeout"])
+            note(f"{self.image} " + (f"built on {', '.join(built)}" if built else "reused"))
+
+    def upload_release(self, host, archive: bytes) -> None:
+        layout = cmd.Layout(self.settings.remote_dir)
+        release = layout.release(self.sha7)
+        if host.run(f"test -d {q(release)}", check=False).ok:
+            self.release_dir = release
+            return
+        tar = host.write_temp(layout.releases, archive, mode=0o600)
+        tmp = f"{layout.releases}/.{self.sha7}.partial"
+        host.run(f"rm -rf {q(tmp)} && mkdir -p {q(tmp)} && tar -xf {q(tar)} -C {q(tmp)} && "
+                 f"rm -f {q(tar)} && mv {q(tmp)} {q(release)}", timeout=300,
+                 what="unpacking the release")
+        self.release_dir = release
+
+    def image_present(self, host) -> bool:
+        fmt = '{{index .Config.Labels "org.opencontainers.image.revision"}}'
+        result = host.run(f"docker image inspect --format {q(fmt)} {q(self.image)}",
+                          check=False, timeout=60)
+        return result.ok and result.stdout.strip() == self.commit
+
+    def build_elsewhere(self, host) -> None:
+        images.build_locally_and_ship(self.settings, host, image=self.image, commit=self.commit,
+                                      build_command=self.build_command)
+
+    def snapshot(self) -> None:
+        with self.progress.step("snapshot", "database snapshot") as note:
+            if not self.migrations_enabled:
+                note("skipped (--skip-migrations)" if self.options.skip_migrations
+                     else "skipped (no migration tool)")
+                return
+            self.snapshot_path, size = snapshots.take_snapshot(self.s, self.sha7, self.state)
+            note(f"{self.snapshot_path} ({size // 1024} KiB, verified)")
+
+    def migrate(self) -> None:
+        with self.progress.step("migrate", "database migrations") as note:
+            if not self.migrations_enabled:
+                note("skipped")
+                return
+            st = self.settings
+            directory = f"{self.release_dir}/{st.database['migrations_path']}"
+            try:
+                result = self.s.primary.run(cmd.migrate_command(st, directory),
+                                            timeout=st.database["migration_timeout"] + 30,
+                                            check=False)
+            except CommandTimeoutError:
+                result = None
+            restore = (f"inv db.restore --env={st.env} "
+                       f"--snapshot={os.path.basename(self.snapshot_path or '')}")
+            hint = (f"Traffic is still on the old version. Snapshot taken before migrating: "
+                    f"{self.snapshot_path}\nTo restore it: {restore}")
+            if result is None or result.exit_status in (124, 137):
+                raise MigrationError(f"migrations timed out after "
+                                     f"{st.database['migration_timeout']} s", hint=hint)
+            if not result.ok:
+                lines = (result.stderr + result.stdout).strip().splitlines()
+                raise MigrationError("migration failed: " + (lines[-1] if lines else
+                                                              f"exit {result.exit_status}"),
+                                     hint=hint)
+            self.migrations_run = cmd.count_applied(st.database["migration_tool"],
+                                                    result.stdout + result.stderr)
+            note(f"{self.migrations_run} applied")
+
+    def start(self) -> None:
+        with self.progress.step("start", f"starting the {self.new_slot} slot") as note:
+            target = self.target()
+            for host in self.s.all_hosts:
+                self.new_slot_started = True
+                slots.start_slot(self.settings, host, target)
+            note(f"{cmd.service(self.new_slot)} running {self.image}")
+
+    def health(self) -> None:
+        with self.progress.step("health", f"health gate on {self.new_slot}") as note:
+            for host in self.s.all_hosts:
+                verdict = slots.health_gate(self.settings, host, self.target(), self.s.console)
+            note(f"{self.new_slot} is {verdict.status}, version {verdict.version}")
+
+    def switch(self) -> None:
+        with self.progress.step("switch", f"nginx -> {self.new_slot}") as note:
+            for host in self.s.all_hosts:
+                slots.switch_traffic(self.settings, host, self.target())
+            self.switched = True
+            note(f"traffic on {self.new_slot} ({self.sha7}), verified through the proxy")
+
+    def record(self) -> None:
+        with self.progress.step("record", "deployment state") as note:
+            deployment = self.deployment_record("healthy")
+            limit = self.settings.deployment["history_limit"]
+            self.state = self.s.store.update(
+                lambda state: state.record_success(deployment, limit))
+            note(f"{self.deployment_id} is current")
+
+    def finish(self) -> None:
+        with self.progress.step("finish", "drain and stop the old slot") as note:
+            if not self.old_slot:
+                note("first deployment: no old slot to stop")
+                return
+            time.sleep(self.settings.deployment["drain_seconds"])
+            for host in self.s.all_hosts:
+                try:
+                    slots.stop_slot(self.settings, host, self.old_slot)
+                except TogatherError as exc:
+                    self.s.console.warn(f"{exc.message} (the deploy itself succeeded)")
+            note(f"{cmd.service(self.old_slot)} stopped (kept for rollback)")
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def target(self) -> slots.SlotTarget:
+        return slots.SlotTarget(self.new_slot, self.image, self.sha7)
+
+    def deployment_record(self, health_status: str) -> dict[str, Any]:
+        record = new_deployment(deployment_id=self.deployment_id, git_commit=self.commit,
+                                deployed_by=self.s.operator.email, slot=self.new_slot,
+                                image=self.image, at=utc_now())
+        record.update(health_status=health_status, migrations_run=self.migrations_run,
+                      duration_seconds=int(time.monotonic() - self.started))
+        if self.snapshot_path:
+            record["snapshot"] = self.snapshot_path
+        return record
+
+    def fail(self, exc: BaseException) -> None:
+        step = self.progress.current or "?"
+        console = self.s.console
+        if not self.switched and self.new_slot_started:
+            for host in self.s.all_hosts:
+                try:
+                    slots.stop_slot(self.settings, host, self.new_slot)
+                except (TogatherError, OSError) as stop_exc:
+                    console.warn(f"could not stop the new {self.new_slot} slot on {host.name}: "
+                                 f"{stop_exc}")
+        message = exc.signame if isinstance(exc, Interrupted) else getattr(exc, "message",
+                                                                            str(exc))
+        if not self.switched and self.lock:
+            record = self.deployment_record("unhealthy" if step == "health" else "unknown")
+            record["message"] = f"failed at {step}: {message}"[:500]
+            limit = self.settings.deployment["history_limit"]
+            try:
+                self.s.store.update(lambda state: state.record_failure(record, limit))
+            except (TogatherError, OSError) as rec_exc:
+                console.warn(f"could not record the failed deployment: {rec_exc}")
+        done = ", ".join(self.progress.completed) or "nothing"
+        where = "traffic was not switched: the old version keeps serving" if not self.switched \
+            else f"traffic is on {self.new_slot} ({self.sha7})"
+        console.error(f"deploy failed at step '{step}': {message}")
+        console.print(f"  done before the failure: {done}; {where}.")
+        self.s.audit(operation="deploy", deployment_id=self.deployment_id, version=self.sha7,
+                     result="failed", step=step)
+
+    def release_lock(self) -> None:
+        if not self.lock:
+            return
+        try:
+            released = self.s.store.release(self.lock["lock_id"])
+            if released is None:
+                self.s.console.warn("our lock had already been taken over by someone else")
+        except (TogatherError, OSError) as exc:
+            self.s.console.error(
+                f"could not release the lock {self.lock['lock_id']}: {exc}. It expires at "
+                f"{self.lock['lock_expires_at']}, or run `inv lock.release --env="
+                f"{self.settings.env} --force`.")
+        self.lock = None
+
+    def _log_path(self) -> str | None:
+        return str(self.s.log.path) if self.s.log.path else None
+
+    def success_audit(self) -> None:
+        self.s.audit(operation="deploy", deployment_id=self.deployment_id, version=self.sha7,
+                     result="succeeded", slot=self.new_slot,
+                     seconds=int(time.monotonic() - self.started))
+
+
+def exit_code_for(exc: BaseException) -> int:
+    if isinstance(exc, TogatherError):
+        return int(exc.exit_code)
+    return int(ExitCode.FAILURE)
+

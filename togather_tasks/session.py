@@ -1,0 +1,78 @@
+"""One run of one command against one environment: its settings, its host connections (one
+per host, opened on first use), its console, its run log and its state store."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+
+from .config import Settings
+from .hosts import Host, Result, connect
+from .lock import Operator
+from .output import Console, RunLog
+from .store import StateStore, audit_line_command, now_iso
+
+COMMAND_LOG_TAIL = 2000
+
+
+class Session:
+    def __init__(self, settings: Settings, console: Console, log: RunLog, *,
+                 accept_new_host_key: bool = False) -> None:
+        self.settings = settings
+        self.console = console
+        self.log = log
+        self.redact = console.redactor
+        self._accept_new = accept_new_host_key
+        self._hosts: dict[str, Host] = {}
+
+    def host(self, name: str) -> Host:
+        if name not in self._hosts:
+            self._hosts[name] = connect(name, self._observe,
+                                        accept_new_host_key=self._accept_new)
+        return self._hosts[name]
+
+    @property
+    def primary(self) -> Host:
+        return self.host(self.settings.primary_host)
+
+    @property
+    def all_hosts(self) -> list[Host]:
+        return [self.host(name) for name in self.settings.hosts]
+
+    @cached_property
+    def store(self) -> StateStore:
+        return StateStore(self.primary, self.settings.remote_dir, self.settings.env)
+
+    @cached_property
+    def operator(self) -> Operator:
+        return Operator.current(str(self.settings.root))
+
+    def ssh_connections(self) -> int:
+        return sum(h.connections_opened for h in self._hosts.values())
+
+    def _observe(self, host: Host, result: Result) -> None:
+        fields = {"host": host.name, "command": result.command, "exit": result.exit_status,
+                  "seconds": round(result.duration, 3)}
+        if not result.ok:
+            fields["stderr"] = result.stderr[-COMMAND_LOG_TAIL:]
+        self.log.event("command", **fields)
+        self.console.debug(f"[{host.name}] $ {result.command}  -> exit {result.exit_status} "
+                           f"in {result.duration:.2f}s")
+        if result.stderr.strip() and self.console.debug_enabled:
+            self.console.debug(result.stderr.strip()[-COMMAND_LOG_TAIL:])
+
+    def audit(self, **fields: object) -> None:
+        """Append one line to the host's audit log; never fails the operation."""
+        record = {"ts": now_iso(), "environment": self.settings.env,
+                  "by": self.operator.email, **fields}
+        line = self.redact(json.dumps(record, sort_keys=True))
+        try:
+            self.primary.run(audit_line_command(self.settings.remote_dir, line), timeout=30,
+                             check=False)
+        except Exception as exc:  # noqa: BLE001 - the audit line is best effort by design
+            self.console.warn(f"could not append the audit line on the host: {exc}")
+
+    def close(self) -> None:
+        for host in self._hosts.values():
+            host.close()
+        self.log.close()

@@ -1,0 +1,55 @@
+"""Ctrl-C and SIGTERM: raise `Interrupted` so every exit path runs its cleanup (lock release),
+then shield that cleanup from a second signal."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .errors import Interrupted
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _install(handler: Any) -> dict[int, Any]:
+    previous = {}
+    for sig in SIGNALS:
+        previous[sig] = signal.getsignal(sig)
+        signal.signal(sig, handler)
+    return previous
+
+
+def _restore(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = _install(handler)
+    try:
+        yield
+    finally:
+        _restore(previous)
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """While cleaning up (undo, lock release), a further Ctrl-C only prints a note: leaving a
+    stuck lock behind would hurt the next operator more than a few seconds of waiting."""
+
+    def handler(signum: int, frame: Any) -> None:
+        print("still cleaning up (releasing the lock); this takes a few seconds",
+              file=sys.stderr, flush=True)
+
+    previous = _install(handler)
+    try:
+        yield
+    finally:
+        _restore(previous)

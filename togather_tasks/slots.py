@@ -1,0 +1,240 @@
+"""Blue-green slot operations shared by deploy and rollback: write the host files, start a slot,
+gate it on its health, switch nginx to it (with verification and automatic restore), stop a
+slot. Each function is one runbook step on one host."""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import time
+from dataclasses import dataclass
+
+from . import commands as cmd
+from .config import Settings, app_environment
+from .errors import CommandError, HealthCheckError, HostError, TogatherError
+from .health import Verdict, evaluate, unreachable
+from .hosts import Host
+from .output import Console
+
+q = shlex.quote
+PORT_BUSY_MARKERS = ("port is already allocated", "address already in use")
+
+
+@dataclass
+class SlotTarget:
+    slot: str
+    image: str
+    sha7: str
+
+
+def prepare_host(settings: Settings, host: Host, *, primary: bool) -> None:
+    """Directories, compose.yml, app.env (mode 600) and, on the primary, the PGPASSFILE.
+    Idempotent: every deploy rewrites them, so a changed secret takes effect."""
+    layout = cmd.Layout(settings.remote_dir)
+    host.run(f"mkdir -p {q(layout.upstream_dir)} {q(layout.releases)} {q(layout.root)}/proxy",
+             timeout=30, what="creating the remote directories")
+    host.write_file(layout.compose_file, (cmd.DOCKER_DIR / "compose.yml").read_bytes(),
+                    mode=0o644)
+    host.write_file(layout.app_env, cmd.app_env_file(app_environment(settings.secrets))
+                    .encode(), mode=0o600)
+    if primary:
+        host.write_file(layout.pgpass, cmd.pgpass_line(settings.migrate_database_url).encode(),
+                        mode=0o600)
+    for name in ("Dockerfile", "nginx.conf"):
+        host.write_file(f"{layout.root}/proxy/{name}",
+                        (cmd.DOCKER_DIR / "nginx" / name).read_bytes(), mode=0o644)
+
+
+def ensure_proxy_image(settings: Settings, host: Host, timeout: float) -> bool:
+    """Build the proxy image on the host if it is not there yet. True when it was built."""
+    image = cmd.proxy_image_ref()
+    if host.run(f"docker image inspect {q(image)} > /dev/null 2>&1", check=False).ok:
+        return False
+    host.run(f"docker build --quiet -t {q(image)} {q(settings.remote_dir + '/proxy')}",
+             timeout=timeout, what="building the nginx proxy image")
+    return True
+
+
+def read_slot_images(settings: Settings, host: Host) -> dict[str, str]:
+    layout = cmd.Layout(settings.remote_dir)
+    out = host.run(f"cat {q(layout.slots_env)} 2>/dev/null || true", timeout=30).stdout
+    values = cmd.parse_env_lines(out)
+    images = {}
+    for slot in ("blue", "green"):
+        image = values.get(f"{slot.upper()}_IMAGE", "")
+        if image and not image.endswith(":none"):
+            images[slot] = image
+    return images
+
+
+def start_slot(settings: Settings, host: Host, target: SlotTarget) -> None:
+    """Point the slot at its image in slots.env and (re)create it with Compose."""
+    layout = cmd.Layout(settings.remote_dir)
+    images = read_slot_images(settings, host)
+    images[target.slot] = target.image
+    host.write_file(layout.slots_env, cmd.slots_env(settings, images).encode(), mode=0o644)
+    result = host.run(cmd.compose(settings, "up", "--detach", "--no-deps",
+                                  cmd.service(target.slot)), timeout=300, check=False)
+    if not result.ok:
+        text = (result.stderr + result.stdout).lower()
+        port = settings.ports[target.slot]
+        if any(marker in text for marker in PORT_BUSY_MARKERS):
+            raise CommandError(
+                f"port {port} on {host.name} is already in use by something else, so the "
+                f"{target.slot} slot cannot start",
+                hint=f"Nothing was stopped. Free port {port} or choose another one in "
+                     f"config/deployment.yml (environments.{settings.env}.ports."
+                     f"{target.slot}).", exit_status=result.exit_status)
+        detail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise CommandError(f"docker compose could not start the {target.slot} slot on "
+                           f"{host.name}: {detail}", exit_status=result.exit_status)
+
+
+def slot_container_state(settings: Settings, host: Host, slot: str) -> str:
+    """`running 0 0` / `exited 1 3` / `restarting 1 5` (status, exit code, restarts)."""
+    ids = host.run(cmd.compose(settings, "ps", "--all", "--quiet", cmd.service(slot)),
+                   timeout=60, check=False).stdout.split()
+    if not ids:
+        return "missing"
+    out = host.run("docker inspect --format '{{.State.Status}} {{.State.ExitCode}} "
+                   "{{.RestartCount}}' " + q(ids[0]), timeout=60, check=False)
+    return out.stdout.strip() or "missing"
+
+
+def check_health(settings: Settings, host: Host, port: int, *, expected_version: str | None,
+                 timeout: float, address: str = "127.0.0.1") -> Verdict:
+    try:
+        resp = host.http_get(address, port, settings.health_endpoint, timeout=timeout)
+    except (OSError, ConnectionError, HostError) as exc:
+        return unreachable(f"no answer from {address}:{port}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - malformed HTTP (http.client errors) and friends
+        return unreachable(f"malformed HTTP answer from {address}:{port}: "
+                           f"{type(exc).__name__}")
+    return evaluate(resp.status, resp.body, expected_version=expected_version)
+
+
+def health_gate(settings: Settings, host: Host, target: SlotTarget, console: Console) -> Verdict:
+    """Poll the new slot until it is healthy and runs the expected version, within the
+    configured grace, interval, timeout and retries; fail fast when its container dies."""
+    hc = settings.health
+    time.sleep(hc.startup_grace)
+    port = settings.ports[target.slot]
+    verdict = unreachable("not checked")
+    for attempt in range(1, hc.retries + 1):
+        verdict = check_health(settings, host, port, expected_version=target.sha7,
+                               timeout=hc.timeout)
+        if verdict.status == "healthy":
+            return verdict
+        if verdict.status == "unreachable" or attempt % 5 == 0:
+            state = slot_container_state(settings, host, target.slot)
+            status, _, rest = state.partition(" ")
+            restarts = rest.split()[-1] if rest.split() else "0"
+            if status in ("exited", "dead", "missing") or (restarts.isdigit()
+                                                          and int(restarts) > 0):
+                raise HealthCheckError(
+                    f"the {target.slot} slot's container is not running ({state}): the app "
+                    "crashed at start",
+                    hint=_logs_hint(settings, host, target.slot))
+        console.debug(f"health attempt {attempt}/{hc.retries}: {verdict.summary()}")
+        if attempt < hc.retries:
+            time.sleep(hc.interval)
+    raise HealthCheckError(
+        f"the {target.slot} slot did not become healthy after {hc.retries} checks: "
+        f"{verdict.summary()}", hint=_logs_hint(settings, host, target.slot))
+
+
+def _logs_hint(settings: Settings, host: Host, slot: str) -> str:
+    out = host.run(cmd.compose(settings, "logs", "--no-color", "--tail", "15",
+                               cmd.service(slot)), timeout=60, check=False)
+    lines = (out.stdout + out.stderr).strip().splitlines()[-15:]
+    return "Last lines of the app's log:\n" + "\n".join("  " + line for line in lines) \
+        if lines else "The app wrote no log lines."
+
+
+def read_upstream(settings: Settings, host: Host) -> str:
+    layout = cmd.Layout(settings.remote_dir)
+    return host.run(f"cat {q(layout.upstream_file)} 2>/dev/null || true", timeout=30).stdout
+
+
+def apply_proxy_config(settings: Settings, host: Host) -> None:
+    """nginx -t then a graceful reload; or start the proxy if it is not running (first
+    deploy). Raises CommandError with nginx's own message when the test fails."""
+    running = host.run(cmd.compose(settings, "ps", "--quiet", "--status", "running", "proxy"),
+                       timeout=60, check=False).stdout.strip()
+    if not running:
+        host.run(cmd.compose(settings, "up", "--detach", "--no-deps", "proxy"), timeout=300,
+                 what="starting the nginx proxy")
+        return
+    host.run(cmd.compose(settings, "exec", "-T", "proxy", "nginx", "-t", "-q"), timeout=60,
+             what="nginx -t (configuration test)")
+    host.run(cmd.compose(settings, "exec", "-T", "proxy", "nginx", "-s", "reload"), timeout=60,
+             what="nginx graceful reload")
+
+
+def proxy_address(settings: Settings) -> str:
+    bind = settings.proxy["bind"]
+    return "127.0.0.1" if bind == "0.0.0.0" else bind  # noqa: S104 - comparing, not binding
+
+
+def verify_proxy(settings: Settings, host: Host, target: SlotTarget) -> str | None:
+    """Ask the proxy until a fresh connection lands on the new slot with the new version.
+    Returns None on success, else what was seen last."""
+    last = "no answer"
+    for _ in range(settings.proxy["verify_attempts"]):
+        try:
+            resp = host.http_get(proxy_address(settings), settings.ports["proxy"],
+                                 settings.version_endpoint, timeout=5)
+            slot = resp.headers.get("x-togather-slot")
+            version = None
+            try:
+                version = str(resp.json().get("version", ""))
+            except (ValueError, AttributeError):
+                version = None
+            if resp.status == 200 and slot == target.slot and version == target.sha7:
+                return None
+            last = f"HTTP {resp.status}, slot {slot}, version {version}"
+        except (OSError, ConnectionError, HostError) as exc:
+            last = str(exc)
+        time.sleep(0.25)
+    return last
+
+
+def switch_traffic(settings: Settings, host: Host, target: SlotTarget) -> None:
+    """Write the upstream for the new slot, test, reload, verify; on any failure put the old
+    upstream back so traffic stays on (or returns to) the old slot."""
+    layout = cmd.Layout(settings.remote_dir)
+    previous = read_upstream(settings, host)
+    host.write_file(layout.upstream_file, cmd.upstream_conf(settings, target.slot).encode(),
+                    mode=0o644)
+    try:
+        apply_proxy_config(settings, host)
+        seen = verify_proxy(settings, host, target)
+        if seen is not None:
+            raise HealthCheckError(
+                f"after the switch the proxy does not serve {target.slot}/{target.sha7} "
+                f"(last answer: {seen})")
+    except (TogatherError, HostError) as exc:
+        restore_upstream(settings, host, previous)
+        if isinstance(exc, HealthCheckError):
+            raise
+        raise HealthCheckError(f"switching traffic to {target.slot} failed: {exc.message}",
+                               hint="The previous nginx upstream was restored; traffic stays "
+                                    "on the old slot.") from None
+
+
+def restore_upstream(settings: Settings, host: Host, previous: str) -> None:
+    layout = cmd.Layout(settings.remote_dir)
+    if previous:
+        host.write_file(layout.upstream_file, previous.encode(), mode=0o644)
+        # If this fails, the running nginx never loaded the bad config: it still serves the
+        # old slot.
+        with contextlib.suppress(TogatherError):
+            apply_proxy_config(settings, host)
+    else:
+        host.run(f"rm -f {q(layout.upstream_file)}", timeout=30, check=False)
+
+
+def stop_slot(settings: Settings, host: Host, slot: str) -> None:
+    host.run(cmd.compose(settings, "stop", "--timeout", str(settings.deployment["stop_timeout"]),
+                         cmd.service(slot)), timeout=settings.deployment["stop_timeout"] + 60,
+             what=f"stopping the {slot} slot")

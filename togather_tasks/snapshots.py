@@ -1,0 +1,106 @@
+"""Database snapshots: naming, retention (pure) and taking one on the primary host."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from . import commands as cmd
+from .errors import TogatherError
+from .state import State, utc_now
+
+if TYPE_CHECKING:
+    from .session import Session
+
+q = shlex.quote
+
+
+@dataclass(frozen=True)
+class SnapshotFile:
+    name: str
+    taken_at: datetime
+    sha7: str
+    size: int = 0
+
+
+def parse_listing(text: str) -> list[SnapshotFile]:
+    """`NAME SIZE` lines (from `find -printf`) -> snapshots, newest first; other files skipped."""
+    found = []
+    for line in text.splitlines():
+        name, _, size = line.strip().partition(" ")
+        match = cmd.SNAPSHOT_RE.match(name)
+        if not match:
+            continue
+        taken = datetime.strptime(match["ts"], "%Y%m%dT%H%M%SZ").replace(tzinfo=utc_now().tzinfo)
+        found.append(SnapshotFile(name, taken, match["sha"], int(size) if size.isdigit() else 0))
+    return sorted(found, key=lambda s: s.name.split("_", 1)[1], reverse=True)
+
+
+def to_delete(snapshots: list[SnapshotFile], *, now: datetime, keep: int, max_age_days: int,
+              protected: set[str]) -> list[SnapshotFile]:
+    """Keep the newest `keep` that are younger than `max_age_days`; delete the rest, except
+    the protected ones (the current and previous deployments' snapshots)."""
+    cutoff = now - timedelta(days=max_age_days)
+    kept = 0
+    doomed = []
+    for snap in snapshots:  # newest first
+        if snap.name in protected:
+            continue
+        if snap.taken_at >= cutoff and kept < keep:
+            kept += 1
+            continue
+        doomed.append(snap)
+    return doomed
+
+
+def protected_names(state: State | None, *extra: str | None) -> set[str]:
+    names = {p.rsplit("/", 1)[-1] for p in extra if p}
+    if state:
+        for deployment in (state.current, state.previous):
+            if deployment and deployment.get("snapshot"):
+                names.add(deployment["snapshot"].rsplit("/", 1)[-1])
+    return names
+
+
+def list_command(directory: str) -> str:
+    return (f"if [ -d {q(directory)} ]; then find {q(directory)} -maxdepth 1 -type f "
+            f"-name '*.dump' -printf '%f %s\\n'; fi")
+
+
+def list_snapshots(session: Session) -> list[SnapshotFile]:
+    out = session.primary.run(list_command(session.settings.snapshot_dir), timeout=60,
+                              what="listing snapshots").stdout
+    return parse_listing(out)
+
+
+def take_snapshot(session: Session, sha7: str, state: State | None) -> tuple[str, int]:
+    """pg_dump on the primary host, verified; then apply retention. Returns (path, bytes)."""
+    st = session.settings
+    now = utc_now()
+    path = f"{st.snapshot_dir}/{cmd.snapshot_name(st.env, now.strftime('%Y%m%dT%H%M%SZ'), sha7)}"
+    result = session.primary.run(cmd.snapshot_command(st, path), timeout=3600, check=False)
+    if not result.ok:
+        session.primary.run(f"rm -f {q(path + '.partial')}", timeout=30, check=False)
+        lines = result.stderr.strip().splitlines()
+        raise TogatherError(
+            "database snapshot failed: " + (lines[-1] if lines else f"exit {result.exit_status}"),
+            hint="Nothing was migrated or switched. Check that the database is up and that "
+                 f"{st.snapshot_dir} on {session.primary.name} is writable with free space.")
+    size = int(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else 0
+    prune(session, state, keep_also=path)
+    return path, size
+
+
+def prune(session: Session, state: State | None, *, keep_also: str | None = None,
+          keep: int | None = None, dry_run: bool = False) -> list[SnapshotFile]:
+    st = session.settings
+    doomed = to_delete(list_snapshots(session), now=utc_now(),
+                       keep=keep if keep is not None else st.database["snapshot_keep"],
+                       max_age_days=st.database["snapshot_retention_days"],
+                       protected=protected_names(state, keep_also))
+    if doomed and not dry_run:
+        paths = " ".join(q(f"{st.snapshot_dir}/{s.name}") for s in doomed)
+        session.primary.run(f"rm -f {paths}", timeout=60, what="removing old snapshots")
+    return doomed
