@@ -73,7 +73,7 @@ def run_command(c: Context, env: str | None, operation: str,
     run_log: RunLog | None = None
     with guarded(console):
         settings = load(c, env)
-    console.redactor.add(v for v in settings.secrets.values() if v)
+    console.redactor.add(settings.secret_values())
     run_log = RunLog.for_run(settings.env, operation, console.redactor) if log \
         else RunLog(None, console.redactor)
     session = Session(settings, console, run_log, accept_new_host_key=accept_new_host_key)
@@ -279,7 +279,8 @@ def config_show(c, env=None, json_=False):
         settings = load(c, env)
         redactor = settings.redactor()
         doc = settings.public_dict()
-        doc["secrets"] = {k: (MASK if is_secret_key(k) else redactor(v))
+        doc["secrets"] = {k: (v if k in configmod.NON_SECRET_KEYS else MASK if is_secret_key(k)
+                              else redactor(v))
                           for k, v in sorted(settings.secrets.items())}
         text = jsonlib.dumps(doc, indent=2, default=str)
         console.redactor = redactor

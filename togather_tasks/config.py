@@ -27,6 +27,7 @@ from .errors import ConfigError, UsageError
 from .redact import Redactor
 
 ENVIRONMENTS = ("development", "staging", "production")
+NON_SECRET_KEYS = frozenset({"ENVIRONMENT"})
 REQUIRED_SECRETS = ("ENVIRONMENT", "DATABASE_URL", "JWT_SECRET", "ADMIN_API_KEY")
 PLACEHOLDER = "CHANGE_ME"
 SCHEMA_DIR = Path(__file__).parent / "schemas"
@@ -131,8 +132,13 @@ class Settings:
         address (a container reaching the host through the bridge gateway)."""
         return self.secrets.get("DEPLOY_DATABASE_URL") or self.secrets["DATABASE_URL"]
 
+    def secret_values(self) -> list[str]:
+        """Values redacted wherever they appear: everything in the env file except the few
+        keys that are known not to be secret (the environment's own name)."""
+        return [v for k, v in self.secrets.items() if v and k not in NON_SECRET_KEYS]
+
     def redactor(self) -> Redactor:
-        return Redactor(v for v in self.secrets.values() if v)
+        return Redactor(self.secret_values())
 
     def public_dict(self) -> dict[str, Any]:
         """The merged configuration for `config.show`; secrets are added redacted by the caller."""
@@ -347,7 +353,7 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
             problems += secrets_problems(env, env_file, secrets)
     if problems:
         # Problems may quote values from the env file: redact before they reach the terminal.
-        redactor = Redactor(v for v in secrets.values() if v)
+        redactor = Redactor(v for k, v in secrets.items() if v and k not in NON_SECRET_KEYS)
         raise ConfigError([redactor(p) for p in problems])
 
     app = merged["app"]

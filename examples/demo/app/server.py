@@ -261,7 +261,12 @@ class App:
             return check(
                 "pass", f"Schema version matches expected: {expected}", started, **versions
             )
-        message = f"Schema version mismatch: expected {expected}, actual {actual}"
+        if expected is not None and actual is not None and actual > expected:
+            # A rolled-back release runs on a schema migrated further by a newer one: with
+            # expand/contract migrations that is the normal case, not an outage.
+            message = f"Schema is ahead of this build: expected {expected}, actual {actual}"
+            return check("pass", message, started, **versions)
+        message = f"Schema version behind this build: expected {expected}, actual {actual}"
         return check("fail", message, started, **versions)
 
     def _job_queue_check(self, conn: Any) -> dict[str, Any]:
