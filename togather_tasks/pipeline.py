@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from . import commands as cmd
-from . import images, slots, snapshots, source
+from . import hooks, images, notify, slots, snapshots, source
 from .errors import (
     CommandTimeoutError,
     ConfigError,
@@ -30,7 +30,7 @@ from .lock import describe
 from .output import Progress
 from .session import Session
 from .signals import shielded
-from .state import State, iso, new_deployment, utc_now
+from .state import State, new_deployment, utc_now
 from .ulid import new_id
 
 q = shlex.quote
@@ -106,7 +106,10 @@ class Deploy:
             plan = self.plan()
             return DeployResult({}, self.progress.timings, self._log_path(),
                                 self.s.ssh_connections(), plan)
+        hooks.run_hook(self.settings.root, "pre-deploy", self.hook_values("starting"),
+                       self.s.console, blocking=True)
         self.acquire_lock()
+        self.notify("started")
         try:
             for step in (self.build, self.snapshot, self.migrate, self.start, self.health,
                          self.switch, self.record, self.finish):
@@ -121,6 +124,9 @@ class Deploy:
             with shielded():
                 self.release_lock()
         self.success_audit()
+        hooks.run_hook(self.settings.root, "post-deploy", self.hook_values("succeeded"),
+                       self.s.console)
+        self.notify("completed")
         return DeployResult(self.state.current if self.state else {}, self.progress.timings,
                             self._log_path(), self.s.ssh_connections())
 
@@ -237,7 +243,7 @@ class Deploy:
                 f"[{host}] upload {layout.compose_file} (mode 644), {layout.app_env} "
                 f"(secrets, mode 600)",
                 f"[{host}] upload git archive of {self.sha7} to {layout.release(self.sha7)}",
-                f"[{host}] " + self.build_command(),
+                f"[{host}] " + images.Build(st, self.commit, self.started_at).command(),
             ]
         if self.migrations_enabled:
             snap = cmd.snapshot_name(st.env, "<UTC>", self.sha7)
@@ -288,65 +294,17 @@ class Deploy:
                                self.settings.deployment["lock_timeout_minutes"])
             self.last_renew = time.monotonic()
 
-    def build_command(self, release: str | None = None) -> str:
-        """`docker build` of the release unpacked at `release` (default: on the host)."""
-        st = self.settings
-        release = release or cmd.Layout(st.remote_dir).release(self.sha7)
-        context = f"{release}/{st.build['context']}".rstrip("/.") or release
-        args = {"GIT_COMMIT": self.commit, "VERSION": self.sha7,
-                "BUILD_TIMESTAMP": iso(self.started_at), **{k: str(v) for k, v in
-                                                            st.build["args"].items()}}
-        parts = ["docker", "build", "--quiet", "--tag", q(self.image), "--file",
-                 q(f"{context}/{st.build['dockerfile']}")]
-        for key, value in args.items():
-            parts += ["--build-arg", q(f"{key}={value}")]
-        parts += ["--label", q(f"org.opencontainers.image.revision={self.commit}"),
-                  "--label", q(f"org.opencontainers.image.version={self.sha7}"),
-                  "--label", q(f"org.opencontainers.image.created={iso(self.started_at)}"),
-                  q(context)]
-        return " ".join(parts)
-
     def build(self) -> None:
         with self.progress.step("build", f"image {self.image}") as note:
-            archive = source.archive(self.settings.root, self.commit)
+            build = images.Build(self.settings, self.commit, self.started_at)
             built = []
             for host in self.s.all_hosts:
                 slots.prepare_host(self.settings, host, primary=host is self.s.primary)
-                self.upload_release(host, archive)
-                if self.image_present(host):
-                    continue
-                if self.settings.build["strategy"] == "remote":
-                    host.run(self.build_command(), timeout=self.settings.build["timeout"],
-                             what=f"docker build of {self.image}")
-                else:
-                    self.build_elsewhere(host)
-                built.append(host.name)
-            for host in self.s.all_hosts:
+                if images.ensure_image(build, host):
+                    built.append(host.name)
                 slots.ensure_proxy_image(self.settings, host, self.settings.build["timeout"])
+            self.release_dir = build.release_dir()
             note(f"{self.image} " + (f"built on {', '.join(built)}" if built else "reused"))
-
-    def upload_release(self, host, archive: bytes) -> None:
-        layout = cmd.Layout(self.settings.remote_dir)
-        release = layout.release(self.sha7)
-        if host.run(f"test -d {q(release)}", check=False).ok:
-            self.release_dir = release
-            return
-        tar = host.write_temp(layout.releases, archive, mode=0o600)
-        tmp = f"{layout.releases}/.{self.sha7}.partial"
-        host.run(f"rm -rf {q(tmp)} && mkdir -p {q(tmp)} && tar -xf {q(tar)} -C {q(tmp)} && "
-                 f"rm -f {q(tar)} && mv {q(tmp)} {q(release)}", timeout=300,
-                 what="unpacking the release")
-        self.release_dir = release
-
-    def image_present(self, host) -> bool:
-        fmt = '{{index .Config.Labels "org.opencontainers.image.revision"}}'
-        result = host.run(f"docker image inspect --format {q(fmt)} {q(self.image)}",
-                          check=False, timeout=60)
-        return result.ok and result.stdout.strip() == self.commit
-
-    def build_elsewhere(self, host) -> None:
-        images.build_locally_and_ship(self.settings, host, image=self.image, commit=self.commit,
-                                      build_command=self.build_command)
 
     def snapshot(self) -> None:
         with self.progress.step("snapshot", "database snapshot") as note:
@@ -405,6 +363,8 @@ class Deploy:
             for host in self.s.all_hosts:
                 slots.switch_traffic(self.settings, host, self.target())
             self.switched = True
+            hooks.run_hook(self.settings.root, "post-switch", self.hook_values("switched"),
+                           self.s.console)
             note(f"traffic on {self.new_slot} ({self.sha7}), verified through the proxy")
 
     def record(self) -> None:
@@ -470,6 +430,10 @@ class Deploy:
         console.print(f"  done before the failure: {done}; {where}.")
         self.s.audit(operation="deploy", deployment_id=self.deployment_id, version=self.sha7,
                      result="failed", step=step)
+        hooks.run_hook(self.settings.root, "on-failure",
+                       {**self.hook_values("failed"), "failed_step": step, "error": message},
+                       self.s.console)
+        self.notify("failed", step=step, message=message)
 
     def release_lock(self) -> None:
         if not self.lock:
@@ -484,6 +448,20 @@ class Deploy:
                 f"{self.lock['lock_expires_at']}, or run `inv lock.release --env="
                 f"{self.settings.env} --force`.")
         self.lock = None
+
+    def hook_values(self, status: str) -> dict[str, object]:
+        """TOGATHER_* variables for hooks (never secrets)."""
+        return {"operation": "deploy", "environment": self.settings.env,
+                "version": self.sha7, "git_commit": self.commit,
+                "deployment_id": self.deployment_id, "slot": self.new_slot,
+                "previous_slot": self.old_slot, "status": status,
+                "duration": int(time.monotonic() - self.started)}
+
+    def notify(self, event: str, **fields: object) -> None:
+        notify.notify(self.settings, self.s.console, self.s.redact, event,
+                      deployment_id=self.deployment_id, version=self.sha7,
+                      git_commit=self.commit, slot=self.new_slot, by=self.s.operator.email,
+                      duration_seconds=int(time.monotonic() - self.started), **fields)
 
     def _log_path(self) -> str | None:
         return str(self.s.log.path) if self.s.log.path else None
