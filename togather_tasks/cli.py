@@ -5,28 +5,32 @@ from __future__ import annotations
 
 import json as jsonlib
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, Context, Exit, task
 
-from . import config as configmod
-from .errors import ExitCode, Interrupted, TogatherError, UsageError
+from .errors import ExitCode, HealthCheckError, Interrupted, TogatherError, UsageError
 from .lock import describe
 from .output import Console, RunLog
-from .pipeline import Deploy, DeployOptions
 from .redact import MASK, Redactor, is_secret_key
-from .session import Session
 from .signals import interruptible
 from .state import utc_now
+
+if TYPE_CHECKING:
+    from . import config as configmod
+    from .session import Session
 
 ENV_HELP = "environment: development, staging or production"
 
 
 def project_root(c: Context) -> Path:
+    from . import config as configmod
+
     configured = c.config.get("togather", {}).get("root") if hasattr(c, "config") else None
     return Path(configured) if configured else configmod.find_project_root(Path.cwd())
 
@@ -62,6 +66,8 @@ def guarded(console: Console, log: RunLog | None = None) -> Iterator[None]:
 
 
 def load(c: Context, env: str | None, *, require_secrets: bool = True) -> configmod.Settings:
+    from . import config as configmod
+
     return configmod.load_settings(configmod.check_env_name(env), project_root(c),
                                    require_secrets=require_secrets)
 
@@ -69,8 +75,9 @@ def load(c: Context, env: str | None, *, require_secrets: bool = True) -> config
 def run_command(c: Context, env: str | None, operation: str,
                 body: Callable[[Session], Any], *, quiet: bool = False, log: bool = False,
                 accept_new_host_key: bool = False) -> Any:
+    from .session import Session
+
     console = Console(Redactor(), quiet=quiet)
-    run_log: RunLog | None = None
     with guarded(console):
         settings = load(c, env)
     console.redactor.add(settings.secret_values())
@@ -108,6 +115,8 @@ def deploy(c, env=None, ref="HEAD", dry_run=False, force=False, skip_migrations=
     Steps: validate, lock, build, snapshot, migrate, start the idle slot, health-gate it,
     switch nginx, record, stop the old slot.
     """
+
+    from .pipeline import Deploy, DeployOptions
 
     def body(session: Session) -> None:
         if not dry_run:
@@ -262,6 +271,8 @@ def lock_release(c, env=None, force=False):
 @task(name="validate", help={"env": ENV_HELP})
 def config_validate(c, env=None):
     """Validate config/deployment.yml and the environment's secrets file (no host contact)."""
+    from . import config as configmod
+
     console = Console(Redactor())
     with guarded(console):
         settings = load(c, env)
@@ -274,6 +285,8 @@ def config_validate(c, env=None):
 @task(name="show", help={"env": ENV_HELP, "json_": "machine-readable output"})
 def config_show(c, env=None, json_=False):
     """The merged configuration of an environment, every secret redacted."""
+    from . import config as configmod
+
     console = Console(Redactor())
     with guarded(console):
         settings = load(c, env)
@@ -314,17 +327,203 @@ def hosts_trust(c, env=None, yes=False):
     run_command(c, env, "hosts", body, accept_new_host_key=True)
 
 
+@task(help={"env": ENV_HELP, "to": "version (short/full SHA) or deployment id from the history",
+            "dry_run": "show the target and the plan; change nothing",
+            "yes": "do not ask for confirmation (production, --restore-db)",
+            "restore_db": "also restore the snapshot taken before the rolled-back deployment"})
+def rollback(c, env=None, to=None, dry_run=False, yes=False, restore_db=False):
+    """Return traffic to the previous deployment (or --to one from the history)."""
+    from .rollback import Rollback, RollbackOptions
+
+    def body(session: Session) -> None:
+        if not dry_run:
+            confirm(session.settings, yes, "rollback")
+        rb = Rollback(session, RollbackOptions(to=to, dry_run=dry_run, restore_db=restore_db))
+        target = rb.run()
+        if dry_run:
+            session.console.print(f"dry run: would roll back to {target['version']} "
+                                  f"({target['id']}); nothing was changed:")
+            for line in rb.plan():
+                session.console.print(f"  {line}")
+            return
+        if restore_db:
+            snapshot = (rb.state.previous or {}).get("snapshot")
+            if not snapshot:
+                raise UsageError("--restore-db: the rolled-back deployment has no snapshot")
+            name = Path(snapshot).name
+            _confirm_restore(session, name, yes)
+            from .dbops import restore
+            safety = restore(session, name)
+            session.console.print(f"restored {name}; the data as it was is in {safety}")
+
+    run_command(c, env, "rollback", body, log=True)
+
+
+def _confirm_restore(session: Session, name: str, yes: bool) -> None:
+    """Restoring overwrites data: always an explicit yes (a flag, or typed at a terminal)."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError("restoring a snapshot needs --yes when stdin is not a terminal")
+    answer = input(f"Restore {name} into the {session.settings.env} database, replacing its "
+                   "data? Type the environment name to confirm: ")
+    if answer.strip() != session.settings.env:
+        raise UsageError("not confirmed; nothing was restored")
+
+
+@task(help={"env": ENV_HELP, "slot": "active (through the proxy, default), blue or green",
+            "expected_version": "fail unless this version (SHA) is running",
+            "json_": "machine-readable output"})
+def health(c, env=None, slot="active", expected_version=None, json_=False):
+    """Check the app's /health (through the proxy or one slot) against the contract."""
+    from .health import evaluate, unreachable
+
+    def body(session: Session) -> None:
+        st = session.settings
+        if slot not in ("active", "blue", "green"):
+            raise UsageError(f"--slot must be active, blue or green, not {slot!r}")
+        timeout = float(st.health.timeout)
+        start = time.monotonic()
+        if slot == "active":
+            import requests
+            where = st.public_url.rstrip("/") + st.health_endpoint
+            try:
+                resp = requests.get(where, timeout=timeout)
+                verdict = evaluate(resp.status_code, resp.content,
+                                   expected_version=expected_version)
+            except requests.RequestException as exc:
+                verdict = unreachable(f"no answer from {where}: {type(exc).__name__}")
+        else:
+            from .slots import check_health
+            where = f"{st.primary_host}:127.0.0.1:{st.ports[slot]}{st.health_endpoint}"
+            verdict = check_health(st, session.primary, st.ports[slot],
+                                   expected_version=expected_version, timeout=timeout)
+        elapsed_ms = int((time.monotonic() - start) * 1000)
+        ok = verdict.acceptable(require_healthy=st.deployment["require_healthy"])
+        if json_:
+            session.console.always(jsonlib.dumps({
+                "environment": st.env, "url": where, "status": verdict.status,
+                "http_status": verdict.http_status, "ok": ok, "problem": verdict.problem,
+                "version": verdict.version, "latency_ms": elapsed_ms, "checks": verdict.checks},
+                indent=2))
+        else:
+            _print_health(session.console, where, verdict, elapsed_ms)
+            if ok and verdict.status == "degraded":
+                session.console.warn("degraded: the app runs but reports a warning")
+        if not ok:
+            raise HealthCheckError(f"{st.env} is not healthy: {verdict.summary()}")
+
+    run_command(c, env, "health", body, quiet=json_)
+
+
+def _print_health(console: Console, where: str, verdict, elapsed_ms: int) -> None:
+    version = f", version {verdict.version}" if verdict.version else ""
+    http = f"HTTP {verdict.http_status}, " if verdict.http_status else ""
+    console.print(f"{where}: {verdict.status} ({http}{elapsed_ms} ms){version}")
+    if verdict.problem:
+        console.print(f"  {verdict.problem}")
+    if verdict.checks:
+        console.print(f"  {'CHECK':<16} {'STATUS':<6} {'LATENCY':>8}  MESSAGE")
+        for name, check in verdict.checks.items():
+            console.print(f"  {name:<16} {check.get('status', '?'):<6} "
+                          f"{check.get('latency', '-'):>8}  {check.get('message', '')}")
+
+
+@task(name="snapshot", help={"env": ENV_HELP})
+def db_snapshot(c, env=None):
+    """Take a database snapshot now (pg_dump on the primary host, verified)."""
+
+    def body(session: Session) -> None:
+        from .dbops import snapshot_now
+        path, size = snapshot_now(session)
+        session.console.print(f"snapshot {path} ({size // 1024} KiB, verified)")
+
+    run_command(c, env, "db", body)
+
+
+@task(name="snapshots", help={"env": ENV_HELP, "json_": "machine-readable output"})
+def db_snapshots(c, env=None, json_=False):
+    """List the database snapshots on the primary host, newest first."""
+
+    def body(session: Session) -> None:
+        from .snapshots import list_snapshots, protected_names
+        state = session.store.read().state
+        protected = protected_names(state)
+        items = [{"name": s.name, "taken_at": s.taken_at.isoformat(), "version": s.sha7,
+                  "bytes": s.size, "protected": s.name in protected}
+                 for s in list_snapshots(session)]
+        if json_:
+            session.console.always(jsonlib.dumps(items, indent=2))
+            return
+        if not items:
+            session.console.print("no snapshots")
+        for item in items:
+            mark = "  (current deployment)" if item["protected"] else ""
+            session.console.print(f"{item['name']}  {item['bytes'] // 1024:>8} KiB{mark}")
+
+    run_command(c, env, "db", body, quiet=json_)
+
+
+@task(name="restore", help={"env": ENV_HELP, "snapshot": "snapshot name (see db.snapshots)",
+                            "yes": "do not ask for confirmation"})
+def db_restore(c, env=None, snapshot=None, yes=False):
+    """Restore a snapshot into the environment's database (a safety snapshot is taken first)."""
+
+    def body(session: Session) -> None:
+        from .dbops import restore
+        if not snapshot:
+            raise UsageError("--snapshot=NAME is required (see `inv db.snapshots`)")
+        confirm(session.settings, yes, "restore")
+        _confirm_restore(session, snapshot, yes)
+        safety = restore(session, snapshot)
+        session.console.print(f"restored {snapshot}; the data as it was is in {safety}")
+
+    run_command(c, env, "db", body, log=True)
+
+
+@task(help={"env": ENV_HELP, "keep_images": "images to keep per host (default from config)",
+            "keep_snapshots": "snapshots to keep (default from config)",
+            "dry_run": "show what would be removed"})
+def cleanup(c, env=None, keep_images=None, keep_snapshots=None, dry_run=False):
+    """Remove old images, releases and snapshots (never the current or previous ones)."""
+
+    def body(session: Session) -> None:
+        from .cleanup import run_cleanup
+        st = session.settings
+        try:
+            ki = int(keep_images) if keep_images is not None else st.deployment["keep_images"]
+            ks = int(keep_snapshots) if keep_snapshots is not None \
+                else st.database["snapshot_keep"]
+        except ValueError:
+            raise UsageError("--keep-images and --keep-snapshots take numbers") from None
+        if ki < 2 or ks < 1:
+            raise UsageError("--keep-images must be >= 2 and --keep-snapshots >= 1")
+        report = run_cleanup(session, keep_images=ki, keep_snapshots=ks, dry_run=dry_run)
+        verb = "would remove" if dry_run else "removed"
+        for host, refs in report.images.items():
+            session.console.print(f"{host}: {verb} images: {', '.join(refs) or 'none'}")
+            if report.kept_in_use.get(host):
+                session.console.print(f"{host}: kept (used by a container): "
+                                      f"{', '.join(report.kept_in_use[host])}")
+            session.console.print(f"{host}: {verb} releases: "
+                                  f"{', '.join(report.releases.get(host, [])) or 'none'}")
+        session.console.print(f"{verb} snapshots: {', '.join(report.snapshots) or 'none'}")
+
+    run_command(c, env, "cleanup", body)
+
+
 def namespace(root: str | Path | None = None) -> Collection:
     """The task collection for an application repository's tasks.py:
 
         from togather_tasks import namespace
         ns = namespace(__file__)
     """
-    ns = Collection(deploy, status, history)
+    ns = Collection(deploy, rollback, health, status, history, cleanup)
     lock = Collection("lock", lock_status, lock_acquire, lock_release)
     cfg = Collection("config", config_validate, config_show)
     hosts = Collection("hosts", hosts_trust)
-    for sub in (lock, cfg, hosts):
+    db = Collection("db", db_snapshot, db_snapshots, db_restore)
+    for sub in (lock, cfg, db, hosts):
         ns.add_collection(sub)
     if root is not None:
         path = Path(root).resolve()

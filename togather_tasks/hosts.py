@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import logging
 import os
 import posixpath
 import secrets
@@ -38,6 +39,11 @@ from .errors import (
     HostKeyError,
     HostUnreachableError,
 )
+
+# paramiko logs channel failures (e.g. a refused direct-tcpip probe of a slot that is not up
+# yet) at ERROR; without a handler Python prints them on stderr. Our typed errors say it better.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+logging.getLogger("paramiko").propagate = False
 
 LOCAL = "local"
 CONNECT_TIMEOUT = 15
@@ -381,9 +387,9 @@ class RemoteHost(Host):
             channel = self._conn.transport.open_channel(
                 "direct-tcpip", (address, port), ("127.0.0.1", 0), timeout=timeout)
         except paramiko.ChannelException as exc:
-            raise ConnectionRefusedError(f"{address}:{port}: {exc.text}") from None
+            raise ConnectionRefusedError(f"connection refused ({exc.text})") from None
         except paramiko.SSHException as exc:
-            raise ConnectionError(f"{address}:{port}: {_one_line(exc)}") from None
+            raise ConnectionError(_one_line(exc)) from None
         channel.settimeout(timeout)
         try:
             channel.sendall(f"GET {path} HTTP/1.1\r\nHost: {address}:{port}\r\n"
