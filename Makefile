@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= $(CURDIR)/.demo
 
-.PHONY: install testbed testbed-down demo test test-unit test-e2e lint clean
+.PHONY: install testbed testbed-down demo test test-unit test-e2e bench lint clean
 
 $(BIN)/inv: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ test-e2e: install testbed
 test: install testbed
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q tests
+
+bench: install testbed
+	$(BIN)/python bench/zero_downtime.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache *.egg-info
