@@ -30,7 +30,7 @@ from .lock import describe
 from .output import Progress
 from .session import Session
 from .signals import shielded
-from .state import State, new_deployment, utc_now
+from .state import State, new_deployment, other_slot, utc_now
 from .ulid import new_id
 
 q = shlex.quote
@@ -282,10 +282,17 @@ class Deploy:
                 self.s.console.warn("took over the lock of "
                                     f"{describe(decision.replaced, utc_now())}: "
                                     f"{decision.reason}")
-            # Re-read under the lock: the slot choice must come from the state we now own.
+            # Re-read under the lock: the slot choice must come from the state we now own,
+            # checked against what the proxy really serves.
             self.state = self.s.store.read().state
-            self.new_slot = self.state.next_slot()
             self.old_slot = self.state.active_slot
+            serving = slots.serving_slot(self.settings, self.s.primary)
+            if serving and serving != self.old_slot:
+                self.s.console.warn(f"the proxy serves the {serving} slot but the state file "
+                                    f"says {self.old_slot or 'none'} (an earlier run was "
+                                    f"interrupted); deploying next to {serving}")
+                self.old_slot = serving
+            self.new_slot = other_slot(self.old_slot) if self.old_slot else "blue"
             note(f"{self.lock['lock_id']} held by {self.lock['locked_by']}")
 
     def renew_lock_if_due(self) -> None:

@@ -117,6 +117,11 @@ class Rollback:
             if fresh.current and self.state.current and \
                     fresh.current["id"] != self.state.current["id"]:
                 raise RollbackError("the environment changed while taking the lock; retry")
+            serving = slots.serving_slot(self.settings, self.s.primary)
+            if serving and serving != self.old_slot:
+                self.s.console.warn(f"the proxy serves {serving}, not {self.old_slot} as the "
+                                    "state file says; rolling back into the other slot")
+                self.old_slot, self.slot = serving, other_slot(serving)
             note(self.lock["lock_id"])
 
     def image(self) -> None:

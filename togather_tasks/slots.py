@@ -176,6 +176,21 @@ def proxy_address(settings: Settings) -> str:
     return "127.0.0.1" if bind == "0.0.0.0" else bind  # noqa: S104 - comparing, not binding
 
 
+def serving_slot(settings: Settings, host: Host) -> str | None:
+    """The slot nginx really routes to right now (its X-Togather-Slot header), or None when
+    no proxy answers (first deploy). The state file can lag behind after a crash between the
+    switch and the record step; building into the slot that is serving would be an outage."""
+    try:
+        resp = host.http_get(proxy_address(settings), settings.ports["proxy"],
+                             settings.version_endpoint, timeout=5)
+    except (OSError, ConnectionError, HostError):
+        return None
+    except Exception:  # noqa: BLE001 - a proxy answering garbage tells us nothing
+        return None
+    slot = resp.headers.get("x-togather-slot")
+    return slot if slot in ("blue", "green") else None
+
+
 def verify_proxy(settings: Settings, host: Host, target: SlotTarget) -> str | None:
     """Ask the proxy until a fresh connection lands on the new slot with the new version.
     Returns None on success, else what was seen last."""

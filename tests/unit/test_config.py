@@ -9,7 +9,7 @@ import pytest
 from togather_tasks.config import check_env_name, deep_merge
 from togather_tasks.errors import ConfigError, ExitCode, UsageError
 
-from .conftest import ADMIN_API_KEY, BASE_CONFIG, DB_PASSWORD, DB_URL, JWT_SECRET, Project
+from .projects import ADMIN_API_KEY, BASE_CONFIG, DB_PASSWORD, DB_URL, JWT_SECRET, Project
 
 
 def problems_of(project: Project, env: str = "staging") -> list[str]:
@@ -69,16 +69,21 @@ def test_development_defaults_to_the_local_host(project: Project) -> None:
 
 
 def test_per_environment_overrides_deep_merge_over_the_base(project: Project) -> None:
-    project.write_config(BASE_CONFIG.replace("app:\n", """\
+    project.write_config("""\
+app:
+  name: togather-test
 deployment:
   drain_seconds: 3
   stop_timeout: 11
   health_check: {retries: 7, interval: 2}
-app:
-""") + """\
+environments:
+  staging:
+    hosts: [staging.example.com]
     deployment:
       drain_seconds: 9
       health_check: {interval: 0.5}
+  production:
+    hosts: [prod.example.com]
 """)
     staging = project.load("staging")
     assert staging.deployment["drain_seconds"] == 9
@@ -266,10 +271,8 @@ def test_registry_strategy_with_a_registry_is_valid(project: Project) -> None:
 ])
 def test_build_paths_must_stay_inside_the_repository(project: Project, key: str,
                                                      value: str) -> None:
-    project.write_config(BASE_CONFIG.replace("build:\n", f"build:\n  {key}: '{value}'\n")
-                         .replace("  dockerfile: app/Dockerfile\n", "")
-                         if key == "dockerfile" else
-                         BASE_CONFIG.replace("build:\n", f"build:\n  {key}: '{value}'\n"))
+    project.write_config(BASE_CONFIG.replace("build:\n  dockerfile: app/Dockerfile\n",
+                                             f"build:\n  {key}: '{value}'\n"))
     assert f"build.{key} must be a path inside the repository" in only_problem(project)
 
 
@@ -366,6 +369,14 @@ def test_readable_env_file_is_rejected_outside_development(project: Project, env
     problem = only_problem(project, env)
     assert f"mode {mode:03o}" in problem
     assert f"chmod 600 {path}" in problem
+
+
+@pytest.mark.xfail(reason="BUG: the redactor's KEY/SECRET assignment pattern matches "
+                          "'secrets: run' in the mode problem and masks the word 'run' of the fix",
+                   strict=True)
+def test_mode_problem_fix_survives_redaction(project: Project) -> None:
+    path = project.write_env("staging", mode=0o644)
+    assert f"run `chmod 600 {path}`" in only_problem(project)
 
 
 def test_readable_env_file_is_only_a_warning_for_development(project: Project) -> None:

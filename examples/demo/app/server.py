@@ -39,7 +39,12 @@ BUILD_TIMESTAMP = os.environ.get("BUILD_TIMESTAMP", "")
 MIGRATIONS_DIR = Path(os.environ.get("MIGRATIONS_DIR", "/app/migrations"))
 HEALTH_MODE_FILE = Path(os.environ.get("HEALTH_MODE_FILE", "/app/HEALTH_MODE"))
 SLOW_START_SECONDS = float(os.environ.get("SLOW_START_SECONDS", "30"))
-HEALTH_MODES = {"healthy", "degraded", "unhealthy", "crash", "slow"}
+HEALTH_MODES = {"healthy", "degraded", "unhealthy", "crash", "slow",
+                # Faults of the health endpoint itself, for the deploy tool's fault tests:
+                # an HTML error page, a body that is not JSON, a 200 that says unhealthy,
+                # and an endpoint that never answers.
+                "html", "garbage", "lying", "hang"}
+HANG_SECONDS = 60
 
 POOL_MIN, POOL_MAX = 1, 4  # serves /health; the job worker has its own connection
 # connect_timeout bounds connecting; tcp_user_timeout bounds queries on a connection whose peer
@@ -340,7 +345,7 @@ class Handler(BaseHTTPRequestHandler):
                     },
                 )
             elif path == "/health":
-                self.send_json(*self.app.health())
+                self.send_health()
             else:
                 self.send_json(404, {"error": "not found"})
         finally:
@@ -348,10 +353,27 @@ class Handler(BaseHTTPRequestHandler):
                 self.app.in_flight -= 1
                 self.app.in_flight_lock.notify_all()
 
+    def send_health(self) -> None:
+        mode = self.app.mode
+        if mode == "html":
+            self.send_body(200, b"<html><body><h1>It works!</h1></body></html>", "text/html")
+        elif mode == "garbage":
+            self.send_body(200, b'{"status": "healthy", "checks": ', "application/json")
+        elif mode == "lying":
+            status, body = self.app.health()
+            body["status"] = "unhealthy"
+            self.send_json(200, body)
+        elif mode == "hang":
+            time.sleep(HANG_SECONDS)
+        else:
+            self.send_json(*self.app.health())
+
     def send_json(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
+        self.send_body(status, json.dumps(body).encode(), "application/json")
+
+    def send_body(self, status: int, data: bytes, content_type: str) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("Connection", "close")
