@@ -37,6 +37,7 @@ q = shlex.quote
 STEPS = ("validate", "lock", "build", "snapshot", "migrate", "start", "health", "switch",
          "record", "finish")
 PAUSE_ENV = "TOGATHER_TEST_PAUSE_BEFORE"
+PAUSE_FILE_ENV = "TOGATHER_TEST_PAUSE_FILE"
 PAUSE_SECONDS = 120
 MIN_DOCKER = (20, 10)
 LOCK_RENEW_EVERY = 300
@@ -60,11 +61,19 @@ class DeployResult:
 
 
 def pause_if_requested(step: str) -> None:
-    """Test hook: with TOGATHER_TEST_PAUSE_BEFORE=<step>, announce and sleep (bounded) before
-    that step so a fault test can kill the process at a known point."""
-    if os.environ.get(PAUSE_ENV) == step:
-        print(f"togather: paused before {step} (pid {os.getpid()})", flush=True)
-        time.sleep(PAUSE_SECONDS)
+    """Test hook for fault tests: with TOGATHER_TEST_PAUSE_BEFORE=<step>, announce and wait
+    before that step so a test can kill the process or cut its connection at a known point.
+    The wait ends when the file named by TOGATHER_TEST_PAUSE_FILE disappears (if set), and
+    after PAUSE_SECONDS at most."""
+    if os.environ.get(PAUSE_ENV) != step:
+        return
+    print(f"togather: paused before {step} (pid {os.getpid()})", flush=True)
+    marker = os.environ.get(PAUSE_FILE_ENV)
+    deadline = time.monotonic() + PAUSE_SECONDS
+    while time.monotonic() < deadline:
+        if marker and not os.path.exists(marker):
+            return
+        time.sleep(0.1)
 
 
 class Deploy:
