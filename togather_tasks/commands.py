@@ -18,6 +18,7 @@ from .config import Settings, database_parts
 
 q = shlex.quote
 DOCKER_DIR = Path(__file__).parent / "docker"
+SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword"})
 SNAPSHOT_RE = re.compile(r"^(?P<env>[a-z]+)_(?P<ts>\d{8}T\d{6}Z)_(?P<sha>[0-9a-f]{7})\.dump$")
 
 
@@ -114,10 +115,11 @@ def parse_env_lines(text: str) -> dict[str, str]:
 
 
 def dotenv_quote(value: str) -> str:
-    """A value for Compose's env_file. Compose reads `KEY='...'` literally (no interpolation,
-    no escapes) except for the quote itself; a value holding a single quote or a newline is
-    written double-quoted with escapes."""
-    if "'" not in value and "\n" not in value and "\r" not in value:
+    """A value for Compose's env_file. Single quotes keep a value literal, but Compose's parser
+    still treats a backslash before the closing quote as an escape; so a value holding a quote,
+    a backslash or a line break is written double-quoted with escapes (and `$$` for `$`, which
+    Compose would otherwise interpolate inside double quotes)."""
+    if not any(c in value for c in "'\\\n\r"):
         return f"'{value}'"
     escaped = (value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
                .replace("\r", "\\r").replace("$", "$$"))
@@ -150,11 +152,14 @@ def pg_env(settings: Settings) -> str:
 
 
 def passwordless_url(settings: Settings) -> str:
-    """The migration URL without its password (the tool's driver, lib/pq, reads PGPASSFILE)."""
+    """The migration URL without its password (the tool's driver, lib/pq, reads PGPASSFILE);
+    a password given as a query parameter is dropped too."""
     parts = database_parts(settings.migrate_database_url)
-    query = parts["query"] or "sslmode=disable"
-    return (f"postgres://{quote(parts['user'], safe='')}@{parts['host']}:{parts['port']}/"
-            f"{quote(parts['dbname'], safe='')}?{query}")
+    query = "&".join(p for p in parts["query"].split("&")
+                     if p and p.split("=", 1)[0].lower() not in SECRET_QUERY_KEYS)
+    host = f"[{parts['host']}]" if ":" in parts["host"] else parts["host"]
+    return (f"postgres://{quote(parts['user'], safe='')}@{host}:{parts['port']}/"
+            f"{quote(parts['dbname'], safe='')}?{query or 'sslmode=disable'}")
 
 
 def upstream_conf(settings: Settings, slot: str) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import jsonschema
 import yaml
@@ -295,28 +295,20 @@ def find_project_root(start: Path) -> Path:
     return start
 
 
-def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Settings:
-    """Load, merge and validate the configuration of one environment (exit 10 on problems)."""
-    env = check_env_name(env)
-    config_path = root / CONFIG_FILE
-    document = load_yaml(config_path)
-    if not isinstance(document, dict):
-        raise ConfigError(f"{config_path}: expected a mapping at the top level")
-    problems = schema_problems(document, str(config_path))
-    if problems:
-        raise ConfigError(problems)
-
+def _merge_environment(document: dict[str, Any], env: str, config_path: Path,
+                       ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """The environment's block and the merged sections, with the rules a schema cannot say."""
+    problems: list[str] = []
     env_block = (document.get("environments") or {}).get(env)
     if env_block is None and env != "development":
-        raise ConfigError(f"{config_path}: environments.{env} is not defined",
-                          hint=f"Add an `environments: {env}:` block with its hosts.")
+        problems.append(f"{config_path}: environments.{env} is not defined: add an "
+                        f"`environments: {env}:` block with its hosts")
     env_block = deep_merge(ENVIRONMENT_DEFAULTS[env], env_block or {})
     merged = deep_merge(DEFAULTS, {k: v for k, v in document.items() if k != "environments"})
     for section in OVERRIDABLE_SECTIONS:
         if section in env_block:
             merged[section] = deep_merge(merged[section], env_block[section])
-
-    if "hosts" not in env_block:
+    if "hosts" not in env_block and not problems:
         problems.append(f"{config_path}: environments.{env}.hosts is required")
     ports = env_block["ports"]
     if len(set(ports.values())) != len(ports):
@@ -332,6 +324,24 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
     for key in ("context", "dockerfile"):
         if ".." in PurePosixPath(build[key]).parts or build[key].startswith("/"):
             problems.append(f"{config_path}: build.{key} must be a path inside the repository")
+    return env_block, merged, problems
+
+
+def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Settings:
+    """Load, merge and validate the configuration of one environment (exit 10 on problems)."""
+    env = check_env_name(env)
+    config_path = root / CONFIG_FILE
+    document = load_yaml(config_path)
+    if not isinstance(document, dict):
+        raise ConfigError(f"{config_path}: expected a mapping at the top level")
+    problems = schema_problems(document, str(config_path))
+    env_block: dict[str, Any] = {}
+    merged: dict[str, Any] = {}
+    if not problems:
+        # Cross-field rules need a schema-valid document; the secrets file is checked either
+        # way, so every problem is reported in one go.
+        env_block, merged, more = _merge_environment(document, env, config_path)
+        problems += more
 
     env_file = root / ENV_DIR / f".env.{env}"
     secrets: dict[str, str] = {}
@@ -357,6 +367,7 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
         raise ConfigError([redactor(p) for p in problems])
 
     app = merged["app"]
+    ports = env_block["ports"]
     return Settings(
         root=root,
         env=env,
@@ -381,13 +392,15 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
 
 
 def database_parts(url: str) -> dict[str, str]:
-    """host, port, user, password, dbname of a postgres URL (password unquoted)."""
+    """host, port, user, password, dbname and query of a postgres URL (values unquoted; a
+    password may also come as the `password` query parameter)."""
     parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
     return {
         "host": parts.hostname or "localhost",
         "port": str(parts.port or 5432),
         "user": unquote(parts.username or ""),
-        "password": unquote(parts.password or ""),
+        "password": unquote(parts.password or "") or query.get("password", ""),
         "dbname": unquote(parts.path.lstrip("/")),
         "query": parts.query,
     }

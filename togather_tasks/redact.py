@@ -17,13 +17,20 @@ MASK = "***"
 # output unreadable and protect nothing a pattern does not already cover.
 MIN_SECRET_LENGTH = 4
 
+# Greedy password up to the last `@` before the host: a raw `@` in a password is common and
+# URL parsers (Go's, Python's) split at the last one too.
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^\s:/@]*):"
-                              r"(?P<password>[^\s@/]*)@")
+                              r"(?P<password>[^\s/]*)@(?=[^\s@/]*(?:[/\s?#]|$))")
+_VALUE = r"""(?:(?P<quote>["'])(?P<quoted>.*?)(?P=quote)|(?P<bare>[^\s"',;&]+))"""
+# Environment-style names (upper case) with = or :, on one line: `JWT_SECRET=x`, `API_KEY: x`.
 _ASSIGNMENT = re.compile(
-    r"(?P<key>\b[A-Za-z0-9_]*(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD|PWD)[A-Za-z0-9_]*)"
-    r"(?P<sep>\s*[=:]\s*)(?P<quote>[\"']?)(?P<value>[^\s\"',;&]+)",
-    re.IGNORECASE,
-)
+    r"(?P<key>\b[A-Z0-9_]*(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD|PWD)[A-Z0-9_]*)"
+    r"(?P<sep>[ \t]*[=:][ \t]*)" + _VALUE)
+# Query-string, YAML and prose style, any case, whole words: `?password=x`, `token: x`
+# (not `secrets:`, a heading).
+_PARAMETER = re.compile(
+    r"(?P<key>\b(?:password|passwd|pwd|token|secret|api[_-]?key|access[_-]?token)\b)"
+    r"(?P<sep>[ \t]*[=:][ \t]*)" + _VALUE, re.IGNORECASE)
 _BEARER = re.compile(r"(?P<prefix>\bBearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 _SECRET_KEY_NAMES = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|PWD|URL|DSN)", re.IGNORECASE)
 
@@ -51,6 +58,7 @@ class Redactor:
                 text = text.replace(value, MASK)
         text = _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
         text = _ASSIGNMENT.sub(_mask_assignment, text)
+        text = _PARAMETER.sub(_mask_assignment, text)
         text = _BEARER.sub(lambda m: f"{m['prefix']}{MASK}", text)
         return text
 
@@ -66,9 +74,11 @@ class Redactor:
 
 
 def _mask_assignment(match: re.Match[str]) -> str:
-    if match["value"] == MASK:
+    value = match["quoted"] if match["quote"] else match["bare"]
+    if value == MASK or not value:
         return match.group(0)
-    return f"{match['key']}{match['sep']}{match['quote']}{MASK}"
+    quote = match["quote"] or ""
+    return f"{match['key']}{match['sep']}{quote}{MASK}{quote}"
 
 
 def _forms(value: str) -> set[str]:

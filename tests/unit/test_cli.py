@@ -1,0 +1,207 @@
+"""The task collection and the command line: exit codes, no tracebacks, no secrets in the
+output. A few runs go through the real `inv` in a subprocess; the rest run the same Program
+in-process (fast). Only tasks that need no SSH and no Docker are run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from invoke import Program
+
+from togather_tasks import namespace
+
+from .projects import ADMIN_API_KEY, BASE_CONFIG, DB_PASSWORD, JWT_SECRET, Project
+
+TASKS_PY = "from togather_tasks import namespace\n\nns = namespace(__file__)\n"
+SECRETS = [DB_PASSWORD, quote(DB_PASSWORD, safe=""), JWT_SECRET, ADMIN_API_KEY]
+
+
+SUBPROCESS_RUNS = {
+    "valid": ("valid", ["config.validate", "--env=staging"]),
+    "bad config": ("bad", ["config.validate", "--env=staging"]),
+    "no env": ("valid", ["config.validate"]),
+    "show": ("valid", ["config.show", "--env=staging"]),
+}
+
+
+@pytest.fixture(scope="module")
+def real_cli(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Run the real `inv` (python -m invoke) for each case of SUBPROCESS_RUNS, all at once."""
+    base = tmp_path_factory.mktemp("cli")
+    projects = {"valid": Project(base / "valid"), "bad": Project(base / "bad")}
+    for p in projects.values():
+        p.write_config()
+        p.write_env("staging")
+        (p.root / "tasks.py").write_text(TASKS_PY)
+    projects["bad"].write_config(BASE_CONFIG + "colour: blue\n")
+    env = {**os.environ, "HOME": str(base / "home"), "TOGATHER_LOG_DIR": str(base / "logs")}
+    env.pop("TOGATHER_DEBUG", None)
+    running = {
+        case: subprocess.Popen([sys.executable, "-m", "invoke", *args],
+                               cwd=projects[name].root, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for case, (name, args) in SUBPROCESS_RUNS.items()}
+    results = {}
+    for case, proc in running.items():
+        out, err = proc.communicate(timeout=60)
+        results[case] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return {"results": results, "projects": projects}
+
+
+def run_in_process(project: Project, capsys: pytest.CaptureFixture[str],
+                   *args: str) -> subprocess.CompletedProcess[str]:
+    """The same parsing, tasks and exit codes as `inv`, without a new interpreter."""
+    program = Program(namespace=namespace(project.root), version="test")
+    code = 0
+    try:
+        program.run(["inv", *args])
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["inv", *args], code, out, err)
+
+
+def assert_clean(result: subprocess.CompletedProcess[str]) -> None:
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    for secret in SECRETS:
+        assert secret not in output
+
+
+# --- the collection --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["deploy", "status", "history", "lock.status", "lock.acquire",
+                                  "lock.release", "config.validate", "config.show",
+                                  "hosts.trust"])
+def test_namespace_exposes_the_task(name: str) -> None:
+    assert name in namespace().task_names
+
+
+def test_namespace_records_the_project_root(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks.py"
+    tasks.write_text(TASKS_PY)
+    assert namespace(str(tasks)).configuration()["togather"]["root"] == str(tmp_path)
+    assert namespace(tmp_path).configuration()["togather"]["root"] == str(tmp_path)
+
+
+def test_every_task_takes_env(tmp_path: Path) -> None:
+    ns = namespace()
+    for name in ns.task_names:
+        task = ns[name]
+        assert "env" in [arg.name for arg in task.get_arguments()], name
+
+
+# --- the real CLI ---------------------------------------------------------------------------
+
+
+def test_config_validate_accepts_a_valid_project(real_cli) -> None:
+    result = real_cli["results"]["valid"]
+    assert result.returncode == 0, result.stderr
+    assert "staging: configuration is valid" in result.stdout
+    assert_clean(result)
+
+
+def test_config_validate_exits_10_for_a_bad_config(real_cli) -> None:
+    result = real_cli["results"]["bad config"]
+    assert result.returncode == 10
+    assert "'colour'" in result.stderr
+    assert str(real_cli["projects"]["bad"].config_path) in result.stderr
+    assert_clean(result)
+
+
+def test_config_validate_exits_10_for_bad_secrets(project: Project, capsys) -> None:
+    project.write_env("staging", mode=0o644, JWT_SECRET="CHANGE_ME",
+                      DATABASE_URL=f"mysql://u:{quote(DB_PASSWORD, safe='')}@db/x")
+    result = run_in_process(project, capsys, "config.validate", "--env=staging")
+    assert result.returncode == 10
+    assert "configuration has 3 problems" in result.stderr
+    assert_clean(result)
+
+
+def test_config_validate_exits_10_for_broken_yaml(project: Project, capsys) -> None:
+    project.write_config("app: [\n")
+    result = run_in_process(project, capsys, "config.validate", "--env=staging")
+    assert result.returncode == 10
+    assert "invalid YAML" in result.stderr
+    assert_clean(result)
+
+
+def test_missing_env_exits_2(real_cli) -> None:
+    result = real_cli["results"]["no env"]
+    assert result.returncode == 2
+    assert "--env is required" in result.stderr
+    assert_clean(result)
+
+
+@pytest.mark.parametrize("args", [["config.validate", "--env=qa"], ["deploy"],
+                                  ["deploy", "--env=prod"], ["status"], ["history"],
+                                  ["lock.status", "--env=Staging"], ["lock.acquire"],
+                                  ["lock.release"], ["config.show"], ["hosts.trust"]])
+def test_missing_or_unknown_env_exits_2(project: Project, capsys, args: list[str]) -> None:
+    result = run_in_process(project, capsys, *args)
+    assert result.returncode == 2
+    assert "--env" in result.stderr or "unknown environment" in result.stderr
+    assert_clean(result)
+
+
+def test_config_show_redacts_every_secret(real_cli) -> None:
+    result = real_cli["results"]["show"]
+    assert result.returncode == 0, result.stderr
+    assert "togather-test" in result.stdout
+    assert_clean(result)
+
+
+def test_config_show_json_redacts_every_secret(project: Project, capsys) -> None:
+    result = run_in_process(project, capsys, "config.show", "--env=staging", "--json")
+    assert result.returncode == 0, result.stderr
+    assert_clean(result)
+    document = json.loads(result.stdout)
+    assert document["hosts"] == ["deploy@staging.example.com:2222"]
+    assert document["secrets"]["ENVIRONMENT"] == "staging"
+    assert {document["secrets"][k] for k in ("DATABASE_URL", "JWT_SECRET",
+                                             "ADMIN_API_KEY")} == {"***"}
+
+
+def test_config_show_lists_every_secret_name(project: Project, capsys) -> None:
+    result = run_in_process(project, capsys, "config.show", "--env=staging")
+    for key in ("ADMIN_API_KEY", "DATABASE_URL", "ENVIRONMENT", "JWT_SECRET"):
+        assert f"{key}:" in result.stdout
+
+
+def test_config_show_of_a_bad_config_exits_10(project: Project, capsys) -> None:
+    project.env_path("staging").unlink()
+    result = run_in_process(project, capsys, "config.show", "--env=staging")
+    assert result.returncode == 10
+    assert ".env.staging" in result.stderr
+    assert_clean(result)
+
+
+def test_lock_commands_on_the_local_host(project: Project, capsys, tmp_path: Path) -> None:
+    """development runs on `local`: the lock lives in a state file in remote_dir, no SSH."""
+    remote_dir = tmp_path / "srv" / "development"
+    project.write_config(BASE_CONFIG + f"  development:\n    remote_dir: {remote_dir}\n")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        result = run_in_process(project, capsys, *args, "--env=development")
+        assert_clean(result)
+        return result
+
+    first = run("lock.acquire", "--message=maintenance")
+    assert first.returncode == 0, first.stderr
+    second = run("lock.acquire", "--message=again")
+    assert second.returncode == 3
+    assert "locked by" in second.stderr and "maintenance" in second.stderr
+    status = run("lock.status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["message"] == "maintenance"
+    released = run("lock.release")
+    assert released.returncode == 0, released.stderr
+    assert json.loads(run("lock.status", "--json").stdout) == {"locked": False}
+    assert (remote_dir / "deployment-state.json").is_file()

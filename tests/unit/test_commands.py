@@ -1,0 +1,343 @@
+"""Command lines and generated files: exact strings, quoting, and no secrets in them."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+from urllib.parse import quote
+
+import pytest
+
+from togather_tasks import commands as cmd
+from togather_tasks.config import Settings
+
+from .projects import ADMIN_API_KEY, DB_PASSWORD, JWT_SECRET, Project
+
+PG_ENV = ("PGPASSFILE=/srv/togather/staging/.pgpass PGHOST=db.internal PGPORT=5433 "
+          "PGUSER=togather_app PGDATABASE=togather_staging PGCONNECT_TIMEOUT=10")
+URL_NO_PASSWORD = "postgres://togather_app@db.internal:5433/togather_staging?sslmode=require"
+SECRET_FORMS = [DB_PASSWORD, quote(DB_PASSWORD, safe=""), JWT_SECRET, ADMIN_API_KEY]
+
+
+def with_database(settings: Settings, **database: object) -> Settings:
+    return dataclasses.replace(settings, database={**settings.database, **database})
+
+
+def with_url(settings: Settings, url: str) -> Settings:
+    return dataclasses.replace(settings, secrets={**settings.secrets, "DATABASE_URL": url})
+
+
+def every_command(settings: Settings) -> list[str]:
+    return [
+        cmd.compose(settings, "up", "-d", "app-blue"),
+        cmd.pg_env(settings),
+        cmd.passwordless_url(settings),
+        cmd.migrate_command(settings, "/srv/togather/staging/releases/abc1234/db/migrations"),
+        cmd.migrate_command(with_database(settings, migration_tool="golang-migrate"), "/m"),
+        cmd.migrate_command(with_database(settings, migration_tool="custom",
+                                          migration_command="./migrate.sh up"), "/m"),
+        cmd.snapshot_command(settings, "/srv/togather/staging/snapshots/s.dump"),
+        cmd.restore_command(settings, "/srv/togather/staging/snapshots/s.dump", "scratch"),
+        cmd.dirty_check_command(settings),
+        cmd.slots_env(settings, {"blue": "togather-server:abc1234"}),
+        cmd.upstream_conf(settings, "green"),
+    ]
+
+
+# --- docker compose and nginx -----------------------------------------------------------------
+
+
+def test_compose_command_is_exact(settings: Settings) -> None:
+    assert cmd.compose(settings, "up", "-d", "--no-deps", "app-blue") == (
+        "docker compose --project-name togather-test-staging "
+        "--project-directory /srv/togather/staging "
+        "--file /srv/togather/staging/compose.yml "
+        "--env-file /srv/togather/staging/slots.env up -d --no-deps app-blue")
+
+
+def test_compose_quotes_the_remote_directory(settings: Settings) -> None:
+    odd = dataclasses.replace(settings, remote_dir="/srv/it's here")
+    assert shlex.split(cmd.compose(odd, "ps"))[4:9] == [
+        "--project-directory", "/srv/it's here", "--file", "/srv/it's here/compose.yml",
+        "--env-file"]
+
+
+def test_layout_paths(settings: Settings) -> None:
+    layout = cmd.Layout(settings.remote_dir)
+    assert layout.upstream_file == "/srv/togather/staging/nginx/upstream/active.conf"
+    assert layout.pgpass == "/srv/togather/staging/.pgpass"
+    assert layout.app_env == "/srv/togather/staging/app.env"
+    assert layout.release("abc1234") == "/srv/togather/staging/releases/abc1234"
+
+
+@pytest.mark.parametrize("slot", ["blue", "green"])
+def test_upstream_conf_is_exact(settings: Settings, slot: str) -> None:
+    assert cmd.upstream_conf(settings, slot) == (
+        "# Written by togather-tasks: the active slot.\n"
+        "upstream togather_app {\n"
+        f"    server app-{slot}:8080 max_fails=0;\n"
+        "}\n"
+        'map "" $togather_slot {\n'
+        f"    default {slot};\n"
+        "}\n")
+
+
+def test_image_ref(settings: Settings) -> None:
+    assert cmd.image_ref(settings, "abc1234") == "togather-server:abc1234"
+
+
+def test_proxy_image_is_tagged_by_content() -> None:
+    assert re.fullmatch(r"togather-proxy:[0-9a-f]{12}", cmd.proxy_image_ref())
+    assert cmd.proxy_image_ref() == cmd.proxy_image_ref()
+
+
+def test_slots_env_content(settings: Settings) -> None:
+    text = cmd.slots_env(settings, {"blue": "togather-server:abc1234"})
+    assert text.endswith("\n")
+    assert cmd.parse_env_lines(text) == {
+        "COMPOSE_PROJECT_NAME": "togather-test-staging",
+        "APP_PORT": "8080",
+        "BLUE_IMAGE": "togather-server:abc1234",
+        "GREEN_IMAGE": "togather-server:none",
+        "BLUE_PORT": "9081",
+        "GREEN_PORT": "9082",
+        "PROXY_PORT": "9080",
+        "PROXY_BIND": "0.0.0.0",
+        "PROXY_IMAGE": cmd.proxy_image_ref(),
+        "STOP_GRACE_PERIOD": "30s",
+    }
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("A=1\nB=two words\n", {"A": "1", "B": "two words"}),
+    ("# comment=no\n\nA=1\n", {"A": "1"}),
+    ("URL=postgres://u@h/db?a=b\n", {"URL": "postgres://u@h/db?a=b"}),
+    ("  SPACED = value  \n", {"SPACED": "value"}),
+    ("no equals sign\n=novalue\n", {}),
+    ("A=1\nA=2\n", {"A": "2"}),
+    ("", {}),
+])
+def test_parse_env_lines(text: str, expected: dict[str, str]) -> None:
+    assert cmd.parse_env_lines(text) == expected
+
+
+# --- snapshots ---------------------------------------------------------------------------------
+
+
+def test_snapshot_name_is_exact() -> None:
+    name = cmd.snapshot_name("staging", "20261126T181500Z", "abc1234")
+    assert name == "staging_20261126T181500Z_abc1234.dump"
+    match = cmd.SNAPSHOT_RE.match(name)
+    assert match and (match["env"], match["ts"], match["sha"]) == (
+        "staging", "20261126T181500Z", "abc1234")
+
+
+def test_snapshot_command_verifies_before_renaming(settings: Settings) -> None:
+    path = "/srv/togather/staging/snapshots/staging_20261126T181500Z_abc1234.dump"
+    command = cmd.snapshot_command(settings, path)
+    assert command.startswith("umask 077 && mkdir -p /srv/togather/staging/snapshots && ")
+    assert f"{PG_ENV} pg_dump --format=custom" in command
+    assert f"--file={path}.partial" in command
+    dump, verify, rename = (command.index("pg_dump"), command.index("pg_restore --list"),
+                            command.index(f"mv -f {path}.partial {path}"))
+    assert dump < verify < rename
+
+
+def test_restore_command(settings: Settings) -> None:
+    path = "/srv/togather/staging/snapshots/x y.dump"
+    assert cmd.restore_command(settings, path) == (
+        f"{PG_ENV} pg_restore --clean --if-exists --no-owner --exit-on-error "
+        "--single-transaction '/srv/togather/staging/snapshots/x y.dump'")
+    assert "--dbname=scratch " in cmd.restore_command(settings, path, "scratch")
+
+
+# --- the database connection without its password -----------------------------------------------
+
+
+def test_pg_env_is_exact_and_has_no_password(settings: Settings) -> None:
+    assert cmd.pg_env(settings) == PG_ENV
+
+
+def test_pg_env_uses_the_deploy_database_url(settings: Settings) -> None:
+    s = dataclasses.replace(settings, secrets={
+        **settings.secrets, "DEPLOY_DATABASE_URL": "postgres://admin:pw99@127.0.0.1/other"})
+    assert "PGHOST=127.0.0.1 PGPORT=5432 PGUSER=admin PGDATABASE=other" in cmd.pg_env(s)
+
+
+def test_passwordless_url_is_exact(settings: Settings) -> None:
+    assert cmd.passwordless_url(settings) == URL_NO_PASSWORD
+
+
+def test_passwordless_url_quotes_user_and_database(settings: Settings) -> None:
+    s = with_url(settings, "postgresql://app%20user:pw%40x@db/my%20db%2Fx")
+    assert cmd.passwordless_url(s) == "postgres://app%20user@db:5432/my%20db%2Fx?sslmode=disable"
+
+
+def test_passwordless_url_keeps_ipv6_brackets(settings: Settings) -> None:
+    s = with_url(settings, "postgres://app:pw12@[::1]:5432/app")
+    assert cmd.passwordless_url(s) == "postgres://app@[::1]:5432/app?sslmode=disable"
+
+
+def test_password_in_the_url_query_stays_off_the_command_line(settings: Settings) -> None:
+    s = with_url(settings, "postgres://app@db/app?password=qu3ry-s3cret&sslmode=disable")
+    assert "qu3ry-s3cret" not in cmd.migrate_command(s, "/m")
+
+
+@pytest.mark.parametrize("url, line", [
+    ("postgres://app:simple@db:5432/app", "db:5432:app:app:simple\n"),
+    ("postgres://app:a%3Ab%5Cc@db/app", "db:5432:app:app:a\\:b\\\\c\n"),
+    ("postgres://us%3Aer:pw@db/d%3Ab", "db:5432:d\\:b:us\\:er:pw\n"),
+    ("postgres://app:pw@[::1]:6432/app", "\\:\\:1:6432:app:app:pw\n"),
+])
+def test_pgpass_line_escapes_colon_and_backslash(url: str, line: str) -> None:
+    assert cmd.pgpass_line(url) == line
+
+
+def test_pgpass_line_holds_the_decoded_password(settings: Settings) -> None:
+    assert cmd.pgpass_line(settings.migrate_database_url) == (
+        "db.internal:5433:togather_staging:togather_app:p@ss\\:w%rd/s3cr3t\n")
+
+
+# --- migrations --------------------------------------------------------------------------------
+
+
+def test_dbmate_command_is_exact(settings: Settings) -> None:
+    assert cmd.migrate_command(settings, "/srv/r/db/migrations") == (
+        f"{PG_ENV} timeout --kill-after=10 300 dbmate --url '{URL_NO_PASSWORD}' "
+        "--migrations-dir /srv/r/db/migrations --no-dump-schema --wait --wait-timeout 10s up")
+
+
+def test_golang_migrate_command_is_exact(settings: Settings) -> None:
+    s = with_database(settings, migration_tool="golang-migrate", migration_timeout=120)
+    assert cmd.migrate_command(s, "/srv/r/db/migrations") == (
+        f"{PG_ENV} timeout --kill-after=10 120 migrate -path /srv/r/db/migrations "
+        f"-database '{URL_NO_PASSWORD}' up")
+
+
+def test_custom_migration_command_is_quoted(settings: Settings) -> None:
+    s = with_database(settings, migration_tool="custom",
+                      migration_command="./bin/migrate --to 'latest' && echo $PGHOST")
+    command = cmd.migrate_command(s, "/srv/r/it's db")
+    assert command == (f"cd '/srv/r/it'\"'\"'s db' && {PG_ENV} timeout --kill-after=10 300 "
+                       "sh -c './bin/migrate --to '\"'\"'latest'\"'\"' && echo $PGHOST'")
+    assert shlex.split(command)[-1] == "./bin/migrate --to 'latest' && echo $PGHOST"
+
+
+def test_no_migration_command_for_tool_none(settings: Settings) -> None:
+    with pytest.raises(ValueError):
+        cmd.migrate_command(with_database(settings, migration_tool="none"), "/m")
+
+
+@pytest.mark.parametrize("tool, binary", [
+    ("dbmate", "dbmate"), ("golang-migrate", "migrate"), ("custom", None), ("none", None)])
+def test_migration_tool_binary(tool: str, binary: str | None) -> None:
+    assert cmd.migration_tool_binary(tool) == binary
+
+
+DBMATE_OUTPUT = """\
+Waiting for database...
+Applying: 20260101000001_create_events.sql
+Applied: 20260101000001_create_events.sql in 12.3ms
+Applying: 20260102000000_add_index.sql
+Applied: 20260102000000_add_index.sql in 4.1ms
+"""
+MIGRATE_OUTPUT = """\
+20260101000001/u create_events (12.3ms)
+20260102000000/u add_index (20.1ms)
+20260103000000/u add_column (3.2ms)
+"""
+
+
+@pytest.mark.parametrize("tool, output, count", [
+    ("dbmate", DBMATE_OUTPUT, 2),
+    ("dbmate", "Waiting for database...\n", 0),
+    ("dbmate", MIGRATE_OUTPUT, 0),
+    ("golang-migrate", MIGRATE_OUTPUT, 3),
+    ("golang-migrate", "no change\n", 0),
+    ("golang-migrate", DBMATE_OUTPUT, 0),
+    ("golang-migrate", "20260101000001/d drop (1ms)\n", 0),
+    ("custom", DBMATE_OUTPUT, 0),
+])
+def test_count_applied(tool: str, output: str, count: int) -> None:
+    assert cmd.count_applied(tool, output) == count
+
+
+def test_dirty_check_command(settings: Settings) -> None:
+    command = cmd.dirty_check_command(settings)
+    assert shlex.quote("SELECT to_regclass('schema_migrations') IS NOT NULL") in command
+    assert shlex.quote("SELECT version, dirty FROM schema_migrations LIMIT 1") in command
+    assert f"{PG_ENV} psql -X -A -t -v ON_ERROR_STOP=1" in command
+
+
+# --- secrets never in a command line --------------------------------------------------------------
+
+
+def test_no_secret_in_any_generated_command(settings: Settings) -> None:
+    for command in every_command(settings):
+        for secret in SECRET_FORMS:
+            assert secret not in command, (secret, command)
+
+
+def test_no_password_in_commands_for_a_deploy_database_url(project: Project) -> None:
+    project.write_env("staging", DEPLOY_DATABASE_URL="postgres://admin:d3ploy%2Fpw@10.0.0.5/db")
+    s = project.load("staging")
+    for command in every_command(s):
+        assert "d3ploy" not in command
+
+
+# --- app.env for docker compose -------------------------------------------------------------------
+
+
+def compose_closing_quote(quoted: str) -> int:
+    """Where Compose's env-file parser (compose-go dotenv) ends a quoted value: at the first
+    quote character that a backslash does not escape (a backslash escapes the next character,
+    itself included; checked against Compose 2.40 for both quote kinds)."""
+    i = 1
+    while i < len(quoted):
+        if quoted[i] == "\\":
+            i += 2
+            continue
+        if quoted[i] == quoted[0]:
+            return i
+        i += 1
+    return -1
+
+
+@pytest.mark.parametrize("value, written", [
+    ("plain", "'plain'"),
+    ("", "''"),
+    ("$HOME ${X} $(id) `id` \"dq\"", "'$HOME ${X} $(id) `id` \"dq\"'"),
+    ("back\\slash $X", '"back\\\\slash $$X"'),
+    ("it's", '"it\'s"'),
+    ("it's $HOME", '"it\'s $$HOME"'),
+    ("line1\nline2", '"line1\\nline2"'),
+    ("cr\r\nlf", '"cr\\r\\nlf"'),
+    ("it's \"x\" \\ y", '"it\'s \\"x\\" \\\\ y"'),
+    ("ünï ✓", "'ünï ✓'"),
+])
+def test_dotenv_quote(value: str, written: str) -> None:
+    assert cmd.dotenv_quote(value) == written
+
+
+@pytest.mark.parametrize("value", [
+    "plain",
+    "it's \"quoted\"",
+    "a\\b",
+    "multi\nline's",
+    "ends-with-backslash\\",
+    "it's\\",
+])
+def test_dotenv_quote_ends_where_compose_ends_it(value: str) -> None:
+    written = cmd.dotenv_quote(value)
+    assert compose_closing_quote(written) == len(written) - 1
+
+
+def test_app_env_file_is_sorted_and_quoted() -> None:
+    assert cmd.app_env_file({"B": "it's", "A": "x y", "C": "$(id)"}) == (
+        "A='x y'\nB=\"it's\"\nC='$(id)'\n")
+
+
+def test_app_env_file_has_one_line_per_variable_even_for_multiline_values() -> None:
+    text = cmd.app_env_file({"KEY": "-----BEGIN-----\nabc\n-----END-----", "N": "1"})
+    assert text.count("\n") == 2

@@ -1,0 +1,331 @@
+"""StateStore over LocalHost in a temporary directory: the compare-and-swap, the lock, and
+shell quoting of the directory name. Runs `sh`, `flock` and `sha256sum` locally."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import socket
+import subprocess
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from togather_tasks.errors import ExitCode, LockHeldError, StateError
+from togather_tasks.hosts import LocalHost
+from togather_tasks.lock import Operator
+from togather_tasks.state import State, new_deployment, parse_iso
+from togather_tasks.store import (
+    ABSENT,
+    CAS_CONFLICT,
+    StateConflict,
+    StateStore,
+    cas_script,
+    read_script,
+)
+from togather_tasks.ulid import new_id
+
+T0 = datetime(2026, 1, 28, 15, 0, tzinfo=UTC)
+HOSTNAME = socket.gethostname()
+
+
+def operator(email: str = "alice@example.com", pid: int | None = None) -> Operator:
+    return Operator(email=email, hostname=HOSTNAME, pid=os.getpid() if pid is None else pid)
+
+
+class Clock:
+    def __init__(self, now: datetime = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def make_store(directory: Path, clock: Clock | None = None) -> StateStore:
+    return StateStore(LocalHost(), str(directory), "staging", clock=clock or Clock())
+
+
+def acquire(store: StateStore, who: Operator | None = None, **kw):
+    kw.setdefault("process_alive", lambda _pid: True)
+    return store.acquire(who or operator(), deployment_id=new_id("dep"), operation="deploy",
+                         timeout_minutes=30, **kw)
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "srv" / "staging"
+
+
+def test_reading_an_absent_file_gives_the_empty_state(state_dir: Path) -> None:
+    snap = make_store(state_dir).read()
+    assert snap.token == ABSENT
+    assert snap.state == State.empty("staging")
+    assert not state_dir.exists()
+
+
+def test_write_creates_the_directory_and_the_file(state_dir: Path) -> None:
+    store = make_store(state_dir)
+    token = store.write(State.empty("staging"), ABSENT)
+    content = (state_dir / "deployment-state.json").read_bytes()
+    assert token == hashlib.sha256(content).hexdigest()
+    assert store.read().token == token
+    assert leftovers(state_dir) == []
+
+
+def test_write_with_the_current_token_succeeds(state_dir: Path) -> None:
+    store = make_store(state_dir)
+    store.write(State.empty("staging"), ABSENT)
+    snap = store.read()
+    locked = snap.state.with_lock({"locked": False, "note": 1})
+    new_token = store.write(locked, snap.token)
+    assert new_token != snap.token
+    assert store.read().state.lock == {"locked": False, "note": 1}
+
+
+def test_write_with_a_stale_token_conflicts_and_leaves_the_file(state_dir: Path) -> None:
+    store = make_store(state_dir)
+    store.write(State.empty("staging"), ABSENT)
+    stale = store.read().token
+    store.write(State.empty("staging").with_lock({"locked": False, "v": 2}), stale)
+    before = (state_dir / "deployment-state.json").read_bytes()
+    with pytest.raises(StateConflict):
+        store.write(State.empty("staging").with_lock({"locked": False, "v": 3}), stale)
+    assert (state_dir / "deployment-state.json").read_bytes() == before
+    assert leftovers(state_dir) == []
+
+
+def test_write_expecting_absent_conflicts_when_the_file_exists(state_dir: Path) -> None:
+    store = make_store(state_dir)
+    store.write(State.empty("staging"), ABSENT)
+    with pytest.raises(StateConflict):
+        store.write(State.empty("staging"), ABSENT)
+
+
+def test_written_file_is_not_world_readable(state_dir: Path) -> None:
+    make_store(state_dir).write(State.empty("staging"), ABSENT)
+    assert (state_dir / "deployment-state.json").stat().st_mode & 0o007 == 0
+
+
+def test_update_applies_the_change(state_dir: Path) -> None:
+    store = make_store(state_dir)
+    store.update(lambda s: s.with_lock({"locked": False, "n": 1}))
+    store.update(lambda s: s.with_lock({"locked": False, "n": s.lock["n"] + 1}))
+    assert store.read().state.lock["n"] == 2
+
+
+def test_acquire_writes_the_lock(state_dir: Path) -> None:
+    store = make_store(state_dir)
+    lock, decision = acquire(store)
+    assert decision.acquire and decision.replaced is None
+    on_disk = store.read().state.lock
+    assert on_disk == lock
+    assert on_disk["locked_by"] == "alice@example.com"
+    assert on_disk["locked_at"] == "2026-01-28T15:00:00Z"
+    assert store.holds(lock["lock_id"])
+
+
+def test_second_acquire_is_refused_naming_the_holder(state_dir: Path) -> None:
+    store = make_store(state_dir)
+    acquire(store, operator("alice@example.com"))
+    with pytest.raises(LockHeldError) as info:
+        acquire(make_store(state_dir), operator("bob@example.com"))
+    assert info.value.exit_code == ExitCode.LOCK_HELD == 3
+    assert "alice@example.com" in info.value.message
+    assert "lock.release" in info.value.hint
+
+
+def test_acquire_takes_over_an_expired_lock(state_dir: Path) -> None:
+    old, _ = acquire(make_store(state_dir), operator("alice@example.com"))
+    later = make_store(state_dir, Clock(T0 + timedelta(minutes=31)))
+    lock, decision = acquire(later, operator("bob@example.com"))
+    assert decision.replaced["lock_id"] == old["lock_id"]
+    assert later.read().state.lock["lock_id"] == lock["lock_id"]
+
+
+def test_acquire_takes_over_a_lock_whose_local_holder_is_gone(state_dir: Path) -> None:
+    old, _ = acquire(make_store(state_dir), operator(pid=999_999))
+    _, decision = acquire(make_store(state_dir), process_alive=lambda pid: pid != 999_999)
+    assert decision.replaced["lock_id"] == old["lock_id"]
+
+
+def test_force_breaks_a_live_lock(state_dir: Path) -> None:
+    old, _ = acquire(make_store(state_dir), operator("alice@example.com"))
+    store = make_store(state_dir)
+    lock, decision = acquire(store, operator("bob@example.com"), force=True)
+    assert decision.replaced["lock_id"] == old["lock_id"]
+    assert store.read().state.lock["locked_by"] == "bob@example.com"
+
+
+def test_release_by_lock_id(state_dir: Path) -> None:
+    store = make_store(state_dir)
+    lock, _ = acquire(store)
+    released = store.release(lock["lock_id"])
+    assert released["lock_id"] == lock["lock_id"]
+    assert store.read().state.lock == {"locked": False}
+    acquire(make_store(state_dir), operator("bob@example.com"))
+
+
+def test_release_of_someone_elses_lock_without_force_does_nothing(state_dir: Path) -> None:
+    store = make_store(state_dir)
+    lock, _ = acquire(store)
+    assert store.release(new_id("lock")) is None
+    assert store.read().state.lock == lock
+
+
+def test_release_with_force_frees_any_lock(state_dir: Path) -> None:
+    store = make_store(state_dir)
+    lock, _ = acquire(store)
+    assert make_store(state_dir).release(None, force=True)["lock_id"] == lock["lock_id"]
+    assert store.read().state.lock == {"locked": False}
+
+
+def test_release_when_free_returns_none(state_dir: Path) -> None:
+    assert make_store(state_dir).release(new_id("lock")) is None
+
+
+def test_renew_pushes_the_expiry(state_dir: Path) -> None:
+    clock = Clock()
+    store = make_store(state_dir, clock)
+    lock, _ = acquire(store)
+    clock.now = T0 + timedelta(minutes=20)
+    assert store.renew(lock["lock_id"], 30) is True
+    assert parse_iso(store.read().state.lock["lock_expires_at"]) == T0 + timedelta(minutes=50)
+
+
+def test_renew_of_a_lock_that_is_not_ours_changes_nothing(state_dir: Path) -> None:
+    store = make_store(state_dir)
+    lock, _ = acquire(store)
+    assert store.renew(new_id("lock"), 90) is False
+    assert store.read().state.lock == lock
+
+
+def test_lock_changes_keep_the_deployments(state_dir: Path) -> None:
+    store = make_store(state_dir)
+    d = new_deployment(deployment_id=new_id("dep"), git_commit="a" * 40,
+                       deployed_by="ops@example.com", slot="blue", image="img:aaaaaaa", at=T0)
+    store.update(lambda s: s.record_success(d, 20))
+    lock, _ = acquire(store)
+    store.renew(lock["lock_id"], 30)
+    store.release(lock["lock_id"])
+    state = store.read().state
+    assert state.current["id"] == d["id"]
+    assert [e["id"] for e in state.history] == [d["id"]]
+
+
+@pytest.mark.parametrize("content", [b'{"environment": "staging", "current_deploy', b"",
+                                     b"\xff\xfe not text"])
+def test_corrupt_state_file_is_an_error_and_is_not_overwritten(state_dir: Path,
+                                                               content: bytes) -> None:
+    state_dir.mkdir(parents=True)
+    path = state_dir / "deployment-state.json"
+    path.write_bytes(content)
+    store = make_store(state_dir)
+    with pytest.raises(StateError):
+        store.read()
+    with pytest.raises(StateError):
+        acquire(store)
+    assert path.read_bytes() == content
+
+
+def test_state_file_of_another_environment_is_refused(state_dir: Path) -> None:
+    StateStore(LocalHost(), str(state_dir), "production").write(State.empty("production"),
+                                                                ABSENT)
+    with pytest.raises(StateError, match="belongs to environment 'production'"):
+        make_store(state_dir).read()
+
+
+def test_concurrent_acquires_let_exactly_one_win(state_dir: Path) -> None:
+    contenders = 8
+    barrier = threading.Barrier(contenders)
+    won: list[str] = []
+    refused: list[LockHeldError] = []
+    other: list[BaseException] = []
+
+    def contend(i: int) -> None:
+        store = make_store(state_dir)
+        barrier.wait()
+        try:
+            lock, _ = acquire(store, operator(f"op{i}@example.com"))
+            won.append(lock["locked_by"])
+        except LockHeldError as exc:
+            refused.append(exc)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            other.append(exc)
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(contenders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert other == []
+    assert len(won) == 1
+    assert len(refused) == contenders - 1
+    assert make_store(state_dir).read().state.lock["locked_by"] == won[0]
+    assert leftovers(state_dir) == []
+
+
+# --- shell quoting -------------------------------------------------------------------------
+
+HOSTILE_DIR_NAMES = ["it's a dir", "$(touch pwned) `touch pwned`", 'semi;colon && "dq"',
+                     "-rf *?[x] ünïcödé"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_DIR_NAMES)
+def test_hostile_directory_names_work_end_to_end(tmp_path: Path, name: str) -> None:
+    directory = tmp_path / name / "state"
+    store = make_store(directory)
+    lock, _ = acquire(store)
+    assert (directory / "deployment-state.json").is_file()
+    assert store.read().state.lock["lock_id"] == lock["lock_id"]
+    assert store.release(lock["lock_id"])["lock_id"] == lock["lock_id"]
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def run_sh(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", "-c", script], cwd=cwd, capture_output=True, text=True,
+                          timeout=30, check=False)
+
+
+def test_read_script_prints_absent_for_a_missing_file(tmp_path: Path) -> None:
+    result = run_sh(read_script(str(tmp_path / "it's missing.json")), tmp_path)
+    assert result.stdout == f"{ABSENT}\n"
+
+
+def test_read_script_prints_hash_marker_and_content(tmp_path: Path) -> None:
+    path = tmp_path / "a 'b' $(c).json"
+    path.write_text('{"x": 1}\n')
+    token, marker, body = run_sh(read_script(str(path)), tmp_path).stdout.split("\n", 2)
+    assert token == hashlib.sha256(b'{"x": 1}\n').hexdigest()
+    assert marker == "--togather-state--"
+    assert body == '{"x": 1}\n'
+
+
+def test_cas_script_quotes_every_path() -> None:
+    script = cas_script("/srv/it's dir", "/srv/it's dir/state.json", "/srv/it's dir/.t.tmp",
+                        ABSENT)
+    for value in ("/srv/it's dir", "/srv/it's dir/state.json", "/srv/it's dir/.t.tmp"):
+        assert shlex.quote(value) in script
+
+
+def test_cas_script_replaces_only_when_the_hash_matches(tmp_path: Path) -> None:
+    directory = tmp_path / "d 'q'"
+    directory.mkdir()
+    state_file, tmp = directory / "state.json", directory / ".new.tmp"
+    state_file.write_text("old\n")
+    tmp.write_text("new\n")
+    wrong = run_sh(cas_script(str(directory), str(state_file), str(tmp), "0" * 64), tmp_path)
+    assert wrong.returncode == CAS_CONFLICT
+    assert state_file.read_text() == "old\n" and not tmp.exists()
+    tmp.write_text("new\n")
+    right = hashlib.sha256(b"old\n").hexdigest()
+    ok = run_sh(cas_script(str(directory), str(state_file), str(tmp), right), tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert state_file.read_text() == "new\n" and not tmp.exists()
