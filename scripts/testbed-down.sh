@@ -42,7 +42,7 @@ stop() {
     local name=$1 pidfile=$2 comm=$3 match=$4 wait_s=$5 pid i
     if ! pid=$(live_pid "$pidfile" "$comm" "$match"); then
         rm -f "$pidfile"
-        status "$name" "not running"
+        status "$name" "not running under testbed-up (nothing to stop)"
         return 0
     fi
     kill -TERM "$pid" 2>/dev/null || true
