@@ -194,10 +194,11 @@ def snapshot_command(settings: Settings, path: str) -> str:
 
 
 def restore_command(settings: Settings, path: str, dbname: str | None = None) -> str:
-    """Restore a snapshot into the environment's database (or `dbname`), replacing objects."""
-    target = f"--dbname={q(dbname)} " if dbname else ""
+    """Restore a snapshot into the environment's database (or `dbname`), replacing its
+    objects, in one transaction: on any error nothing changes."""
+    target = dbname or database_parts(settings.migrate_database_url)["dbname"]
     return (f"{pg_env(settings)} pg_restore --clean --if-exists --no-owner --exit-on-error "
-            f"--single-transaction {target}{q(path)}")
+            f"--single-transaction --dbname={q(target)} {q(path)}")
 
 
 def migrate_command(settings: Settings, migrations_dir: str) -> str:

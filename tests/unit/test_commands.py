@@ -148,7 +148,8 @@ def test_restore_command(settings: Settings) -> None:
     path = "/srv/togather/staging/snapshots/x y.dump"
     assert cmd.restore_command(settings, path) == (
         f"{PG_ENV} pg_restore --clean --if-exists --no-owner --exit-on-error "
-        "--single-transaction '/srv/togather/staging/snapshots/x y.dump'")
+        "--single-transaction --dbname=togather_staging "
+        "'/srv/togather/staging/snapshots/x y.dump'")
     assert "--dbname=scratch " in cmd.restore_command(settings, path, "scratch")
 
 
