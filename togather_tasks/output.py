@@ -78,6 +78,11 @@ class Console:
     def warn(self, text: str) -> None:
         print(self.redactor(f"warning: {text}"), file=self.err, flush=True)
 
+    def note(self, text: str) -> None:
+        """Context for an error, on stderr, without the `error:` prefix (one error line per
+        failure keeps scripts and eyes on the real message)."""
+        print(self.redactor(text), file=self.err, flush=True)
+
     def error(self, text: str) -> None:
         print(self.redactor(f"error: {text}"), file=self.err, flush=True)
 

@@ -99,6 +99,7 @@ class Deploy:
         self.switched = False
         self.new_slot_started = False
         self.release_dir = ""
+        self.upcoming = "lock"
 
     @property
     def migrations_enabled(self) -> bool:
@@ -122,6 +123,7 @@ class Deploy:
         try:
             for step in (self.build, self.snapshot, self.migrate, self.start, self.health,
                          self.switch, self.record, self.finish):
+                self.upcoming = step.__name__
                 pause_if_requested(step.__name__)
                 self.renew_lock_if_due()
                 step()
@@ -420,7 +422,7 @@ class Deploy:
         return record
 
     def fail(self, exc: BaseException) -> None:
-        step = self.progress.current or "?"
+        step = self.progress.current or f"before {self.upcoming}"
         console = self.s.console
         if not self.switched and self.new_slot_started:
             for host in self.s.all_hosts:
@@ -442,8 +444,7 @@ class Deploy:
         done = ", ".join(self.progress.completed) or "nothing"
         where = "traffic was not switched: the old version keeps serving" if not self.switched \
             else f"traffic is on {self.new_slot} ({self.sha7})"
-        console.error(f"deploy failed at step '{step}': {message}")
-        console.print(f"  done before the failure: {done}; {where}.")
+        console.note(f"deploy failed ({step}). Done before the failure: {done}; {where}.")
         self.s.audit(operation="deploy", deployment_id=self.deployment_id, version=self.sha7,
                      result="failed", step=step)
         hooks.run_hook(self.settings.root, "on-failure",

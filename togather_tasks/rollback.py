@@ -203,7 +203,7 @@ class Rollback:
         self.notify("rolled_back")
 
     def fail(self, exc: BaseException) -> None:
-        step = self.progress.current or "?"
+        step = self.progress.current or "before the first step"
         if not self.switched and self.started_slot:
             for host in self.s.all_hosts:
                 try:
@@ -211,10 +211,9 @@ class Rollback:
                 except TogatherError as stop_exc:
                     self.s.console.warn(stop_exc.message)
         message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-        self.s.console.error(f"rollback failed at step '{step}': {message}")
         where = "traffic was not switched: the current version keeps serving" \
             if not self.switched else f"traffic is on {self.slot}"
-        self.s.console.print(f"  {where}.")
+        self.s.console.note(f"rollback failed ({step}); {where}.")
         self.s.audit(operation="rollback", deployment_id=self.target.get("id"),
                      version=self.target.get("version"), result="failed", step=step)
         hooks.run_hook(self.settings.root, "on-failure",
