@@ -163,10 +163,13 @@ def passwordless_url(settings: Settings) -> str:
 
 
 def upstream_conf(settings: Settings, slot: str) -> str:
+    """The active slot for nginx. The backend is a name resolved through Docker's DNS at
+    request time (resolver in nginx.conf), so a slot container restarted with a new address
+    keeps receiving traffic without a reload."""
     return (
         "# Written by togather-tasks: the active slot.\n"
-        "upstream togather_app {\n"
-        f"    server {service(slot)}:{settings.app_port} max_fails=0;\n"
+        'map "" $togather_backend {\n'
+        f"    default {service(slot)}:{settings.app_port};\n"
         "}\n"
         'map "" $togather_slot {\n'
         f"    default {slot};\n"

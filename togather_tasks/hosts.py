@@ -13,6 +13,7 @@ Hardening over plain Fabric:
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -49,6 +50,8 @@ LOCAL = "local"
 CONNECT_TIMEOUT = 15
 KEEPALIVE_SECONDS = 15
 DEFAULT_COMMAND_TIMEOUT = 600
+IDLE_PROBE_SECONDS = 5
+IDLE_PROBE_TIMEOUT = 10
 
 
 @dataclass
@@ -268,6 +271,7 @@ class RemoteHost(Host):
         self._accept_new = accept_new_host_key
         _harden(self._conn, accept_new_host_key)
         self._opened = 0
+        self._last_used = 0.0
         self._sftp: paramiko.SFTPClient | None = None
 
     @property
@@ -279,8 +283,14 @@ class RemoteHost(Host):
         return self._opened
 
     def _ensure_open(self) -> None:
-        if self._conn.is_connected:
+        if self._conn.is_connected and not self._stale():
+            self._last_used = time.monotonic()
             return
+        if self._conn.is_connected:
+            # Idle for a while (a pause, a drain, a long wait) and found dead by a probe:
+            # reconnect before running anything, so no command is lost to a dead connection.
+            with contextlib.suppress(Exception):
+                self._conn.close()
         self._sftp = None
         try:
             self._conn.open()
@@ -307,9 +317,25 @@ class RemoteHost(Host):
             raise HostUnreachableError(
                 f"cannot reach {self.name} ({self.address}): {reason}") from None
         self._opened += 1
+        self._last_used = time.monotonic()
         transport = self._conn.transport
         if transport is not None:
             transport.set_keepalive(KEEPALIVE_SECONDS)
+
+    def _stale(self) -> bool:
+        """After IDLE_PROBE_SECONDS without use, check the connection with a no-op command;
+        True when it is dead (the transport often learns of a cut only when it is used)."""
+        if time.monotonic() - self._last_used < IDLE_PROBE_SECONDS:
+            return False
+        try:
+            channel = self._conn.transport.open_session(timeout=IDLE_PROBE_TIMEOUT)
+            channel.settimeout(IDLE_PROBE_TIMEOUT)
+            channel.exec_command("true")
+            alive = channel.recv_exit_status() == 0
+            channel.close()
+            return not alive
+        except Exception:  # noqa: BLE001 - any failure of the probe means: reconnect
+            return True
 
     def _run(self, command: str, timeout: float | None) -> Result:
         self._ensure_open()
@@ -321,8 +347,13 @@ class RemoteHost(Host):
                 f"command timed out after {exc.timeout:g} s on {self.name}") from None
         except (OSError, paramiko.SSHException, EOFError, ThreadException) as exc:
             raise HostError(f"connection to {self.name} lost: {_one_line(exc)}") from None
-        return Result(command, r.exited if r.exited is not None else -1, r.stdout, r.stderr,
-                      0.0)
+        if r.exited is None or r.exited < 0:
+            # The channel closed without an exit status (paramiko reports -1; a real exit
+            # status is 0-255): the connection went away mid-command.
+            raise HostError(f"connection to {self.name} lost while a command was running "
+                            f"({_summary(command)}); its outcome on the host is unknown",
+                            hint="Every step is safe to run again: retry the operation.")
+        return Result(command, r.exited, r.stdout, r.stderr, 0.0)
 
     def _sftp_client(self) -> paramiko.SFTPClient:
         self._ensure_open()
@@ -417,6 +448,18 @@ def connect(name: str, observer: CommandObserver | None = None, *,
         return LocalHost(observer)
     return RemoteHost(name, observer, accept_new_host_key=accept_new_host_key,
                       ssh_config_path=os.environ.get("TOGATHER_SSH_CONFIG"))
+
+
+def _summary(command: str) -> str:
+    """The program a command line runs, for messages (`dbmate`, `docker compose`)."""
+    words = command.split()
+    for i, word in enumerate(words):
+        if "=" in word or word in ("timeout", "sh", "&&") or word.startswith("-") \
+                or word.isdigit():
+            continue
+        following = words[i + 1] if i + 1 < len(words) else ""
+        return f"{word} {following}" if following.isalpha() and following.islower() else word
+    return "command"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -379,7 +379,10 @@ class Deploy:
     def switch(self) -> None:
         with self.progress.step("switch", f"nginx -> {self.new_slot}") as note:
             for host in self.s.all_hosts:
-                slots.switch_traffic(self.settings, host, self.target())
+                if slots.switch_traffic(self.settings, host, self.target()) == "recreated":
+                    self.s.console.warn(f"{host.name}: the proxy ran an older image (package "
+                                        "upgrade) and was recreated: connections were refused "
+                                        "for about a second")
             self.switched = True
             hooks.run_hook(self.settings.root, "post-switch", self.hook_values("switched"),
                            self.s.console)

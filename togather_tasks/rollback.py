@@ -159,7 +159,9 @@ class Rollback:
     def switch(self) -> None:
         with self.progress.step("switch", f"nginx -> {self.slot}") as note:
             for host in self.s.all_hosts:
-                slots.switch_traffic(self.settings, host, self.slot_target())
+                if slots.switch_traffic(self.settings, host, self.slot_target()) == "recreated":
+                    self.s.console.warn(f"{host.name}: the proxy ran an older image and was "
+                                        "recreated")
             self.switched = True
             self.traffic_seconds = time.monotonic() - self.started
             note(f"traffic on {self.slot} ({self.target['version']}) after "

@@ -156,19 +156,30 @@ def read_upstream(settings: Settings, host: Host) -> str:
     return host.run(f"cat {q(layout.upstream_file)} 2>/dev/null || true", timeout=30).stdout
 
 
-def apply_proxy_config(settings: Settings, host: Host) -> None:
-    """nginx -t then a graceful reload; or start the proxy if it is not running (first
-    deploy). Raises CommandError with nginx's own message when the test fails."""
+def apply_proxy_config(settings: Settings, host: Host) -> str:
+    """`nginx -t` and a graceful reload in one round trip. If that fails: start the proxy when
+    it is not running (first deploy, host rebooted), recreate it when it runs an older proxy
+    image (the package was upgraded), else raise CommandError with nginx's own message.
+    Returns what happened: reloaded, started or recreated."""
+    result = host.run(cmd.compose(settings, "exec", "-T", "proxy", "sh", "-c",
+                                  q("nginx -t -q && nginx -s reload")), timeout=60, check=False)
+    if result.ok:
+        return "reloaded"
     running = host.run(cmd.compose(settings, "ps", "--quiet", "--status", "running", "proxy"),
-                       timeout=60, check=False).stdout.strip()
+                       timeout=60, check=False).stdout.split()
     if not running:
         host.run(cmd.compose(settings, "up", "--detach", "--no-deps", "proxy"), timeout=300,
                  what="starting the nginx proxy")
-        return
-    host.run(cmd.compose(settings, "exec", "-T", "proxy", "nginx", "-t", "-q"), timeout=60,
-             what="nginx -t (configuration test)")
-    host.run(cmd.compose(settings, "exec", "-T", "proxy", "nginx", "-s", "reload"), timeout=60,
-             what="nginx graceful reload")
+        return "started"
+    image = host.run(f"docker inspect --format '{{{{.Config.Image}}}}' {q(running[0])}",
+                     timeout=60, check=False).stdout.strip()
+    if image and image != cmd.proxy_image_ref():
+        host.run(cmd.compose(settings, "up", "--detach", "--no-deps", "--force-recreate",
+                             "proxy"), timeout=300, what="recreating the nginx proxy")
+        return "recreated"
+    detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+    raise CommandError(f"nginx -t (configuration test) or reload failed on {host.name}: "
+                       f"{detail}", exit_status=result.exit_status)
 
 
 def proxy_address(settings: Settings) -> str:
@@ -214,15 +225,16 @@ def verify_proxy(settings: Settings, host: Host, target: SlotTarget) -> str | No
     return last
 
 
-def switch_traffic(settings: Settings, host: Host, target: SlotTarget) -> None:
+def switch_traffic(settings: Settings, host: Host, target: SlotTarget) -> str:
     """Write the upstream for the new slot, test, reload, verify; on any failure put the old
-    upstream back so traffic stays on (or returns to) the old slot."""
+    upstream back so traffic stays on (or returns to) the old slot. Returns how the proxy
+    took the change (see apply_proxy_config)."""
     layout = cmd.Layout(settings.remote_dir)
     previous = read_upstream(settings, host)
     host.write_file(layout.upstream_file, cmd.upstream_conf(settings, target.slot).encode(),
                     mode=0o644)
     try:
-        apply_proxy_config(settings, host)
+        how = apply_proxy_config(settings, host)
         seen = verify_proxy(settings, host, target)
         if seen is not None:
             raise HealthCheckError(
@@ -235,6 +247,7 @@ def switch_traffic(settings: Settings, host: Host, target: SlotTarget) -> None:
         raise HealthCheckError(f"switching traffic to {target.slot} failed: {exc.message}",
                                hint="The previous nginx upstream was restored; traffic stays "
                                     "on the old slot.") from None
+    return how
 
 
 def restore_upstream(settings: Settings, host: Host, previous: str) -> None:

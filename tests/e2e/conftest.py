@@ -30,12 +30,12 @@ import contextlib
 import copy
 import functools
 import http.client
+import ipaddress
 import json
 import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -115,10 +115,9 @@ def testbed_problems() -> tuple[str, ...]:
                  ["docker", "image", "inspect", "debian:bookworm-slim"]):
         if problem := _probe(args):
             problems.append(problem)
-    if not problems or os.geteuid() == 0:
-        if problem := _probe(["runuser", "-u", "postgres", "--", "psql", "-X", "-Atc",
-                              "SELECT 1"]):
-            problems.append(problem)
+    if os.geteuid() == 0 and (problem := _probe(["runuser", "-u", "postgres", "--", "psql",
+                                                  "-X", "-Atc", "SELECT 1"])):
+        problems.append(problem)
     for env in HOST_FOR_ENV:
         if not (TESTBED_ENV_DIR / f".env.{env}").is_file():
             problems.append(f"{TESTBED_ENV_DIR / f'.env.{env}'} is missing")
@@ -717,6 +716,43 @@ class DemoApp:
         return problems
 
 
+def docker_subnets() -> list[ipaddress.IPv4Network]:
+    ids = run(["docker", "network", "ls", "-q"]).stdout.split()
+    if not ids:
+        return []
+    out = run(["docker", "network", "inspect", "--format",
+               "{{range .IPAM.Config}}{{.Subnet}} {{end}}", *ids]).stdout
+    nets = []
+    for text in out.split():
+        with contextlib.suppress(ValueError):
+            net = ipaddress.ip_network(text, strict=False)
+            if net.version == 4:
+                nets.append(net)
+    return nets
+
+
+def pin_project_network(project: str) -> None:
+    """Create the compose project's default network with a /24 in 172.16.0.0/16, labelled as
+    Compose labels its own (Compose then uses it as is and removes it on `down`).
+
+    Why: the test bed's pg_hba.conf admits containers from 172.16.0.0/12 only, but Docker hands
+    out default-network subnets round-robin (172.17-31.0.0/16, then 192.168.x.0/20) without
+    reusing freed ones at once, so after ~15 networks since dockerd started, an app container
+    gets a 192.168 address and cannot reach PostgreSQL (its health gate fails for reasons that
+    have nothing to do with the package). 172.16.0.0/16 is outside Docker's default pools."""
+    taken = docker_subnets()
+    rng = secrets.SystemRandom()
+    for _ in range(200):
+        candidate = ipaddress.ip_network(f"172.16.{rng.randint(1, 254)}.0/24")
+        if not any(candidate.overlaps(net) for net in taken):
+            break
+    else:
+        raise RuntimeError("no free /24 in 172.16.0.0/16 for the project network")
+    run(["docker", "network", "create", "--subnet", str(candidate),
+         "--label", f"com.docker.compose.project={project}",
+         "--label", "com.docker.compose.network=default", f"{project}_default"])
+
+
 def _testbed_secrets(env: str) -> dict[str, str]:
     values = dotenv_values(TESTBED_ENV_DIR / f".env.{env}", interpolate=False)
     return {k: v or "" for k, v in values.items()}
@@ -784,6 +820,7 @@ def setup_demo_app(app: DemoApp) -> None:
         fh.write("".join(_env_line(k, v) + "\n" for k, v in app.secrets.items()))
     os.chmod(app.env_file, 0o600)
     app.write_config()
+    pin_project_network(app.project)
     psql_admin(f"CREATE DATABASE {quote_ident(app.database)} OWNER {quote_ident(app.role)};")
     app.git("init", "--quiet", "-b", "main")
     app.git("config", "user.email", OPERATOR_EMAIL)

@@ -75,8 +75,8 @@ def test_layout_paths(settings: Settings) -> None:
 def test_upstream_conf_is_exact(settings: Settings, slot: str) -> None:
     assert cmd.upstream_conf(settings, slot) == (
         "# Written by togather-tasks: the active slot.\n"
-        "upstream togather_app {\n"
-        f"    server app-{slot}:8080 max_fails=0;\n"
+        'map "" $togather_backend {\n'
+        f"    default app-{slot}:8080;\n"
         "}\n"
         'map "" $togather_slot {\n'
         f"    default {slot};\n"
