@@ -14,6 +14,7 @@ from . import hooks, images, notify, slots, source
 from .errors import TogatherError
 from .lock import describe
 from .output import Progress
+from .pipeline import pause_if_requested
 from .session import Session
 from .signals import shielded
 from .state import State, other_slot, utc_now
@@ -85,6 +86,7 @@ class Rollback:
         try:
             for step in (self.image, self.start, self.health, self.switch, self.record,
                          self.finish):
+                pause_if_requested(step.__name__)
                 step()
         except BaseException as exc:
             with shielded():

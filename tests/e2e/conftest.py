@@ -18,7 +18,19 @@ Reusable pieces, for any test under tests/e2e:
       @pytest.mark.parametrize("demo_app", ["development"], indirect=True)
 - `demo_app_factory` (function): the same, for a test that needs several apps or options;
 - `compat_schema` / `assert_state_valid`: the original tools' state-file schema
-  (../shared/compat/deployment-state.schema.json) and a validator.
+  (../shared/compat/deployment-state.schema.json) and a validator;
+- `cli_failure(result, contains=..., code=None)`: a failed run with one `error:` line and no
+  traceback; `new_ulid()`, `free_port()`.
+
+DemoApp in short (see its docstrings): `inv(...)`, `deploy(...)`, `spawn(...)` (a `Running`
+process to wait on and signal), `commit(...)`, `set_health_mode(...)`, `write_config(...)`,
+`state()` (parsed and validated against both schemas on every read), `put_state(...)`,
+`tree()`, `snapshots()`, `get(...)`, `served()`, `psql(...)`, `tables()`,
+`scratch_database()`, `compose(...)`, `containers()`, `container_state(...)`,
+`assert_no_secrets()`.
+
+The host of both environments is this machine (`staging` over SSH as `deploy`, `development`
+as `local`), so the fixtures inspect the host's files, containers and database directly as root.
 
 Images are deliberately kept between tests (same layers, faster builds); containers, networks,
 databases and remote directories are not.
@@ -30,7 +42,6 @@ import contextlib
 import copy
 import functools
 import http.client
-import ipaddress
 import json
 import os
 import re
@@ -64,9 +75,6 @@ COMPAT_STATE_SCHEMA = COMPAT_DIR / "deployment-state.schema.json"
 INV = Path(sys.executable).parent / "inv"
 
 SSH_ALIAS = "togather-testbed"
-SSH_ADDRESS = ("127.0.0.1", 2222)
-TESTBED_KNOWN_HOSTS = Path.home() / ".ssh" / "togather_testbed_known_hosts"
-TESTBED_KEY = Path.home() / ".ssh" / "togather_testbed_ed25519"
 REMOTE_BASE = "/srv/togather"
 HOST_FOR_ENV = {"staging": SSH_ALIAS, "development": "local"}
 PORT_RANGE = (20000, 29999)
@@ -169,17 +177,11 @@ def compat_schema() -> dict[str, Any]:
 
 
 @pytest.fixture
-def assert_state_valid(compat_schema: dict[str, Any]) -> Callable[[Any], None]:
-    """`assert_state_valid(doc)`: Draft 2020-12 + format checks against the compat schema."""
-    validator = jsonschema.Draft202012Validator(
-        compat_schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
-
-    def check(doc: Any) -> None:
-        errors = [f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
-                  for e in validator.iter_errors(doc)]
-        assert not errors, "state does not match the compat schema:\n" + "\n".join(errors)
-
-    return check
+def assert_state_valid() -> Callable[[Any], None]:
+    """`assert_state_valid(doc)`: Draft 2020-12 with format checks against the compat schema
+    (when ../shared/compat is present; combine with `compat_schema` to require it) and the
+    package's own schema. `DemoApp.state()` applies the same checks to every read."""
+    return validate_state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -716,43 +718,6 @@ class DemoApp:
         return problems
 
 
-def docker_subnets() -> list[ipaddress.IPv4Network]:
-    ids = run(["docker", "network", "ls", "-q"]).stdout.split()
-    if not ids:
-        return []
-    out = run(["docker", "network", "inspect", "--format",
-               "{{range .IPAM.Config}}{{.Subnet}} {{end}}", *ids]).stdout
-    nets = []
-    for text in out.split():
-        with contextlib.suppress(ValueError):
-            net = ipaddress.ip_network(text, strict=False)
-            if net.version == 4:
-                nets.append(net)
-    return nets
-
-
-def pin_project_network(project: str) -> None:
-    """Create the compose project's default network with a /24 in 172.16.0.0/16, labelled as
-    Compose labels its own (Compose then uses it as is and removes it on `down`).
-
-    Why: the test bed's pg_hba.conf admits containers from 172.16.0.0/12 only, but Docker hands
-    out default-network subnets round-robin (172.17-31.0.0/16, then 192.168.x.0/20) without
-    reusing freed ones at once, so after ~15 networks since dockerd started, an app container
-    gets a 192.168 address and cannot reach PostgreSQL (its health gate fails for reasons that
-    have nothing to do with the package). 172.16.0.0/16 is outside Docker's default pools."""
-    taken = docker_subnets()
-    rng = secrets.SystemRandom()
-    for _ in range(200):
-        candidate = ipaddress.ip_network(f"172.16.{rng.randint(1, 254)}.0/24")
-        if not any(candidate.overlaps(net) for net in taken):
-            break
-    else:
-        raise RuntimeError("no free /24 in 172.16.0.0/16 for the project network")
-    run(["docker", "network", "create", "--subnet", str(candidate),
-         "--label", f"com.docker.compose.project={project}",
-         "--label", "com.docker.compose.network=default", f"{project}_default"])
-
-
 def _testbed_secrets(env: str) -> dict[str, str]:
     values = dotenv_values(TESTBED_ENV_DIR / f".env.{env}", interpolate=False)
     return {k: v or "" for k, v in values.items()}
@@ -820,7 +785,6 @@ def setup_demo_app(app: DemoApp) -> None:
         fh.write("".join(_env_line(k, v) + "\n" for k, v in app.secrets.items()))
     os.chmod(app.env_file, 0o600)
     app.write_config()
-    pin_project_network(app.project)
     psql_admin(f"CREATE DATABASE {quote_ident(app.database)} OWNER {quote_ident(app.role)};")
     app.git("init", "--quiet", "-b", "main")
     app.git("config", "user.email", OPERATOR_EMAIL)

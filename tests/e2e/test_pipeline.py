@@ -75,6 +75,7 @@ def test_first_and_second_deploy(demo_app):
     assert state["environment"] == app.env
     assert state["previous_deployment"] is None
     assert state["current_deployment"]["migrations_run"] == 2
+    assert Path(state["current_deployment"]["snapshot"]) in app.snapshots()
     root = Path(app.remote_dir)
     assert root.is_dir() and app.state_path.is_file() and app.snapshot_dir.is_dir()
     assert sorted(app.tables()) == ["events", "jobs", "schema_migrations"]
