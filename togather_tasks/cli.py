@@ -53,7 +53,8 @@ def guarded(console: Console, log: RunLog | None = None) -> Iterator[None]:
             print(f"run log: {log.path}", file=console.err, flush=True)
         raise Exit(code=int(exc.exit_code)) from None
     except Interrupted as exc:
-        console.error(f"interrupted ({exc.signame}); cleaned up and released the lock")
+        console.error(f"interrupted ({exc.signame}); stopped after cleaning up (a lock taken "
+                      "by this run was released)")
         raise Exit(code=int(ExitCode.FAILURE)) from None
     except Exception as exc:  # noqa: BLE001 - last line of defence against tracebacks
         if log is not None:
@@ -171,17 +172,17 @@ def status(c, env=None, json_=False):
 
 @task(help={"env": ENV_HELP, "limit": "how many entries (default 10)",
             "json_": "machine-readable output"})
-def history(c, env=None, limit=10, json_=False):
+def history(c, env=None, limit=None, json_=False):
     """Deployment history, newest first (failed deployments included)."""
 
     def body(session: Session) -> None:
         try:
-            n = int(limit)
-        except (TypeError, ValueError):
+            n = int(limit) if limit is not None else 10
+        except ValueError:
             raise UsageError(f"--limit must be a number, not {limit!r}") from None
         if n < 1:
             raise UsageError("--limit must be at least 1")
-        entries = session.store.read().state.history[:n]
+        entries = session.store.read().state.known_deployments()[:n]
         if json_:
             session.console.always(jsonlib.dumps(entries, indent=2))
             return
@@ -512,12 +513,48 @@ def cleanup(c, env=None, keep_images=None, keep_snapshots=None, dry_run=False):
     run_command(c, env, "cleanup", body)
 
 
+def _parse_error_text(text: str) -> str:
+    """Invoke's parser messages in the words of a command line."""
+    import re
+
+    needs = re.match(r"Flag <Argument: ([\w-]+)[^>]*> needed value", text)
+    if needs:
+        return f"--{needs[1].replace('_', '-').strip('-')} needs a value"
+    unknown = re.match(r"No idea what '(.*)' is!", text)
+    if unknown:
+        return f"unknown option or task {unknown[1]!r}"
+    return text
+
+
+def _argument_errors_exit_2() -> None:
+    """Invoke exits 1 on a command-line parse error (an unknown flag, a flag without its
+    value); the exit-code contract says 2 for invalid arguments. Patch the parse step of
+    Invoke's Program once, in the process that loads these tasks."""
+    from invoke.exceptions import ParseError
+    from invoke.program import Program
+
+    original = Program.parse_tasks
+    if getattr(original, "togather_patched", False):
+        return
+
+    def parse_tasks(self: Program) -> None:
+        try:
+            original(self)
+        except ParseError as exc:
+            raise Exit(f"error: {_parse_error_text(str(exc))} (see `inv --help TASK`)",
+                       code=int(ExitCode.INVALID_ARGUMENTS)) from None
+
+    parse_tasks.togather_patched = True  # type: ignore[attr-defined]
+    Program.parse_tasks = parse_tasks  # type: ignore[method-assign]
+
+
 def namespace(root: str | Path | None = None) -> Collection:
     """The task collection for an application repository's tasks.py:
 
         from togather_tasks import namespace
         ns = namespace(__file__)
     """
+    _argument_errors_exit_2()
     ns = Collection(deploy, rollback, health, status, history, cleanup)
     lock = Collection("lock", lock_status, lock_acquire, lock_release)
     cfg = Collection("config", config_validate, config_show)

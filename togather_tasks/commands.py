@@ -140,13 +140,14 @@ def pgpass_line(url: str) -> str:
     return ":".join(esc(parts[k]) for k in ("host", "port", "dbname", "user", "password")) + "\n"
 
 
-def pg_env(settings: Settings) -> str:
+def pg_env(settings: Settings, passfile: str | None = None) -> str:
     """Connection environment for libpq tools: everything but the password, which is in the
-    PGPASSFILE. Safe to show in a process list."""
+    PGPASSFILE. Safe to show in a process list. `passfile` is a shell expression used as is
+    (e.g. `"$f"` for a temporary file); by default the environment's .pgpass."""
     parts = database_parts(settings.migrate_database_url)
     layout = Layout(settings.remote_dir)
     return " ".join([
-        f"PGPASSFILE={q(layout.pgpass)}", f"PGHOST={q(parts['host'])}",
+        f"PGPASSFILE={passfile or q(layout.pgpass)}", f"PGHOST={q(parts['host'])}",
         f"PGPORT={q(parts['port'])}", f"PGUSER={q(parts['user'])}",
         f"PGDATABASE={q(parts['dbname'])}", "PGCONNECT_TIMEOUT=10"])
 
@@ -189,7 +190,7 @@ def snapshot_command(settings: Settings, path: str) -> str:
     directory = path.rsplit("/", 1)[0]
     return (
         f"umask 077 && mkdir -p {q(directory)} && "
-        f"{pg_env(settings)} pg_dump --format=custom --compress=6 --no-owner "
+        f"{pg_env(settings)} pg_dump --no-password --format=custom --compress=6 --no-owner "
         f"--file={q(partial)} && "
         f"test -s {q(partial)} && pg_restore --list {q(partial)} > /dev/null && "
         f"mv -f {q(partial)} {q(path)} && stat -c %s {q(path)}"
@@ -200,8 +201,8 @@ def restore_command(settings: Settings, path: str, dbname: str | None = None) ->
     """Restore a snapshot into the environment's database (or `dbname`), replacing its
     objects, in one transaction: on any error nothing changes."""
     target = dbname or database_parts(settings.migrate_database_url)["dbname"]
-    return (f"{pg_env(settings)} pg_restore --clean --if-exists --no-owner --exit-on-error "
-            f"--single-transaction --dbname={q(target)} {q(path)}")
+    return (f"{pg_env(settings)} pg_restore --no-password --clean --if-exists --no-owner "
+            f"--exit-on-error --single-transaction --dbname={q(target)} {q(path)}")
 
 
 def migrate_command(settings: Settings, migrations_dir: str) -> str:
@@ -236,9 +237,15 @@ def count_applied(tool: str, output: str) -> int:
 
 def dirty_check_command(settings: Settings) -> str:
     """golang-migrate's schema_migrations(version, dirty): prints `version|t` or `version|f`,
-    nothing when the table does not exist yet; fails when the database cannot be reached."""
-    psql = f"{pg_env(settings)} psql -X -A -t -v ON_ERROR_STOP=1 -c"
+    nothing when the table does not exist yet; fails when the database cannot be reached.
+
+    Read-only and run before anything else, also in a dry run, so it leaves nothing behind:
+    the password comes on standard input into a private temporary file that is removed on
+    exit (never on a command line)."""
+    env = pg_env(settings, passfile='"$f"')
+    psql = f"{env} psql --no-password -X -A -t -v ON_ERROR_STOP=1 -c"
     exists = q("SELECT to_regclass('schema_migrations') IS NOT NULL")
     select = q("SELECT version, dirty FROM schema_migrations LIMIT 1")
-    return (f"exists=$({psql} {exists}) && "
+    return ("f=$(mktemp) && trap 'rm -f \"$f\"' EXIT && cat > \"$f\" && "
+            f"exists=$({psql} {exists}) && "
             f"if [ \"$exists\" = t ]; then {psql} {select}; fi")

@@ -235,7 +235,7 @@ def read_env_file(path: Path) -> tuple[dict[str, str], list[str]]:
         if binding.error:
             line = binding.original.line
             problems.append(f"{path}: line {line}: cannot parse this line "
-                            "(expected KEY=value; quote values with spaces or #)")
+                            "(expected NAME=VALUE; quote values with spaces or #)")
     # interpolate=False: a `$` in a secret is data, not a reference to another variable.
     dotenv_logger = logging.getLogger("dotenv.main")
     previous = dotenv_logger.disabled
@@ -363,7 +363,8 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
             problems += secrets_problems(env, env_file, secrets)
     if problems:
         # Problems may quote values from the env file: redact before they reach the terminal.
-        redactor = Redactor(v for k, v in secrets.items() if v and k not in NON_SECRET_KEYS)
+        redactor = Redactor(v for k, v in secrets.items()
+                            if v and k not in NON_SECRET_KEYS and PLACEHOLDER not in v)
         raise ConfigError([redactor(p) for p in problems])
 
     app = merged["app"]

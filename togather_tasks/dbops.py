@@ -6,7 +6,7 @@ from __future__ import annotations
 import shlex
 
 from . import commands as cmd
-from . import snapshots
+from . import slots, snapshots
 from .errors import TogatherError, UsageError
 from .session import Session
 from .state import utc_now
@@ -15,16 +15,8 @@ from .ulid import new_id
 q = shlex.quote
 
 
-def ensure_pgpass(session: Session) -> None:
-    st = session.settings
-    layout = cmd.Layout(st.remote_dir)
-    session.primary.run(f"mkdir -p {q(layout.root)}", timeout=30)
-    session.primary.write_file(layout.pgpass, cmd.pgpass_line(st.migrate_database_url).encode(),
-                               mode=0o600)
-
-
 def snapshot_now(session: Session) -> tuple[str, int]:
-    ensure_pgpass(session)
+    slots.write_pgpass(session.settings, session.primary)
     state = session.store.read().state
     sha7 = state.current["version"] if state.current else "0000000"
     return snapshots.take_snapshot(session, sha7, state)

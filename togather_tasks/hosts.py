@@ -21,6 +21,7 @@ import logging
 import os
 import posixpath
 import secrets
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -182,8 +183,16 @@ class LocalHost(Host):
         os.replace(src, dst)
 
     def _stream_into(self, command: str, source: IO[bytes], timeout: float) -> Result:
-        r = self._context.run(command, hide=True, warn=True, in_stream=source, timeout=timeout)
-        return Result(command, r.exited, r.stdout, r.stderr, 0.0)
+        # subprocess rather than Invoke's runner: the child must see end-of-file on stdin.
+        try:
+            proc = subprocess.run(["/bin/bash", "-c", command], input=source.read(),
+                                  capture_output=True, timeout=timeout, check=False,
+                                  start_new_session=True)
+        except subprocess.TimeoutExpired:
+            raise CommandTimeoutError(
+                f"command timed out after {timeout:g} s on {self.name}") from None
+        return Result(command, proc.returncode, proc.stdout.decode(errors="replace"),
+                      proc.stderr.decode(errors="replace"), 0.0)
 
     def http_get(self, address: str, port: int, path: str, *, timeout: float) -> HttpResponse:
         conn = http.client.HTTPConnection(address, port, timeout=timeout)

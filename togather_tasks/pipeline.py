@@ -9,38 +9,25 @@ deploy has happened; later problems are reported, never undone.
 
 from __future__ import annotations
 
+import io
 import os
 import shlex
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from . import commands as cmd
-from . import hooks, images, notify, slots, snapshots, source
-from .errors import (
-    CommandTimeoutError,
-    ConfigError,
-    ExitCode,
-    Interrupted,
-    MigrationError,
-    TogatherError,
-)
-from .lock import describe
-from .output import Progress
+from . import images, slots, snapshots, source
+from .errors import CommandTimeoutError, ConfigError, MigrationError, TogatherError
+from .operation import SlotOperation
 from .session import Session
-from .signals import shielded
-from .state import State, new_deployment, other_slot, utc_now
+from .state import State, new_deployment, utc_now
 from .ulid import new_id
 
 q = shlex.quote
 STEPS = ("validate", "lock", "build", "snapshot", "migrate", "start", "health", "switch",
          "record", "finish")
-PAUSE_ENV = "TOGATHER_TEST_PAUSE_BEFORE"
-PAUSE_FILE_ENV = "TOGATHER_TEST_PAUSE_FILE"
-PAUSE_SECONDS = 120
 MIN_DOCKER = (20, 10)
-LOCK_RENEW_EVERY = 300
 
 
 @dataclass
@@ -60,46 +47,21 @@ class DeployResult:
     plan: list[str] = field(default_factory=list)
 
 
-def pause_if_requested(step: str) -> None:
-    """Test hook for fault tests: with TOGATHER_TEST_PAUSE_BEFORE=<step>, announce and wait
-    before that step so a test can kill the process or cut its connection at a known point.
-    The wait ends when the file named by TOGATHER_TEST_PAUSE_FILE disappears (if set), and
-    after PAUSE_SECONDS at most."""
-    if os.environ.get(PAUSE_ENV) != step:
-        return
-    print(f"togather: paused before {step} (pid {os.getpid()})", flush=True)
-    marker = os.environ.get(PAUSE_FILE_ENV)
-    deadline = time.monotonic() + PAUSE_SECONDS
-    while time.monotonic() < deadline:
-        if marker and not os.path.exists(marker):
-            return
-        time.sleep(0.1)
+class Deploy(SlotOperation):
+    operation = "deploy"
 
-
-class Deploy:
     def __init__(self, session: Session, options: DeployOptions) -> None:
-        self.s = session
-        self.settings = session.settings
+        super().__init__(session, 1 if options.dry_run else len(STEPS))
         self.options = options
-        self.progress = Progress(session.console, session.log,
-                                 1 if options.dry_run else len(STEPS))
         self.deployment_id = new_id("dep")
-        self.started = time.monotonic()
         self.started_at: datetime = utc_now()
         self.commit = ""
         self.sha7 = ""
         self.image = ""
         self.state: State | None = None
-        self.lock: dict[str, Any] | None = None
-        self.last_renew = 0.0
-        self.new_slot = ""
-        self.old_slot: str | None = None
         self.snapshot_path: str | None = None
         self.migrations_run = 0
-        self.switched = False
-        self.new_slot_started = False
         self.release_dir = ""
-        self.upcoming = "lock"
 
     @property
     def migrations_enabled(self) -> bool:
@@ -116,27 +78,12 @@ class Deploy:
             plan = self.plan()
             return DeployResult({}, self.progress.timings, self._log_path(),
                                 self.s.ssh_connections(), plan)
-        hooks.run_hook(self.settings.root, "pre-deploy", self.hook_values("starting"),
-                       self.s.console, blocking=True)
-        self.acquire_lock()
-        self.notify("started")
-        try:
-            for step in (self.build, self.snapshot, self.migrate, self.start, self.health,
-                         self.switch, self.record, self.finish):
-                self.upcoming = step.__name__
-                pause_if_requested(step.__name__)
-                self.renew_lock_if_due()
-                step()
-        except (TogatherError, Interrupted) as exc:
-            with shielded():
-                self.fail(exc)
-            raise
-        finally:
-            with shielded():
-                self.release_lock()
-        self.success_audit()
-        hooks.run_hook(self.settings.root, "post-deploy", self.hook_values("succeeded"),
-                       self.s.console)
+        self.run_hook("pre-deploy", "starting", blocking=True)
+        self.run_steps((self.acquire_lock, self.build, self.snapshot, self.migrate, self.start,
+                        self.health, self.switch, self.record, self.finish))
+        self.s.audit(operation="deploy", deployment_id=self.deployment_id, version=self.sha7,
+                     result="succeeded", slot=self.new_slot, seconds=self.elapsed())
+        self.run_hook("post-deploy", "succeeded")
         self.notify("completed")
         return DeployResult(self.state.current if self.state else {}, self.progress.timings,
                             self._log_path(), self.s.ssh_connections())
@@ -218,8 +165,9 @@ class Deploy:
         """Read-only: golang-migrate's dirty flag must be clear before we touch anything."""
         if self.settings.database["migration_tool"] != "golang-migrate":
             return
-        result = self.s.primary.run(cmd.dirty_check_command(self.settings), timeout=60,
-                                    check=False)
+        line = cmd.pgpass_line(self.settings.migrate_database_url).encode()
+        result = self.s.primary.stream_into(cmd.dirty_check_command(self.settings),
+                                            io.BytesIO(line), timeout=60)
         if not result.ok:
             raise MigrationError(f"cannot read schema_migrations on {self.s.primary.name}: "
                                  f"{result.stderr.strip().splitlines()[-1:] or ['no output']}")
@@ -284,33 +232,12 @@ class Deploy:
 
     def acquire_lock(self) -> None:
         with self.progress.step("lock", "taking the environment lock") as note:
-            self.lock, decision = self.s.store.acquire(
-                self.s.operator, deployment_id=self.deployment_id, operation="deploy",
-                timeout_minutes=self.settings.deployment["lock_timeout_minutes"],
-                force=self.options.force)
-            self.last_renew = time.monotonic()
-            if decision.replaced:
-                self.s.console.warn("took over the lock of "
-                                    f"{describe(decision.replaced, utc_now())}: "
-                                    f"{decision.reason}")
-            # Re-read under the lock: the slot choice must come from the state we now own,
-            # checked against what the proxy really serves.
+            self.take_lock(self.deployment_id, force=self.options.force)
+            # Re-read under the lock: the slot choice must come from the state we now own.
             self.state = self.s.store.read().state
-            self.old_slot = self.state.active_slot
-            serving = slots.serving_slot(self.settings, self.s.primary)
-            if serving and serving != self.old_slot:
-                self.s.console.warn(f"the proxy serves the {serving} slot but the state file "
-                                    f"says {self.old_slot or 'none'} (an earlier run was "
-                                    f"interrupted); deploying next to {serving}")
-                self.old_slot = serving
-            self.new_slot = other_slot(self.old_slot) if self.old_slot else "blue"
+            self.choose_slots(self.state.active_slot)
             note(f"{self.lock['lock_id']} held by {self.lock['locked_by']}")
-
-    def renew_lock_if_due(self) -> None:
-        if self.lock and time.monotonic() - self.last_renew > LOCK_RENEW_EVERY:
-            self.s.store.renew(self.lock["lock_id"],
-                               self.settings.deployment["lock_timeout_minutes"])
-            self.last_renew = time.monotonic()
+        self.notify("started")
 
     def build(self) -> None:
         with self.progress.step("build", f"image {self.image}") as note:
@@ -364,28 +291,18 @@ class Deploy:
 
     def start(self) -> None:
         with self.progress.step("start", f"starting the {self.new_slot} slot") as note:
-            target = self.target()
-            for host in self.s.all_hosts:
-                self.new_slot_started = True
-                slots.start_slot(self.settings, host, target)
+            self.start_new_slot()
             note(f"{cmd.service(self.new_slot)} running {self.image}")
 
     def health(self) -> None:
         with self.progress.step("health", f"health gate on {self.new_slot}") as note:
-            for host in self.s.all_hosts:
-                verdict = slots.health_gate(self.settings, host, self.target(), self.s.console)
+            verdict = self.gate_new_slot()
             note(f"{self.new_slot} is {verdict.status}, version {verdict.version}")
 
     def switch(self) -> None:
         with self.progress.step("switch", f"nginx -> {self.new_slot}") as note:
-            for host in self.s.all_hosts:
-                if slots.switch_traffic(self.settings, host, self.target()) == "recreated":
-                    self.s.console.warn(f"{host.name}: the proxy ran an older image (package "
-                                        "upgrade) and was recreated: connections were refused "
-                                        "for about a second")
-            self.switched = True
-            hooks.run_hook(self.settings.root, "post-switch", self.hook_values("switched"),
-                           self.s.console)
+            self.switch_to_new_slot()
+            self.run_hook("post-switch", "switched")
             note(f"traffic on {self.new_slot} ({self.sha7}), verified through the proxy")
 
     def record(self) -> None:
@@ -401,12 +318,7 @@ class Deploy:
             if not self.old_slot:
                 note("first deployment: no old slot to stop")
                 return
-            time.sleep(self.settings.deployment["drain_seconds"])
-            for host in self.s.all_hosts:
-                try:
-                    slots.stop_slot(self.settings, host, self.old_slot)
-                except TogatherError as exc:
-                    self.s.console.warn(f"{exc.message} (the deploy itself succeeded)")
+            self.drain_and_stop_old_slot()
             note(f"{cmd.service(self.old_slot)} stopped (kept for rollback)")
 
     # --- helpers --------------------------------------------------------------------------
@@ -419,81 +331,38 @@ class Deploy:
                                 deployed_by=self.s.operator.email, slot=self.new_slot,
                                 image=self.image, at=utc_now())
         record.update(health_status=health_status, migrations_run=self.migrations_run,
-                      duration_seconds=int(time.monotonic() - self.started))
+                      duration_seconds=self.elapsed())
         if self.snapshot_path:
             record["snapshot"] = self.snapshot_path
         return record
 
-    def fail(self, exc: BaseException) -> None:
-        step = self.progress.current or f"before {self.upcoming}"
-        console = self.s.console
-        if not self.switched and self.new_slot_started:
-            for host in self.s.all_hosts:
-                try:
-                    slots.stop_slot(self.settings, host, self.new_slot)
-                except (TogatherError, OSError) as stop_exc:
-                    console.warn(f"could not stop the new {self.new_slot} slot on {host.name}: "
-                                 f"{stop_exc}")
-        message = exc.signame if isinstance(exc, Interrupted) else getattr(exc, "message",
-                                                                            str(exc))
+    def on_failure(self, step: str, message: str) -> None:
         if not self.switched and self.lock:
             record = self.deployment_record("unhealthy" if step == "health" else "unknown")
             record["message"] = f"failed at {step}: {message}"[:500]
             limit = self.settings.deployment["history_limit"]
             try:
                 self.s.store.update(lambda state: state.record_failure(record, limit))
-            except (TogatherError, OSError) as rec_exc:
-                console.warn(f"could not record the failed deployment: {rec_exc}")
+            except (TogatherError, OSError) as exc:
+                self.s.console.warn(f"could not record the failed deployment: {exc}")
         done = ", ".join(self.progress.completed) or "nothing"
         where = "traffic was not switched: the old version keeps serving" if not self.switched \
             else f"traffic is on {self.new_slot} ({self.sha7})"
-        console.note(f"deploy failed ({step}). Done before the failure: {done}; {where}.")
+        self.s.console.note(f"deploy failed ({step}). Done before the failure: {done}; "
+                            f"{where}.")
         self.s.audit(operation="deploy", deployment_id=self.deployment_id, version=self.sha7,
                      result="failed", step=step)
-        hooks.run_hook(self.settings.root, "on-failure",
-                       {**self.hook_values("failed"), "failed_step": step, "error": message},
-                       self.s.console)
-        self.notify("failed", step=step, message=message)
-
-    def release_lock(self) -> None:
-        if not self.lock:
-            return
-        try:
-            released = self.s.store.release(self.lock["lock_id"])
-            if released is None:
-                self.s.console.warn("our lock had already been taken over by someone else")
-        except (TogatherError, OSError) as exc:
-            self.s.console.error(
-                f"could not release the lock {self.lock['lock_id']}: {exc}. It expires at "
-                f"{self.lock['lock_expires_at']}, or run `inv lock.release --env="
-                f"{self.settings.env} --force`.")
-        self.lock = None
 
     def hook_values(self, status: str) -> dict[str, object]:
         """TOGATHER_* variables for hooks (never secrets)."""
         return {"operation": "deploy", "environment": self.settings.env,
                 "version": self.sha7, "git_commit": self.commit,
                 "deployment_id": self.deployment_id, "slot": self.new_slot,
-                "previous_slot": self.old_slot, "status": status,
-                "duration": int(time.monotonic() - self.started)}
+                "previous_slot": self.old_slot, "status": status, "duration": self.elapsed()}
 
-    def notify(self, event: str, **fields: object) -> None:
-        notify.notify(self.settings, self.s.console, self.s.redact, event,
-                      deployment_id=self.deployment_id, version=self.sha7,
-                      git_commit=self.commit, slot=self.new_slot, by=self.s.operator.email,
-                      duration_seconds=int(time.monotonic() - self.started), **fields)
+    def notify_fields(self) -> dict[str, object]:
+        return {"deployment_id": self.deployment_id, "version": self.sha7,
+                "git_commit": self.commit}
 
     def _log_path(self) -> str | None:
         return str(self.s.log.path) if self.s.log.path else None
-
-    def success_audit(self) -> None:
-        self.s.audit(operation="deploy", deployment_id=self.deployment_id, version=self.sha7,
-                     result="succeeded", slot=self.new_slot,
-                     seconds=int(time.monotonic() - self.started))
-
-
-def exit_code_for(exc: BaseException) -> int:
-    if isinstance(exc, TogatherError):
-        return int(exc.exit_code)
-    return int(ExitCode.FAILURE)
-

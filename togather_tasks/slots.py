@@ -38,11 +38,18 @@ def prepare_host(settings: Settings, host: Host, *, primary: bool) -> None:
     host.write_file(layout.app_env, cmd.app_env_file(app_environment(settings.secrets))
                     .encode(), mode=0o600)
     if primary:
-        host.write_file(layout.pgpass, cmd.pgpass_line(settings.migrate_database_url).encode(),
-                        mode=0o600)
+        write_pgpass(settings, host)
     for name in ("Dockerfile", "nginx.conf"):
         host.write_file(f"{layout.root}/proxy/{name}",
                         (cmd.DOCKER_DIR / "nginx" / name).read_bytes(), mode=0o644)
+
+
+def write_pgpass(settings: Settings, host: Host) -> None:
+    """The database password for pg_dump, psql and the migration tools, mode 600."""
+    layout = cmd.Layout(settings.remote_dir)
+    host.run(f"mkdir -p {q(layout.root)}", timeout=30, what="creating the remote directory")
+    host.write_file(layout.pgpass, cmd.pgpass_line(settings.migrate_database_url).encode(),
+                    mode=0o600)
 
 
 def ensure_proxy_image(settings: Settings, host: Host, timeout: float) -> bool:

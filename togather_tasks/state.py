@@ -127,7 +127,7 @@ class State:
 
     def find(self, version_or_id: str) -> dict[str, Any] | None:
         """The newest successful deployment matching an id or a (short or full) git SHA."""
-        for entry in self._known_deployments():
+        for entry in self.known_deployments():
             if entry.get("status") == "failed":
                 continue
             if version_or_id in (entry["id"], entry["version"], entry["git_commit"]):
@@ -138,10 +138,12 @@ class State:
 
     def rollback_candidates(self) -> list[dict[str, Any]]:
         current_id = self.current["id"] if self.current else None
-        return [e for e in self._known_deployments()
+        return [e for e in self.known_deployments()
                 if e.get("status") != "failed" and e["id"] != current_id]
 
-    def _known_deployments(self) -> list[dict[str, Any]]:
+    def known_deployments(self) -> list[dict[str, Any]]:
+        """Current, previous and history, one entry per id, newest first (files written by
+        the original tools keep current and previous out of the history)."""
         seen: dict[str, dict[str, Any]] = {}
         for entry in [self.current, self.previous, *self.history]:
             if entry and entry["id"] not in seen:

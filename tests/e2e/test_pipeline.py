@@ -188,11 +188,6 @@ def assert_refused_as_dirty(app, result, called: Path) -> None:
         "20260101000002|t"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: with golang-migrate, the dirty check runs psql in `validate` with "
-    "PGPASSFILE=<remote_dir>/.pgpass, which is only written later (build step): on a host "
-    "where togather-tasks never ran, psql has no password and, lacking -w, waits for one on "
-    "its stdin pipe; the 60 s command timeout kills only the shell, so the deploy hangs"))
 def test_golang_migrate_dirty_database_is_refused_on_a_fresh_host(demo_app_factory, tmp_path):
     """A database left dirty by golang-migrate (e.g. by the old bash tools) and a host where
     togather-tasks never ran: the deploy refuses at validation with exit 5 and the recovery

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -137,7 +138,7 @@ def test_snapshot_command_verifies_before_renaming(settings: Settings) -> None:
     path = "/srv/togather/staging/snapshots/staging_20261126T181500Z_abc1234.dump"
     command = cmd.snapshot_command(settings, path)
     assert command.startswith("umask 077 && mkdir -p /srv/togather/staging/snapshots && ")
-    assert f"{PG_ENV} pg_dump --format=custom" in command
+    assert f"{PG_ENV} pg_dump --no-password --format=custom" in command
     assert f"--file={path}.partial" in command
     dump, verify, rename = (command.index("pg_dump"), command.index("pg_restore --list"),
                             command.index(f"mv -f {path}.partial {path}"))
@@ -147,7 +148,7 @@ def test_snapshot_command_verifies_before_renaming(settings: Settings) -> None:
 def test_restore_command(settings: Settings) -> None:
     path = "/srv/togather/staging/snapshots/x y.dump"
     assert cmd.restore_command(settings, path) == (
-        f"{PG_ENV} pg_restore --clean --if-exists --no-owner --exit-on-error "
+        f"{PG_ENV} pg_restore --no-password --clean --if-exists --no-owner --exit-on-error "
         "--single-transaction --dbname=togather_staging "
         "'/srv/togather/staging/snapshots/x y.dump'")
     assert "--dbname=scratch " in cmd.restore_command(settings, path, "scratch")
@@ -268,7 +269,23 @@ def test_dirty_check_command(settings: Settings) -> None:
     command = cmd.dirty_check_command(settings)
     assert shlex.quote("SELECT to_regclass('schema_migrations') IS NOT NULL") in command
     assert shlex.quote("SELECT version, dirty FROM schema_migrations LIMIT 1") in command
-    assert f"{PG_ENV} psql -X -A -t -v ON_ERROR_STOP=1" in command
+    temp_env = PG_ENV.replace("PGPASSFILE=/srv/togather/staging/.pgpass", 'PGPASSFILE="$f"')
+    assert f"{temp_env} psql --no-password -X -A -t -v ON_ERROR_STOP=1" in command
+    # The password arrives on stdin into a temporary file that is removed on exit.
+    assert command.startswith("f=$(mktemp) && trap 'rm -f \"$f\"' EXIT && cat > \"$f\"")
+
+
+def test_dirty_check_reads_the_password_from_stdin_and_leaves_nothing(tmp_path) -> None:
+    """Run the real script's preamble with a stand-in for psql's part: the file holds what
+    came on stdin while the command runs and is gone afterwards."""
+    from togather_tasks.hosts import LocalHost
+    script = ("f=$(mktemp) && trap 'rm -f \"$f\"' EXIT && cat > \"$f\" && "
+              "stat -c %a \"$f\" && cat \"$f\" && echo \"$f\"")
+    import io
+    result = LocalHost().stream_into(script, io.BytesIO(b"h:5432:db:u:pw\n"), timeout=10)
+    mode, content, path = result.stdout.split("\n")[:3]
+    assert (mode, content) == ("600", "h:5432:db:u:pw")
+    assert not Path(path).exists()
 
 
 # --- secrets never in a command line --------------------------------------------------------------

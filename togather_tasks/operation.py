@@ -1,0 +1,196 @@
+"""What deploy and rollback share: the lock around them, the choice of slots, moving traffic
+to a slot on every host (start, health gate, switch, stop the old one), the run of the steps
+with its cleanup on every exit path, hooks and notifications."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import hooks, notify, slots
+from .errors import Interrupted, TogatherError
+from .health import Verdict
+from .lock import describe
+from .output import Progress
+from .session import Session
+from .signals import shielded
+from .state import other_slot, utc_now
+
+PAUSE_ENV = "TOGATHER_TEST_PAUSE_BEFORE"
+PAUSE_FILE_ENV = "TOGATHER_TEST_PAUSE_FILE"
+PAUSE_SECONDS = 120
+LOCK_RENEW_EVERY = 300
+
+
+def pause_if_requested(step: str) -> None:
+    """Test hook for fault tests: with TOGATHER_TEST_PAUSE_BEFORE=<step>, announce and wait
+    before that step so a test can kill the process or cut its connection at a known point.
+    The wait ends when the file named by TOGATHER_TEST_PAUSE_FILE disappears (if set), and
+    after PAUSE_SECONDS at most."""
+    if os.environ.get(PAUSE_ENV) != step:
+        return
+    print(f"togather: paused before {step} (pid {os.getpid()})", flush=True)
+    marker = os.environ.get(PAUSE_FILE_ENV)
+    deadline = time.monotonic() + PAUSE_SECONDS
+    while time.monotonic() < deadline:
+        if marker and not os.path.exists(marker):
+            return
+        time.sleep(0.1)
+
+
+class SlotOperation:
+    """Base of Deploy and Rollback: subclasses name their steps and say what goes into the
+    new slot (`target`), what a failure records (`on_failure`) and what hooks see."""
+
+    operation = "operation"
+
+    def __init__(self, session: Session, total_steps: int) -> None:
+        self.s = session
+        self.settings = session.settings
+        self.progress = Progress(session.console, session.log, total_steps)
+        self.started = time.monotonic()
+        self.lock: dict[str, Any] | None = None
+        self.last_renew = 0.0
+        self.new_slot = ""
+        self.old_slot: str | None = None
+        self.new_slot_started = False
+        self.switched = False
+        self.upcoming = "lock"
+
+    # --- for subclasses -------------------------------------------------------------------
+
+    def target(self) -> slots.SlotTarget:
+        raise NotImplementedError
+
+    def on_failure(self, step: str, message: str) -> None:
+        """Record and report a failure (the new slot is already stopped)."""
+        raise NotImplementedError
+
+    def hook_values(self, status: str) -> dict[str, object]:
+        raise NotImplementedError
+
+    def notify_fields(self) -> dict[str, object]:
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------------------
+
+    def elapsed(self) -> int:
+        return int(time.monotonic() - self.started)
+
+    def take_lock(self, deployment_id: str, *, force: bool = False) -> None:
+        self.lock, decision = self.s.store.acquire(
+            self.s.operator, deployment_id=deployment_id, operation=self.operation,
+            timeout_minutes=self.settings.deployment["lock_timeout_minutes"], force=force)
+        self.last_renew = time.monotonic()
+        if decision.replaced:
+            self.s.console.warn(f"took over the lock of {describe(decision.replaced, utc_now())}"
+                                f": {decision.reason}")
+
+    def choose_slots(self, active_in_state: str | None) -> None:
+        """The new slot is the idle one: checked against what the proxy really serves, since
+        the state file lags behind after a crash between the switch and the record step (and
+        starting the slot that serves would be an outage)."""
+        self.old_slot = active_in_state
+        serving = slots.serving_slot(self.settings, self.s.primary)
+        if serving and serving != self.old_slot:
+            self.s.console.warn(f"the proxy serves the {serving} slot but the state file says "
+                                f"{self.old_slot or 'none'} (an earlier run was interrupted); "
+                                f"using the other slot")
+            self.old_slot = serving
+        self.new_slot = other_slot(self.old_slot) if self.old_slot else "blue"
+
+    def run_steps(self, steps: Sequence[Callable[[], None]]) -> None:
+        """Each step in order (the first takes the lock); on any failure (Ctrl-C and SIGTERM
+        included) undo what moves traffic, record it, and always release the lock, shielded
+        from a second signal."""
+        try:
+            for step in steps:
+                self.upcoming = step.__name__
+                pause_if_requested(step.__name__)
+                self.renew_lock_if_due()
+                step()
+        except (TogatherError, Interrupted) as exc:
+            with shielded():
+                self.fail(exc)
+            raise
+        finally:
+            with shielded():
+                self.release_lock()
+
+    def renew_lock_if_due(self) -> None:
+        if self.lock and time.monotonic() - self.last_renew > LOCK_RENEW_EVERY:
+            self.s.store.renew(self.lock["lock_id"],
+                               self.settings.deployment["lock_timeout_minutes"])
+            self.last_renew = time.monotonic()
+
+    def release_lock(self) -> None:
+        if not self.lock:
+            return
+        try:
+            if self.s.store.release(self.lock["lock_id"]) is None:
+                self.s.console.warn("our lock had already been taken over by someone else")
+        except (TogatherError, OSError) as exc:
+            self.s.console.error(
+                f"could not release the lock {self.lock['lock_id']}: {exc}. It expires at "
+                f"{self.lock['lock_expires_at']}, or run `inv lock.release --env="
+                f"{self.settings.env} --force`.")
+        self.lock = None
+
+    def start_new_slot(self) -> None:
+        for host in self.s.all_hosts:
+            self.new_slot_started = True
+            slots.start_slot(self.settings, host, self.target())
+
+    def gate_new_slot(self) -> Verdict:
+        verdict = None
+        for host in self.s.all_hosts:
+            verdict = slots.health_gate(self.settings, host, self.target(), self.s.console)
+        assert verdict is not None
+        return verdict
+
+    def switch_to_new_slot(self) -> None:
+        for host in self.s.all_hosts:
+            if slots.switch_traffic(self.settings, host, self.target()) == "recreated":
+                self.s.console.warn(f"{host.name}: the proxy ran an older image (package "
+                                    "upgrade) and was recreated: connections were refused for "
+                                    "about a second")
+        self.switched = True
+
+    def drain_and_stop_old_slot(self) -> None:
+        time.sleep(self.settings.deployment["drain_seconds"])
+        self.stop_everywhere(self.old_slot, f"the old {self.old_slot} slot")
+
+    def stop_everywhere(self, slot: str | None, what: str) -> None:
+        """Stopping is cleanup: a failure is reported, never raised."""
+        if not slot:
+            return
+        for host in self.s.all_hosts:
+            try:
+                slots.stop_slot(self.settings, host, slot)
+            except (TogatherError, OSError) as exc:
+                self.s.console.warn(f"could not stop {what} on {host.name}: {exc}")
+
+    def fail(self, exc: BaseException) -> None:
+        if self.lock is None:
+            return  # failed while taking the lock: nothing was changed, the error says it all
+        step = self.progress.current or f"before {self.upcoming}"
+        if not self.switched and self.new_slot_started:
+            self.stop_everywhere(self.new_slot, f"the new {self.new_slot} slot")
+        message = exc.signame if isinstance(exc, Interrupted) else \
+            getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        self.on_failure(step, message)
+        hooks.run_hook(self.settings.root, "on-failure",
+                       {**self.hook_values("failed"), "failed_step": step, "error": message},
+                       self.s.console)
+        self.notify("failed", step=step, message=message)
+
+    def run_hook(self, name: str, status: str, *, blocking: bool = False) -> None:
+        hooks.run_hook(self.settings.root, name, self.hook_values(status), self.s.console,
+                       blocking=blocking)
+
+    def notify(self, event: str, **fields: object) -> None:
+        notify.notify(self.settings, self.s.console, self.s.redact, event,
+                      slot=self.new_slot, by=self.s.operator.email,
+                      duration_seconds=self.elapsed(), **self.notify_fields(), **fields)
