@@ -10,6 +10,9 @@ DEMO_DIR ?= $(CURDIR)/.demo
 .PHONY: install testbed testbed-down demo test test-unit test-e2e bench lint clean
 
 $(BIN)/inv: setup.cfg pyproject.toml constraints.txt
+	@# A fresh Debian has python3 without venv/ensurepip: install them when missing.
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
@@ -23,7 +26,7 @@ testbed:
 testbed-down:
 	bash scripts/testbed-down.sh
 
-demo: install testbed
+demo: testbed install
 	bash scripts/demo.sh "$(DEMO_DIR)"
 
 lint: install
@@ -32,14 +35,14 @@ lint: install
 test-unit: install
 	$(BIN)/pytest -q tests/unit
 
-test-e2e: install testbed
+test-e2e: testbed install
 	$(BIN)/pytest -q -m e2e tests/e2e
 
-test: install testbed
+test: testbed install
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q tests
 
-bench: install testbed
+bench: testbed install
 	$(BIN)/python bench/zero_downtime.py
 
 clean:
