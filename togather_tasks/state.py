@@ -20,8 +20,6 @@ import jsonschema
 from .errors import StateError
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "deployment-state.schema.json"
-SLOTS = ("blue", "green")
-HEALTH_STATUSES = ("healthy", "degraded", "unhealthy", "unknown")
 
 
 def utc_now() -> datetime:
