@@ -484,11 +484,21 @@ pg_login_ok() {
 }
 
 ENV_DIR=$REPO/examples/demo/config/environments
+# One copy of the demo secrets per machine: every checkout (a CI clone, a second worktree)
+# gets the same values, so running this script from one checkout never changes the role
+# passwords under another.
+SECRETS_DIR=$CONF_DIR/demo-secrets
 mkdir -p "$ENV_DIR"
+install -d -m 700 "$SECRETS_DIR"
 for env in "${ENVIRONMENTS[@]}"; do
     role=togather_$env
     envfile=$ENV_DIR/.env.$env
+    canonical=$SECRETS_DIR/.env.$env
     notes=()
+    if [ -f "$canonical" ] && ! cmp -s "$canonical" "$envfile" 2>/dev/null; then
+        install -m 600 "$canonical" "$envfile"
+        notes+=("$envfile copied from $canonical")
+    fi
     if [ -f "$envfile" ]; then
         pw_origin="from existing env file"
         url=$(grep -m1 '^DATABASE_URL=' "$envfile" || true)
@@ -521,6 +531,7 @@ EOF
         unset jwt apikey
         notes+=("$envfile written")
     fi
+    cmp -s "$envfile" "$canonical" 2>/dev/null || install -m 600 "$envfile" "$canonical"
 
     before=$(pg_admin -At -v role="$role" <<'SQL'
 SELECT (SELECT count(*) FROM pg_roles WHERE rolname = :'role') || ',' ||
