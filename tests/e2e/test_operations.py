@@ -324,3 +324,22 @@ def test_a_failing_webhook_never_fails_the_deploy(demo_app: DemoApp, receiver: R
     assert "webhook notification" in result.stderr
     assert len(receiver.events) >= 2  # retried
     assert os.path.exists(demo_app.state_path)
+
+
+# --- build strategies -----------------------------------------------------------------------
+
+
+def test_local_build_strategy_ships_the_image_over_ssh(demo_app: DemoApp) -> None:
+    """`local`: build on this machine, then `docker save | docker load` through the SSH
+    connection. The test bed's engine is this machine's own, so the load lands where the build
+    happened; the run log shows the image went through `docker load` over the connection."""
+    demo_app.write_config(build={"strategy": "local"})
+
+    result = demo_app.deploy()
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "built on togather-testbed" in result.stdout
+    assert demo_app.served()[1]["git_commit"] == demo_app.head
+    log = "\n".join(p.read_text() for p in demo_app.log_dir.glob("*.log"))
+    assert "docker load --quiet" in log
+    assert "ssh connections: 1" in result.stdout
