@@ -147,11 +147,10 @@ def status(c, env=None, json_=False):
     def body(session: Session) -> None:
         from .slots import read_slot_images, slot_container_state
         state = session.store.read().state
-        slots = {}
-        for slot in ("blue", "green"):
-            slots[slot] = {"image": read_slot_images(session.settings, session.primary)
-                           .get(slot), "container": slot_container_state(
-                               session.settings, session.primary, slot).split(" ")[0]}
+        images = read_slot_images(session.settings, session.primary)
+        slots = {slot: {"image": images.get(slot), "container": slot_container_state(
+                     session.settings, session.primary, slot).split(" ")[0]}
+                 for slot in ("blue", "green")}
         doc = {"environment": session.settings.env, "active_slot": state.active_slot,
                "current_deployment": state.current, "previous_deployment": state.previous,
                "slots": slots, "lock": state.lock}

@@ -42,6 +42,7 @@ import contextlib
 import copy
 import functools
 import http.client
+import http.server
 import json
 import os
 import re
@@ -845,3 +846,46 @@ def free_port() -> Callable[[], int]:
     """`free_port()`: a TCP port nothing listens on."""
     return lambda: free_ports(1)[0]
 
+
+
+# ---------------------------------------------------------------------------------------------
+# a webhook receiver
+
+
+class WebhookReceiver:
+    """A webhook receiver on loopback: keeps every POST body (`raw`, bytes) and its JSON
+    (`events`), and answers `status`."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.raw: list[bytes] = []
+        self.events: list[dict[str, Any]] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.raw.append(body)
+                receiver.events.append(json.loads(body))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                """Quiet."""
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver(request: pytest.FixtureRequest) -> Iterator[WebhookReceiver]:
+    """A WebhookReceiver answering 200, or the status given by indirect parametrization."""
+    r = WebhookReceiver(getattr(request, "param", 200))
+    yield r
+    r.close()

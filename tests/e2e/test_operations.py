@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import stat
 import subprocess
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import DemoApp, run
+from conftest import DemoApp, WebhookReceiver, run
 
 
 def deploy_ok(app: DemoApp, *args: str) -> subprocess.CompletedProcess:
@@ -259,44 +256,7 @@ def test_failing_post_deploy_hook_does_not_undo_the_deploy(demo_app: DemoApp,
     assert demo_app.served()[1]["version"] == demo_app.head[:7]
 
 
-class Receiver:
-    """A webhook receiver on loopback that records JSON bodies and answers `status`."""
-
-    def __init__(self, status: int) -> None:
-        self.events: list[dict] = []
-        self.raw: list[str] = []
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
-                receiver.raw.append(body)
-                receiver.events.append(json.loads(body))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver(request: pytest.FixtureRequest) -> Iterator[Receiver]:
-    r = Receiver(getattr(request, "param", 200))
-    yield r
-    r.close()
-
-
-def test_webhook_receives_the_events(demo_app: DemoApp, receiver: Receiver) -> None:
+def test_webhook_receives_the_events(demo_app: DemoApp, receiver: WebhookReceiver) -> None:
     demo_app.write_config(notifications={"webhook_url": receiver.url})
     deploy_ok(demo_app)
     demo_app.commit("second", {"app/VERSION_NOTE": "2\n"})
@@ -311,11 +271,12 @@ def test_webhook_receives_the_events(demo_app: DemoApp, receiver: Receiver) -> N
     assert kinds.count("failed") == 1
     assert kinds.count("rolled_back") == 1
     assert all(e["environment"] == demo_app.env for e in receiver.events)
-    demo_app.assert_no_secrets(*receiver.raw)
+    demo_app.assert_no_secrets(*(r.decode() for r in receiver.raw))
 
 
 @pytest.mark.parametrize("receiver", [500], indirect=True)
-def test_a_failing_webhook_never_fails_the_deploy(demo_app: DemoApp, receiver: Receiver) -> None:
+def test_a_failing_webhook_never_fails_the_deploy(demo_app: DemoApp,
+                                                 receiver: WebhookReceiver) -> None:
     demo_app.write_config(notifications={"webhook_url": receiver.url, "retries": 1})
 
     result = demo_app.deploy()

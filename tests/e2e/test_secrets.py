@@ -13,7 +13,6 @@ really work with those secrets: the odd password reached the containers, pg_dump
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import secrets
@@ -25,7 +24,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
-from conftest import DemoApp, psql_admin, quote_ident, run
+from conftest import DemoApp, WebhookReceiver, psql_admin, quote_ident, run
 from dotenv import dotenv_values
 
 DEBUG = {"TOGATHER_DEBUG": "1"}
@@ -57,40 +56,6 @@ def canary_role() -> Iterator[tuple[str, str]]:
     for database in owned:  # only when the app's teardown did not drop it
         psql_admin(f"DROP DATABASE IF EXISTS {quote_ident(database)} WITH (FORCE);")
     psql_admin(f"DROP ROLE IF EXISTS {quote_ident(name)};")
-
-
-class Receiver:
-    """A webhook receiver on loopback recording the raw bodies."""
-
-    def __init__(self) -> None:
-        self.raw: list[bytes] = []
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                receiver.raw.append(self.rfile.read(int(self.headers["Content-Length"])))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
 
 
 class CmdlineSampler:
@@ -241,7 +206,7 @@ def container_env(app: DemoApp, slot: str) -> list[str]:
 
 
 def test_canary_secrets_never_leak(canary_role: tuple[str, str], demo_app_factory,
-                                   receiver: Receiver) -> None:
+                                   receiver: WebhookReceiver) -> None:
     role, password = canary_role
     app: DemoApp = demo_app_factory()
     values = make_canary_app(app, role, password, receiver.url)
