@@ -24,6 +24,7 @@ from .state import State, iso, utc_now
 ABSENT = "absent"
 CAS_CONFLICT = 75
 CAS_ATTEMPTS = 8
+READ_ATTEMPTS = 3
 STATE_MARKER = "--togather-state--"
 
 
@@ -48,9 +49,14 @@ def cas_script(directory: str, state_file: str, tmp: str, expected: str) -> str:
     )
 
 
-def read_script(path: str) -> str:
+def read_script(directory: str, path: str) -> str:
+    """Print the state file's sha256 and content, read under a shared flock so a concurrent
+    compare-and-swap cannot replace it between the two (read-only: opening the lock file for
+    reading never creates it)."""
     q = shlex.quote
-    return (f"if [ -e {q(path)} ]; then sha256sum < {q(path)} | cut -d' ' -f1; "
+    lockfile = q(f"{directory}/.state.flock")
+    return (f"if [ -e {lockfile} ]; then exec 9< {lockfile} && flock -s -w 20 9; fi; "
+            f"if [ -e {q(path)} ]; then sha256sum < {q(path)} | cut -d' ' -f1; "
             f"echo {STATE_MARKER}; cat {q(path)}; else echo {ABSENT}; fi")
 
 
@@ -68,18 +74,22 @@ class StateStore:
         return f"{self.path} on {self.host.name}"
 
     def read(self) -> Snapshot:
-        result = self.host.run(read_script(self.path), timeout=60, what="reading the state file")
-        out = result.stdout
-        if out.strip() == ABSENT:
-            return Snapshot(State.empty(self.environment), ABSENT)
-        token, _, body = out.partition(f"\n{STATE_MARKER}\n")
-        if not body and not token:
-            raise StateError(f"cannot read {self.where}")
-        if hashlib.sha256(body.encode("utf-8", "surrogateescape")).hexdigest() != token.strip():
-            # Non-UTF-8 bytes or a file changing under us: refuse rather than guess.
-            raise StateError(f"{self.where} changed while being read or is not UTF-8 text",
-                             hint="Retry; if it persists, inspect the file by hand.")
-        return Snapshot(State.from_json(body, self.where, self.environment), token.strip())
+        for _ in range(READ_ATTEMPTS):
+            result = self.host.run(read_script(self.directory, self.path), timeout=60,
+                                   what="reading the state file")
+            out = result.stdout
+            if out.strip() == ABSENT:
+                return Snapshot(State.empty(self.environment), ABSENT)
+            token, _, body = out.partition(f"\n{STATE_MARKER}\n")
+            if not body and not token:
+                raise StateError(f"cannot read {self.where}")
+            digest = hashlib.sha256(body.encode("utf-8", "surrogateescape")).hexdigest()
+            if digest == token.strip():
+                return Snapshot(State.from_json(body, self.where, self.environment),
+                                token.strip())
+        # Still different after retries: not UTF-8 text (or a writer that ignores the flock).
+        raise StateError(f"{self.where} is not UTF-8 text or keeps changing while read",
+                         hint="Inspect the file by hand; nothing was changed.")
 
     def write(self, new: State, expected_token: str) -> str:
         """CAS-write `new`; returns the new token. Raises StateConflict if the file changed."""

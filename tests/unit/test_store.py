@@ -295,14 +295,15 @@ def run_sh(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_read_script_prints_absent_for_a_missing_file(tmp_path: Path) -> None:
-    result = run_sh(read_script(str(tmp_path / "it's missing.json")), tmp_path)
+    result = run_sh(read_script(str(tmp_path), str(tmp_path / "it's missing.json")), tmp_path)
     assert result.stdout == f"{ABSENT}\n"
 
 
 def test_read_script_prints_hash_marker_and_content(tmp_path: Path) -> None:
     path = tmp_path / "a 'b' $(c).json"
     path.write_text('{"x": 1}\n')
-    token, marker, body = run_sh(read_script(str(path)), tmp_path).stdout.split("\n", 2)
+    token, marker, body = run_sh(read_script(str(tmp_path), str(path)),
+                                 tmp_path).stdout.split("\n", 2)
     assert token == hashlib.sha256(b'{"x": 1}\n').hexdigest()
     assert marker == "--togather-state--"
     assert body == '{"x": 1}\n'
@@ -329,3 +330,33 @@ def test_cas_script_replaces_only_when_the_hash_matches(tmp_path: Path) -> None:
     ok = run_sh(cas_script(str(directory), str(state_file), str(tmp), right), tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert state_file.read_text() == "new\n" and not tmp.exists()
+
+
+def test_reads_never_see_a_half_swapped_file_while_another_process_writes(
+        state_dir: Path) -> None:
+    """A reader racing compare-and-swap writers gets a consistent (hash, content) pair every
+    time: the read holds a shared flock the writers' exclusive one excludes."""
+    writer_store, reader_store = make_store(state_dir), make_store(state_dir)
+    writer_store.write(State.empty("staging"), ABSENT)
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def write_many() -> None:
+        try:
+            for i in range(40):
+                if stop.is_set():
+                    return
+                writer_store.update(lambda s, i=i: s.with_lock(
+                    {"locked": False, "message": "x" * (i % 7)}))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            failures.append(exc)
+
+    writer = threading.Thread(target=write_many)
+    writer.start()
+    try:
+        for _ in range(40):
+            reader_store.read()
+    finally:
+        stop.set()
+        writer.join(60)
+    assert not failures
