@@ -4,6 +4,7 @@
 # the ssh config stay. Idempotent: with nothing running it does nothing and exits 0.
 set -euo pipefail
 
+HERE=$(cd "$(dirname "$0")" && pwd)
 RUN_DIR=/run/togather-testbed
 CONF_DIR=/etc/togather-testbed
 SSHD_PIDFILE=$RUN_DIR/sshd.pid
@@ -24,18 +25,8 @@ die() { printf 'testbed-down: ERROR: %s\n' "$*" >&2; exit 1; }
 exec 9>"$RUN_DIR/lock"
 flock -w 900 9 || die "another testbed-up/down holds $RUN_DIR/lock"
 
-# Echo the pid in PIDFILE if it is alive, named COMM, and (optionally) its command line has MATCH.
-live_pid() {
-    local pidfile=$1 comm=$2 match=${3:-} pid
-    [ -s "$pidfile" ] || return 1
-    pid=$(head -n1 "$pidfile" | tr -dc '0-9')
-    [ -n "$pid" ] && [ -d "/proc/$pid" ] || return 1
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$comm" ] || return 1
-    if [ -n "$match" ]; then
-        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$match" || return 1
-    fi
-    printf '%s' "$pid"
-}
+# shellcheck source=scripts/testbed-lib.sh
+. "$HERE/testbed-lib.sh"
 
 # stop NAME PIDFILE COMM MATCH WAIT_SECONDS: SIGTERM, wait bounded, then SIGKILL.
 stop() {

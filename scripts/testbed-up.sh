@@ -136,19 +136,8 @@ with_block() {
     printf '%s\n%s\n%s\n' "$MARK_BEGIN" "$block" "$MARK_END"
 }
 
-# Echo the pid in PIDFILE if that process is alive and its name is COMM (and its command line
-# contains MATCH, if given). Guards against stale pid files and reused pids.
-live_pid() {
-    local pidfile=$1 comm=$2 match=${3:-} pid
-    [ -s "$pidfile" ] || return 1
-    pid=$(head -n1 "$pidfile" | tr -dc '0-9')
-    [ -n "$pid" ] && [ -d "/proc/$pid" ] || return 1
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$comm" ] || return 1
-    if [ -n "$match" ]; then
-        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$match" || return 1
-    fi
-    printf '%s' "$pid"
-}
+# shellcheck source=scripts/testbed-lib.sh
+. "$REPO/scripts/testbed-lib.sh"
 
 ensure_venv() {
     [ -x "$VENV/bin/pip" ] && return 0

@@ -138,17 +138,24 @@ class SlotOperation:
                 f"{self.settings.env} --force`.")
         self.lock = None
 
-    def start_new_slot(self) -> None:
-        for host in self.s.all_hosts:
-            self.new_slot_started = True
-            slots.start_slot(self.settings, host, self.target())
+    def start(self) -> None:
+        """Step: the new slot runs its image on every host."""
+        target = self.target()
+        with self.progress.step("start", f"starting the {target.slot} slot") as note:
+            for host in self.s.all_hosts:
+                self.new_slot_started = True
+                slots.start_slot(self.settings, host, target)
+            note(f"app-{target.slot} running {target.image}")
 
-    def gate_new_slot(self) -> Verdict:
-        verdict = None
-        for host in self.s.all_hosts:
-            verdict = slots.health_gate(self.settings, host, self.target(), self.s.console)
-        assert verdict is not None
-        return verdict
+    def health(self) -> None:
+        """Step: the new slot is healthy and runs the expected version on every host."""
+        target = self.target()
+        with self.progress.step("health", f"health gate on {target.slot}") as note:
+            verdict: Verdict | None = None
+            for host in self.s.all_hosts:
+                verdict = slots.health_gate(self.settings, host, target, self.s.console)
+            assert verdict is not None
+            note(f"{target.slot} is {verdict.status}, version {verdict.version}")
 
     def switch_to_new_slot(self) -> None:
         for host in self.s.all_hosts:

@@ -289,16 +289,6 @@ class Deploy(SlotOperation):
                                                     result.stdout + result.stderr)
             note(f"{self.migrations_run} applied")
 
-    def start(self) -> None:
-        with self.progress.step("start", f"starting the {self.new_slot} slot") as note:
-            self.start_new_slot()
-            note(f"{cmd.service(self.new_slot)} running {self.image}")
-
-    def health(self) -> None:
-        with self.progress.step("health", f"health gate on {self.new_slot}") as note:
-            verdict = self.gate_new_slot()
-            note(f"{self.new_slot} is {verdict.status}, version {verdict.version}")
-
     def switch(self) -> None:
         with self.progress.step("switch", f"nginx -> {self.new_slot}") as note:
             self.switch_to_new_slot()

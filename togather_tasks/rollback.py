@@ -115,16 +115,6 @@ class Rollback(SlotOperation):
                 rebuilt.append(host.name)
             note("rebuilt on " + ", ".join(rebuilt) if rebuilt else "present")
 
-    def start(self) -> None:
-        with self.progress.step("start", f"{self.new_slot} slot") as note:
-            self.start_new_slot()
-            note(f"app-{self.new_slot} running {self.image_ref()}")
-
-    def health(self) -> None:
-        with self.progress.step("health", f"health gate on {self.new_slot}") as note:
-            verdict = self.gate_new_slot()
-            note(f"{self.new_slot} is {verdict.status}")
-
     def switch(self) -> None:
         with self.progress.step("switch", f"nginx -> {self.new_slot}") as note:
             self.switch_to_new_slot()

@@ -39,7 +39,6 @@ databases and remote directories are not.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import http.client
 import http.server
@@ -63,6 +62,8 @@ import jsonschema
 import pytest
 import yaml
 from dotenv import dotenv_values
+
+from togather_tasks.config import deep_merge
 
 E2E_DIR = Path(__file__).resolve().parent
 REPO_ROOT = E2E_DIR.parents[1]
@@ -199,16 +200,6 @@ def run(args: list[str], *, check: bool = True, timeout: float = 120, input: str
         raise AssertionError(f"{' '.join(map(str, args))} failed (exit {result.returncode}):\n"
                              f"{result.stdout}\n{result.stderr}")
     return result
-
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def free_ports(count: int, *, exclude: set[int] = frozenset()) -> list[int]:
