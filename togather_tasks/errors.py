@@ -58,6 +58,11 @@ class LockHeldError(TogatherError):
     exit_code = ExitCode.LOCK_HELD
 
 
+class LockLostError(LockHeldError):
+    """Our lock expired or was taken over while the operation ran: nothing destructive may
+    happen after this (exit 3, like a lock held by someone else)."""
+
+
 class HealthCheckError(TogatherError):
     exit_code = ExitCode.HEALTH_FAILED
 

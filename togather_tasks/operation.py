@@ -12,6 +12,7 @@ from typing import Any
 from . import hooks, notify, slots
 from .errors import Interrupted, TogatherError
 from .health import Verdict
+from .lease import Lease
 from .lock import describe
 from .output import Progress
 from .session import Session
@@ -21,7 +22,8 @@ from .state import other_slot, utc_now
 PAUSE_ENV = "TOGATHER_TEST_PAUSE_BEFORE"
 PAUSE_FILE_ENV = "TOGATHER_TEST_PAUSE_FILE"
 PAUSE_SECONDS = 120
-LOCK_RENEW_EVERY = 300
+# Steps after which the world has changed: each runs only while the lock is provably ours.
+DESTRUCTIVE_STEPS = frozenset({"migrate", "switch", "record", "restore_database"})
 
 
 def pause_if_requested(step: str) -> None:
@@ -51,8 +53,7 @@ class SlotOperation:
         self.settings = session.settings
         self.progress = Progress(session.console, session.log, total_steps)
         self.started = time.monotonic()
-        self.lock: dict[str, Any] | None = None
-        self.last_renew = 0.0
+        self.lease: Lease | None = None
         self.new_slot = ""
         self.old_slot: str | None = None
         self.new_slot_started = False
@@ -79,11 +80,17 @@ class SlotOperation:
     def elapsed(self) -> int:
         return int(time.monotonic() - self.started)
 
+    @property
+    def lock(self) -> dict[str, Any] | None:
+        return self.lease.lock if self.lease else None
+
     def take_lock(self, deployment_id: str, *, force: bool = False) -> None:
-        self.lock, decision = self.s.store.acquire(
-            self.s.operator, deployment_id=deployment_id, operation=self.operation,
-            timeout_minutes=self.settings.deployment["lock_timeout_minutes"], force=force)
-        self.last_renew = time.monotonic()
+        lease = Lease(self.s, deployment_id=deployment_id, operation=self.operation,
+                      force=force)
+        lease.acquire()
+        self.lease = lease
+        decision = lease.decision
+        assert decision is not None
         if decision.replaced:
             self.s.console.warn(f"took over the lock of {describe(decision.replaced, utc_now())}"
                                 f": {decision.reason}")
@@ -109,7 +116,8 @@ class SlotOperation:
             for step in steps:
                 self.upcoming = step.__name__
                 pause_if_requested(step.__name__)
-                self.renew_lock_if_due()
+                if self.lease and step.__name__ in DESTRUCTIVE_STEPS:
+                    self.lease.check(step.__name__)
                 step()
         except (TogatherError, Interrupted) as exc:
             with shielded():
@@ -119,24 +127,9 @@ class SlotOperation:
             with shielded():
                 self.release_lock()
 
-    def renew_lock_if_due(self) -> None:
-        if self.lock and time.monotonic() - self.last_renew > LOCK_RENEW_EVERY:
-            self.s.store.renew(self.lock["lock_id"],
-                               self.settings.deployment["lock_timeout_minutes"])
-            self.last_renew = time.monotonic()
-
     def release_lock(self) -> None:
-        if not self.lock:
-            return
-        try:
-            if self.s.store.release(self.lock["lock_id"]) is None:
-                self.s.console.warn("our lock had already been taken over by someone else")
-        except (TogatherError, OSError) as exc:
-            self.s.console.error(
-                f"could not release the lock {self.lock['lock_id']}: {exc}. It expires at "
-                f"{self.lock['lock_expires_at']}, or run `inv lock.release --env="
-                f"{self.settings.env} --force`.")
-        self.lock = None
+        if self.lease:
+            self.lease.release()
 
     def start(self) -> None:
         """Step: the new slot runs its image on every host."""

@@ -24,6 +24,7 @@ class Session:
         self.redact = console.redactor
         self._accept_new = accept_new_host_key
         self._hosts: dict[str, Host] = {}
+        self._extra: list[Host] = []
 
     def host(self, name: str) -> Host:
         if name not in self._hosts:
@@ -46,6 +47,14 @@ class Session:
     @cached_property
     def operator(self) -> Operator:
         return Operator.current(str(self.settings.root))
+
+    def heartbeat_store(self) -> StateStore:
+        """A state store over a connection of its own to the primary host, for the lock's
+        heartbeat thread (a connection is never shared between threads). Not observed: the
+        run log belongs to the main thread."""
+        host = connect(self.settings.primary_host, accept_new_host_key=self._accept_new)
+        self._extra.append(host)
+        return StateStore(host, self.settings.remote_dir, self.settings.env)
 
     def ssh_connections(self) -> int:
         return sum(h.connections_opened for h in self._hosts.values())
@@ -73,6 +82,6 @@ class Session:
             self.console.warn(f"could not append the audit line on the host: {exc}")
 
     def close(self) -> None:
-        for host in self._hosts.values():
+        for host in [*self._hosts.values(), *self._extra]:
             host.close()
         self.log.close()
