@@ -3,7 +3,10 @@ pipeline or the store, and turn the package's typed errors into exit codes (erro
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json as jsonlib
+import re
 import sys
 import time
 import traceback
@@ -12,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from invoke import Collection, Context, Exit, task
+from invoke import Collection, Context, Exit, Program, Task, task
 
 from .errors import ExitCode, HealthCheckError, Interrupted, TogatherError, UsageError
 from .lock import describe
@@ -27,11 +30,73 @@ if TYPE_CHECKING:
 
 ENV_HELP = "environment: development, staging or production"
 
+# The only short flags, each with one meaning in every task (`-d` is Invoke's --debug and
+# `-R` its --dry, so neither names a task option).
+SHORT_FLAGS = {"env": "e", "yes": "y", "dry_run": "n", "json_": "j"}
+
+
+class TogatherTask(Task):
+    """A task with deliberate short flags only (Invoke's automatic ones gave `-r` to --ref in
+    deploy and to --restore-db in rollback) and integer options typed as int in `--help` and
+    in parsing, also those whose default None means "the configured value"."""
+
+    def __init__(self, *args: Any, ints: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, auto_shortflags=False, **kwargs)
+        self.ints = ints
+
+    def arg_opts(self, name: str, default: str, taken_names: set[str]) -> dict[str, Any]:
+        opts = super().arg_opts(name, default, taken_names)
+        if name in SHORT_FLAGS:
+            opts["names"].append(SHORT_FLAGS[name])
+        if name in self.ints:
+            opts["kind"] = int
+        return opts
+
+
+def togather_task(*args: Any, **kwargs: Any) -> Any:
+    """`@task` for this package's tasks (see TogatherTask)."""
+    return task(*args, klass=TogatherTask, **kwargs)
+
+
+def _invoke_dry(c: Context) -> bool:
+    """Invoke's core -R/--dry (also INVOKE_RUN_DRY=1 or `run.dry` in an Invoke config file)."""
+    return bool(c.config.run.dry)
+
+
+def dry_under_invoke_dry(body: Callable[..., Any]) -> Callable[..., Any]:
+    """For a task with a --dry-run of its own: Invoke's -R/--dry means that dry run. Ignored,
+    `inv -R deploy` deployed for real while its operator believed nothing would run."""
+
+    @functools.wraps(body)
+    def honouring_dry(c: Context, *args: Any, **kwargs: Any) -> Any:
+        if _invoke_dry(c):
+            call = inspect.signature(body).bind(c, *args, **kwargs)
+            call.arguments["dry_run"] = True
+            return body(*call.args, **call.kwargs)
+        return body(c, *args, **kwargs)
+
+    return honouring_dry
+
+
+def refused_under_invoke_dry(body: Callable[..., Any]) -> Callable[..., Any]:
+    """For a task that changes something and has no dry run: under Invoke's -R/--dry it refuses
+    (exit 2) before doing anything, rather than act while the operator expects a rehearsal."""
+    command = body.__name__.replace("_", ".", 1)
+
+    @functools.wraps(body)
+    def refusing_dry(c: Context, *args: Any, **kwargs: Any) -> Any:
+        if _invoke_dry(c):
+            raise Exit(f"error: {command} has no dry run and -R/--dry does not rehearse it; "
+                       "nothing was changed", code=int(ExitCode.INVALID_ARGUMENTS))
+        return body(c, *args, **kwargs)
+
+    return refusing_dry
+
 
 def project_root(c: Context) -> Path:
     from . import config as configmod
 
-    configured = c.config.get("togather", {}).get("root") if hasattr(c, "config") else None
+    configured = _togather_config(c).get("root")
     return Path(configured) if configured else configmod.find_project_root(Path.cwd())
 
 
@@ -66,6 +131,18 @@ def guarded(console: Console, log: RunLog | None = None) -> Iterator[None]:
         raise Exit(code=int(ExitCode.FAILURE)) from None
 
 
+def make_console(c: Context, *, quiet: bool = False) -> Console:
+    """A console whose debug output is on with TOGATHER_DEBUG=1 or Invoke's -d/--debug."""
+    console = Console(Redactor(), quiet=quiet)
+    if _togather_config(c).get("debug"):
+        console.debug_enabled = True
+    return console
+
+
+def _togather_config(c: Context) -> dict[str, Any]:
+    return c.config.get("togather", {}) if hasattr(c, "config") else {}
+
+
 def load(c: Context, env: str | None, *, require_secrets: bool = True) -> configmod.Settings:
     from . import config as configmod
 
@@ -78,7 +155,7 @@ def run_command(c: Context, env: str | None, operation: str,
                 accept_new_host_key: bool = False) -> Any:
     from .session import Session
 
-    console = Console(Redactor(), quiet=quiet)
+    console = make_console(c, quiet=quiet)
     with guarded(console):
         settings = load(c, env)
     console.redactor.add(settings.secret_values())
@@ -104,11 +181,12 @@ def confirm(settings: configmod.Settings, yes: bool, what: str) -> None:
         raise UsageError("not confirmed; nothing was changed")
 
 
-@task(help={"env": ENV_HELP, "ref": "git ref to deploy (default HEAD)",
-            "dry_run": "validate and print the plan; change nothing anywhere",
-            "force": "break a lock held by someone else (prints the holder first)",
-            "skip_migrations": "no snapshot, no migrations",
-            "yes": "do not ask for confirmation (production)"})
+@togather_task(help={"env": ENV_HELP, "ref": "git ref to deploy (default HEAD)",
+                     "dry_run": "validate and print the plan; change nothing anywhere",
+                     "force": "break a lock held by someone else (prints the holder first)",
+                     "skip_migrations": "no snapshot, no migrations",
+                     "yes": "do not ask for confirmation (production)"})
+@dry_under_invoke_dry
 def deploy(c, env=None, ref="HEAD", dry_run=False, force=False, skip_migrations=False,
            yes=False):
     """Deploy a commit with zero downtime (build, snapshot, migrate, switch slots).
@@ -140,7 +218,7 @@ def deploy(c, env=None, ref="HEAD", dry_run=False, force=False, skip_migrations=
     run_command(c, env, "deploy", body, log=True)
 
 
-@task(help={"env": ENV_HELP, "json_": "machine-readable output"})
+@togather_task(help={"env": ENV_HELP, "json_": "machine-readable output"})
 def status(c, env=None, json_=False):
     """Current and previous deployment, active slot, what runs in each slot, lock holder."""
 
@@ -169,19 +247,15 @@ def status(c, env=None, json_=False):
     run_command(c, env, "status", body, quiet=json_)
 
 
-@task(help={"env": ENV_HELP, "limit": "how many entries (default 10)",
-            "json_": "machine-readable output"})
-def history(c, env=None, limit=None, json_=False):
+@togather_task(help={"env": ENV_HELP, "limit": "how many entries (default 10)",
+                     "json_": "machine-readable output"})
+def history(c, env=None, limit=10, json_=False):
     """Deployment history, newest first (failed deployments included)."""
 
     def body(session: Session) -> None:
-        try:
-            n = int(limit) if limit is not None else 10
-        except ValueError:
-            raise UsageError(f"--limit must be a number, not {limit!r}") from None
-        if n < 1:
+        if limit < 1:
             raise UsageError("--limit must be at least 1")
-        entries = session.store.read().state.known_deployments()[:n]
+        entries = session.store.read().state.known_deployments()[:limit]
         if json_:
             session.console.always(jsonlib.dumps(entries, indent=2))
             return
@@ -207,7 +281,7 @@ def _describe_lock(lock: dict) -> str:
     return describe(lock, utc_now()) if lock.get("locked") else "free"
 
 
-@task(name="status", help={"env": ENV_HELP, "json_": "machine-readable output"})
+@togather_task(name="status", help={"env": ENV_HELP, "json_": "machine-readable output"})
 def lock_status(c, env=None, json_=False):
     """Who holds the environment's lock, since when, until when."""
 
@@ -221,7 +295,9 @@ def lock_status(c, env=None, json_=False):
     run_command(c, env, "lock", body, quiet=json_)
 
 
-@task(name="acquire", help={"env": ENV_HELP, "message": "why (shown to whoever is blocked)"})
+@togather_task(name="acquire",
+               help={"env": ENV_HELP, "message": "why (shown to whoever is blocked)"})
+@refused_under_invoke_dry
 def lock_acquire(c, env=None, message=None):
     """Hold the lock by hand (e.g. during maintenance) until `lock.release` or expiry."""
 
@@ -241,8 +317,9 @@ def lock_acquire(c, env=None, message=None):
     run_command(c, env, "lock", body)
 
 
-@task(name="release", help={"env": ENV_HELP,
-                            "force": "release a lock held by someone else (prints the holder)"})
+@togather_task(name="release", help={
+    "env": ENV_HELP, "force": "release a lock held by someone else (prints the holder)"})
+@refused_under_invoke_dry
 def lock_release(c, env=None, force=False):
     """Release the environment's lock (yours; anyone's with --force)."""
 
@@ -268,12 +345,12 @@ def lock_release(c, env=None, force=False):
     run_command(c, env, "lock", body)
 
 
-@task(name="validate", help={"env": ENV_HELP})
+@togather_task(name="validate", help={"env": ENV_HELP})
 def config_validate(c, env=None):
     """Validate config/deployment.yml and the environment's secrets file (no host contact)."""
     from . import config as configmod
 
-    console = Console(Redactor())
+    console = make_console(c)
     with guarded(console):
         settings = load(c, env)
         for warning in settings.warnings:
@@ -282,12 +359,12 @@ def config_validate(c, env=None):
                       f"({settings.root / configmod.CONFIG_FILE}, {settings.env_file})")
 
 
-@task(name="show", help={"env": ENV_HELP, "json_": "machine-readable output"})
+@togather_task(name="show", help={"env": ENV_HELP, "json_": "machine-readable output"})
 def config_show(c, env=None, json_=False):
     """The merged configuration of an environment, every secret redacted."""
     from . import config as configmod
 
-    console = Console(Redactor())
+    console = make_console(c)
     with guarded(console):
         settings = load(c, env)
         redactor = settings.redactor()
@@ -305,7 +382,8 @@ def _yamlish(text: str) -> str:
     return yaml.safe_dump(jsonlib.loads(text), sort_keys=False).rstrip()
 
 
-@task(name="trust", help={"env": ENV_HELP, "yes": "accept without asking"})
+@togather_task(name="trust", help={"env": ENV_HELP, "yes": "accept without asking"})
+@refused_under_invoke_dry
 def hosts_trust(c, env=None, yes=False):
     """Accept unknown host keys of an environment's hosts (like ssh's accept-new).
 
@@ -327,10 +405,12 @@ def hosts_trust(c, env=None, yes=False):
     run_command(c, env, "hosts", body, accept_new_host_key=True)
 
 
-@task(help={"env": ENV_HELP, "to": "version (short/full SHA) or deployment id from the history",
-            "dry_run": "show the target and the plan; change nothing",
-            "yes": "do not ask for confirmation (production, --restore-db)",
-            "restore_db": "also restore the snapshot taken before the rolled-back deployment"})
+@togather_task(help={
+    "env": ENV_HELP, "to": "version (short/full SHA) or deployment id from the history",
+    "dry_run": "show the target and the plan; change nothing",
+    "yes": "do not ask for confirmation (production, --restore-db)",
+    "restore_db": "also restore the snapshot taken before the rolled-back deployment"})
+@dry_under_invoke_dry
 def rollback(c, env=None, to=None, dry_run=False, yes=False, restore_db=False):
     """Return traffic to the previous deployment (or --to one from the history)."""
     from .rollback import Rollback, RollbackOptions
@@ -371,9 +451,9 @@ def _confirm_restore(session: Session, name: str, yes: bool) -> None:
         raise UsageError("not confirmed; nothing was restored")
 
 
-@task(help={"env": ENV_HELP, "slot": "active (through the proxy, default), blue or green",
-            "expected_version": "fail unless this version (SHA) is running",
-            "json_": "machine-readable output"})
+@togather_task(help={"env": ENV_HELP, "slot": "active (through the proxy, default), blue or green",
+                     "expected_version": "fail unless this version (SHA) is running",
+                     "json_": "machine-readable output"})
 def health(c, env=None, slot="active", expected_version=None, json_=False):
     """Check the app's /health (through the proxy or one slot) against the contract."""
     from .health import evaluate, unreachable
@@ -429,7 +509,8 @@ def _print_health(console: Console, where: str, verdict, elapsed_ms: int) -> Non
                           f"{check.get('latency', '-'):>8}  {check.get('message', '')}")
 
 
-@task(name="snapshot", help={"env": ENV_HELP})
+@togather_task(name="snapshot", help={"env": ENV_HELP})
+@refused_under_invoke_dry
 def db_snapshot(c, env=None):
     """Take a database snapshot now (pg_dump on the primary host, verified)."""
 
@@ -441,7 +522,7 @@ def db_snapshot(c, env=None):
     run_command(c, env, "db", body)
 
 
-@task(name="snapshots", help={"env": ENV_HELP, "json_": "machine-readable output"})
+@togather_task(name="snapshots", help={"env": ENV_HELP, "json_": "machine-readable output"})
 def db_snapshots(c, env=None, json_=False):
     """List the database snapshots on the primary host, newest first."""
 
@@ -464,8 +545,10 @@ def db_snapshots(c, env=None, json_=False):
     run_command(c, env, "db", body, quiet=json_)
 
 
-@task(name="restore", help={"env": ENV_HELP, "snapshot": "snapshot name (see db.snapshots)",
-                            "yes": "do not ask for confirmation"})
+@togather_task(name="restore",
+               help={"env": ENV_HELP, "snapshot": "snapshot name (see db.snapshots)",
+                     "yes": "do not ask for confirmation"})
+@refused_under_invoke_dry
 def db_restore(c, env=None, snapshot=None, yes=False):
     """Restore a snapshot into the environment's database (a safety snapshot is taken first)."""
 
@@ -481,9 +564,12 @@ def db_restore(c, env=None, snapshot=None, yes=False):
     run_command(c, env, "db", body, log=True)
 
 
-@task(help={"env": ENV_HELP, "keep_images": "images to keep per host (default from config)",
-            "keep_snapshots": "snapshots to keep (default from config)",
-            "dry_run": "show what would be removed"})
+@togather_task(help={"env": ENV_HELP,
+                     "keep_images": "images to keep per host (default from config)",
+                     "keep_snapshots": "snapshots to keep (default from config)",
+                     "dry_run": "show what would be removed"},
+               ints=("keep_images", "keep_snapshots"))
+@dry_under_invoke_dry
 def cleanup(c, env=None, keep_images=None, keep_snapshots=None, dry_run=False):
     """Remove old images, releases and snapshots (never the current or previous ones)."""
 
@@ -514,8 +600,6 @@ def cleanup(c, env=None, keep_images=None, keep_snapshots=None, dry_run=False):
 
 def _parse_error_text(text: str) -> str:
     """Invoke's parser messages in the words of a command line."""
-    import re
-
     needs = re.match(r"Flag <Argument: ([\w-]+)[^>]*> needed value", text)
     if needs:
         return f"--{needs[1].replace('_', '-').strip('-')} needs a value"
@@ -525,12 +609,27 @@ def _parse_error_text(text: str) -> str:
     return text
 
 
+def _not_a_number_text(exc: ValueError, argv: list[str]) -> str | None:
+    """Invoke lets int()'s ValueError escape from an INT option; say which option, in the
+    operator's words (None when the error is not that)."""
+    bad = re.fullmatch(r"invalid literal for int\(\) with base 10: '(.*)'", str(exc))
+    if bad is None:
+        return None
+    for before, token in zip(["", *argv], argv, strict=False):
+        flag, sign, value = token.partition("=")
+        if sign and value == bad[1]:
+            return f"{flag} takes a whole number, not {bad[1]!r}"
+        if not sign and token == bad[1] and before.startswith("-"):
+            return f"{before} takes a whole number, not {bad[1]!r}"
+    return f"{bad[1]!r} is not a whole number"
+
+
 def _argument_errors_exit_2() -> None:
     """Invoke exits 1 on a command-line parse error (an unknown flag, a flag without its
-    value); the exit-code contract says 2 for invalid arguments. Patch the parse step of
-    Invoke's Program once, in the process that loads these tasks."""
+    value) and ends in a traceback for a non-number given to an INT option; the exit-code
+    contract says 2 for invalid arguments. Patch the parse step of Invoke's Program once, in
+    the process that loads these tasks."""
     from invoke.exceptions import ParseError
-    from invoke.program import Program
 
     original = Program.parse_tasks
     if getattr(original, "togather_patched", False):
@@ -540,11 +639,46 @@ def _argument_errors_exit_2() -> None:
         try:
             original(self)
         except ParseError as exc:
-            raise Exit(f"error: {_parse_error_text(str(exc))} (see `inv --help TASK`)",
-                       code=int(ExitCode.INVALID_ARGUMENTS)) from None
+            raise _invalid_arguments(_parse_error_text(str(exc))) from None
+        except ValueError as exc:
+            text = _not_a_number_text(exc, self.core.unparsed)
+            if text is None:
+                raise
+            raise _invalid_arguments(text) from None
 
     parse_tasks.togather_patched = True  # type: ignore[attr-defined]
     Program.parse_tasks = parse_tasks  # type: ignore[method-assign]
+
+
+def _invalid_arguments(text: str) -> Exit:
+    return Exit(f"error: {text} (see `inv --help TASK`)", code=int(ExitCode.INVALID_ARGUMENTS))
+
+
+def _debug_flag_reaches_tasks() -> None:
+    """Invoke's -d/--debug turns on Invoke's own logging only; a task never sees it. Record
+    it as `togather.debug` in the config (a modification, so it outlives the collection's
+    configuration merged later) so that `inv -d deploy` shows this tool's debug output too."""
+    original = Program.update_config
+    if getattr(original, "togather_patched", False):
+        return
+
+    def update_config(self: Program, merge: bool = True) -> None:
+        original(self, merge=merge)
+        if self.args.debug.value:
+            self.config["togather"] = {"debug": True}
+
+    update_config.togather_patched = True  # type: ignore[attr-defined]
+    Program.update_config = update_config  # type: ignore[method-assign]
+
+
+NAMESPACES = (
+    ("config", "Check and show an environment's configuration (no host contact).",
+     (config_validate, config_show)),
+    ("db", "Database snapshots: take, list, restore.", (db_snapshot, db_snapshots, db_restore)),
+    ("hosts", "Trust the SSH host keys of an environment's hosts.", (hosts_trust,)),
+    ("lock", "The environment's deploy lock: who holds it; take or release it by hand.",
+     (lock_status, lock_acquire, lock_release)),
+)
 
 
 def namespace(root: str | Path | None = None) -> Collection:
@@ -554,12 +688,11 @@ def namespace(root: str | Path | None = None) -> Collection:
         ns = namespace(__file__)
     """
     _argument_errors_exit_2()
+    _debug_flag_reaches_tasks()
     ns = Collection(deploy, rollback, health, status, history, cleanup)
-    lock = Collection("lock", lock_status, lock_acquire, lock_release)
-    cfg = Collection("config", config_validate, config_show)
-    hosts = Collection("hosts", hosts_trust)
-    db = Collection("db", db_snapshot, db_snapshots, db_restore)
-    for sub in (lock, cfg, db, hosts):
+    for name, help_text, tasks in NAMESPACES:
+        sub = Collection(name, *tasks)
+        sub.__doc__ = help_text
         ns.add_collection(sub)
     if root is not None:
         path = Path(root).resolve()

@@ -205,3 +205,138 @@ def test_lock_commands_on_the_local_host(project: Project, capsys, tmp_path: Pat
     assert released.returncode == 0, released.stderr
     assert json.loads(run("lock.status", "--json").stdout) == {"locked": False}
     assert (remote_dir / "deployment-state.json").is_file()
+
+
+# --- Invoke's core flags: -R/--dry and -d/--debug (issue 8, item 19) ------------------------
+
+# What each task does under `inv -R`: its own dry run, a refusal, or simply run (read-only).
+DRY_RUN_TASKS = {"deploy", "rollback", "cleanup"}
+REFUSED_UNDER_DRY = {"lock.acquire", "lock.release", "db.snapshot", "db.restore", "hosts.trust"}
+READ_ONLY_TASKS = {"status", "history", "health", "lock.status", "config.validate",
+                   "config.show", "db.snapshots"}
+
+
+def test_every_task_has_a_meaning_under_invoke_dry() -> None:
+    """A new task must be put in one of the three sets (and given a decorator if it changes
+    anything), or `inv -R NEW-TASK` would silently run for real."""
+    assert set(namespace().task_names) == DRY_RUN_TASKS | REFUSED_UNDER_DRY | READ_ONLY_TASKS
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_UNDER_DRY))
+@pytest.mark.parametrize("dry_flag", ["-R", "--dry"])
+def test_invoke_dry_refuses_a_task_without_a_dry_run(project: Project, capsys, name: str,
+                                                     dry_flag: str) -> None:
+    """Refused before anything else: without -R these would go on to contact the host."""
+    result = run_in_process(project, capsys, dry_flag, name, "--env=staging")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {name} has no dry run and -R/--dry does not "
+                                     "rehearse it; nothing was changed")
+    assert_clean(result)
+
+
+@pytest.mark.parametrize("name", sorted(DRY_RUN_TASKS | READ_ONLY_TASKS))
+def test_invoke_dry_lets_other_tasks_run(project: Project, capsys, name: str) -> None:
+    """They get as far as their own argument check (no --env given): -R did not stop them."""
+    result = run_in_process(project, capsys, "-R", name)
+    assert result.returncode == 2
+    assert "--env is required" in result.stderr
+    assert_clean(result)
+
+
+def test_invoke_dry_turns_on_the_tasks_dry_run() -> None:
+    from invoke import Config, Context
+
+    from togather_tasks.cli import dry_under_invoke_dry
+
+    @dry_under_invoke_dry
+    def body(c, env=None, dry_run=False):
+        return dry_run
+
+    dry = Context(Config(overrides={"run": {"dry": True}}))
+    assert body(dry, "staging") is True
+    assert body(dry, "staging", False) is True
+    assert body(Context(), "staging") is False
+    assert body(Context(), dry_run=True) is True
+
+
+@pytest.mark.parametrize("name", sorted(DRY_RUN_TASKS))
+def test_tasks_with_a_dry_run_follow_invoke_dry(name: str) -> None:
+    from togather_tasks.cli import dry_under_invoke_dry
+
+    assert namespace()[name].body.__code__ is dry_under_invoke_dry(lambda c: c).__code__
+
+
+def test_invoke_debug_turns_on_the_tools_debug_output(project: Project, capsys,
+                                                      tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`inv -d` shows every host command like TOGATHER_DEBUG=1 (development runs on `local`)."""
+    monkeypatch.delenv("TOGATHER_DEBUG", raising=False)
+    project.write_config(BASE_CONFIG + f"  development:\n    remote_dir: {tmp_path / 'srv'}\n")
+    plain = run_in_process(project, capsys, "lock.status", "--env=development")
+    debug = run_in_process(project, capsys, "-d", "lock.status", "--env=development")
+    after_task = run_in_process(project, capsys, "lock.status", "--env=development", "--debug")
+    assert plain.returncode == debug.returncode == after_task.returncode == 0, debug.stderr
+    assert "debug: [local] $ " not in plain.stderr
+    assert "debug: [local] $ " in debug.stderr
+    assert "debug: [local] $ " in after_task.stderr
+    assert_clean(debug)
+
+
+# --- short flags, INT options, namespace help (issue 8, item 20) ----------------------------
+
+
+def test_short_flags_are_the_deliberate_ones_with_one_meaning_each() -> None:
+    ns = namespace()
+    meaning: dict[str, set[str]] = {}
+    for name in ns.task_names:
+        for arg in ns[name].get_arguments():
+            for short in (n for n in arg.names if len(n) == 1):
+                meaning.setdefault(short, set()).add(arg.name)
+    assert meaning == {"e": {"env"}, "y": {"yes"}, "n": {"dry_run"}, "j": {"json_"}}
+
+
+@pytest.mark.parametrize(("name", "option"), [("history", "limit"), ("cleanup", "keep_images"),
+                                              ("cleanup", "keep_snapshots")])
+def test_numeric_options_are_int(name: str, option: str) -> None:
+    arg = next(a for a in namespace()[name].get_arguments() if a.name == option)
+    assert arg.kind is int
+
+
+def test_an_unset_keep_option_still_means_the_configured_value() -> None:
+    arguments = {a.name: a for a in namespace()["cleanup"].get_arguments()}
+    assert arguments["keep_images"].default is None
+    assert arguments["keep_snapshots"].default is None
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["history", "--env=staging", "--limit=ten"], "error: --limit takes a whole number, "
+                                                  "not 'ten'"),
+    (["history", "--env=staging", "--limit", "1.5"], "error: --limit takes a whole number, "
+                                                     "not '1.5'"),
+    (["cleanup", "--env=staging", "--keep-images=x"], "error: --keep-images takes a whole "
+                                                      "number, not 'x'"),
+    (["cleanup", "-e", "staging", "-n", "--keep-snapshots", "two"],
+     "error: --keep-snapshots takes a whole number, not 'two'"),
+])
+def test_a_non_number_for_an_int_option_exits_2(project: Project, capsys, args: list[str],
+                                                message: str) -> None:
+    result = run_in_process(project, capsys, *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message)
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert_clean(result)
+
+
+def test_short_flags_parse(project: Project, capsys) -> None:
+    result = run_in_process(project, capsys, "config.show", "-e", "staging", "-j")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["secrets"]["ENVIRONMENT"] == "staging"
+
+
+def test_list_shows_namespace_help(project: Project, capsys) -> None:
+    result = run_in_process(project, capsys, "--list", "--list-depth=1")
+    assert result.returncode == 0
+    lines = {line.split("]")[0].split()[0]: line for line in result.stdout.splitlines()
+             if "tasks]" in line}
+    assert set(lines) == {"config", "db", "hosts", "lock"}
+    assert all(len(line.split("]", 1)[1].strip()) > 10 for line in lines.values())
