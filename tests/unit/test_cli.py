@@ -271,6 +271,8 @@ def test_invoke_debug_turns_on_the_tools_debug_output(project: Project, capsys,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """`inv -d` shows every host command like TOGATHER_DEBUG=1 (development runs on `local`)."""
     monkeypatch.delenv("TOGATHER_DEBUG", raising=False)
+    # Invoke's own -d logging would stay on (root logger at DEBUG) for the rest of the session.
+    monkeypatch.setattr("invoke.program.enable_logging", lambda: None)
     project.write_config(BASE_CONFIG + f"  development:\n    remote_dir: {tmp_path / 'srv'}\n")
     plain = run_in_process(project, capsys, "lock.status", "--env=development")
     debug = run_in_process(project, capsys, "-d", "lock.status", "--env=development")
