@@ -636,6 +636,12 @@ def _argument_errors_exit_2() -> None:
         return
 
     def parse_tasks(self: Program) -> None:
+        if "-d" in self.core.unparsed:
+            # After a task name Invoke reads -d as its own --debug. Before 0.2 it meant
+            # --dry-run here: an operator's old habit must never turn into a real deploy.
+            raise _invalid_arguments("-d after a task name is ambiguous (it used to mean "
+                                     "--dry-run): write -n/--dry-run for a dry run, or "
+                                     "`inv -d TASK` / --debug for debug output")
         try:
             original(self)
         except ParseError as exc:

@@ -284,6 +284,16 @@ def test_invoke_debug_turns_on_the_tools_debug_output(project: Project, capsys,
     assert_clean(debug)
 
 
+def test_short_d_after_a_task_is_refused_not_a_real_deploy(project: Project, capsys) -> None:
+    """`-d` meant --dry-run before; after a task name Invoke would read it as --debug and
+    deploy for real. Refused before anything runs."""
+    result = run_in_process(project, capsys, "deploy", "-e", "staging", "-d", "--yes")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: -d after a task name is ambiguous")
+    assert "-n/--dry-run" in result.stderr
+    assert_clean(result)
+
+
 # --- short flags, INT options, namespace help (issue 8, item 20) ----------------------------
 
 
