@@ -9,6 +9,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -203,8 +204,9 @@ def _describe_deployment(d: dict | None) -> str:
             f"by {d['deployed_by']} at {d['deployed_at']}")
 
 
-def _describe_lock(lock: dict) -> str:
-    return describe(lock, utc_now()) if lock.get("locked") else "free"
+def _describe_lock(lock: dict, host_now: datetime | None = None) -> str:
+    """`host_now`: the host's time read with the lock (its age and expiry are the host's)."""
+    return describe(lock, host_now or utc_now()) if lock.get("locked") else "free"
 
 
 @task(name="status", help={"env": ENV_HELP, "json_": "machine-readable output"})
@@ -212,11 +214,13 @@ def lock_status(c, env=None, json_=False):
     """Who holds the environment's lock, since when, until when."""
 
     def body(session: Session) -> None:
-        lock = session.store.read().state.lock
+        snap = session.store.read()
+        lock = snap.state.lock
         if json_:
             session.console.always(jsonlib.dumps(lock, indent=2))
         else:
-            session.console.print(f"{session.settings.env}: {_describe_lock(lock)}")
+            session.console.print(f"{session.settings.env}: "
+                                  f"{_describe_lock(lock, snap.host_now)}")
 
     run_command(c, env, "lock", body, quiet=json_)
 
@@ -247,23 +251,25 @@ def lock_release(c, env=None, force=False):
     """Release the environment's lock (yours; anyone's with --force)."""
 
     def body(session: Session) -> None:
-        state = session.store.read().state
-        lock = state.lock
+        from .errors import LockHeldError
+        from .lock import is_mine
+        env = session.settings.env
+        outcome = session.store.release_where(
+            lambda lock: force or is_mine(lock, session.operator))
+        lock = outcome.found
         if not lock.get("locked"):
-            session.console.print(f"{session.settings.env}: lock already free")
+            session.console.print(f"{env}: lock already free")
             return
-        mine = lock.get("locked_by") == session.operator.email and lock.get("pid") is None
-        if not (force or mine):
-            from .errors import LockHeldError
+        holder = _describe_lock(lock, outcome.at)
+        if not outcome.released:
             raise LockHeldError(
-                f"{session.settings.env} is locked by {_describe_lock(lock)}",
+                f"{env} is locked by {holder}",
                 hint="Only the holder releases it; break it with --force if you are sure the "
                      "holder is gone.")
         if force:
-            session.console.warn(f"breaking the lock of {_describe_lock(lock)}")
-        session.store.release(lock.get("lock_id"), force=True)
+            session.console.warn(f"broke the lock of {holder}")
         session.audit(operation="lock.release", lock_id=lock.get("lock_id"), forced=force)
-        session.console.print(f"{session.settings.env}: lock released")
+        session.console.print(f"{env}: lock released")
 
     run_command(c, env, "lock", body)
 
