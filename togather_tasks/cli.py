@@ -3,6 +3,7 @@ pipeline or the store, and turn the package's typed errors into exit codes (erro
 
 from __future__ import annotations
 
+import contextlib
 import json as jsonlib
 import sys
 import time
@@ -24,6 +25,7 @@ from .state import utc_now
 
 if TYPE_CHECKING:
     from . import config as configmod
+    from .lease import Lease
     from .session import Session
 
 ENV_HELP = "environment: development, staging or production"
@@ -435,13 +437,29 @@ def _print_health(console: Console, where: str, verdict, elapsed_ms: int) -> Non
                           f"{check.get('latency', '-'):>8}  {check.get('message', '')}")
 
 
+@contextmanager
+def _held(session: Session, operation: str) -> Iterator[Lease]:
+    """The environment's lock around a maintenance command. Exclusive, like a deploy's: what
+    cleanup and db.snapshot remove (an image, a snapshot) is judged against the state, and an
+    in-flight deploy's fresh image or pre-migration snapshot is not in the state yet."""
+    from .lease import Lease
+    from .ulid import new_id
+    with Lease(session, deployment_id=new_id("dep"), operation=operation) as lease:
+        replaced = lease.decision.replaced if lease.decision else None
+        if replaced:
+            session.console.warn(f"took over the lock of {_describe_lock(replaced)}: "
+                                 f"{lease.decision.reason}")
+        yield lease
+
+
 @task(name="snapshot", help={"env": ENV_HELP})
 def db_snapshot(c, env=None):
     """Take a database snapshot now (pg_dump on the primary host, verified)."""
 
     def body(session: Session) -> None:
         from .dbops import snapshot_now
-        path, size = snapshot_now(session)
+        with _held(session, "db.snapshot"):
+            path, size = snapshot_now(session)
         session.console.print(f"snapshot {path} ({size // 1024} KiB, verified)")
 
     run_command(c, env, "db", body)
@@ -504,7 +522,8 @@ def cleanup(c, env=None, keep_images=None, keep_snapshots=None, dry_run=False):
             raise UsageError("--keep-images and --keep-snapshots take numbers") from None
         if ki < 2 or ks < 1:
             raise UsageError("--keep-images must be >= 2 and --keep-snapshots >= 1")
-        report = run_cleanup(session, keep_images=ki, keep_snapshots=ks, dry_run=dry_run)
+        with contextlib.nullcontext() if dry_run else _held(session, "cleanup"):
+            report = run_cleanup(session, keep_images=ki, keep_snapshots=ks, dry_run=dry_run)
         verb = "would remove" if dry_run else "removed"
         for host, refs in report.images.items():
             session.console.print(f"{host}: {verb} images: {', '.join(refs) or 'none'}")
