@@ -3,13 +3,12 @@ pipeline or the store, and turn the package's typed errors into exit codes (erro
 
 from __future__ import annotations
 
-import contextlib
 import json as jsonlib
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -522,7 +521,7 @@ def cleanup(c, env=None, keep_images=None, keep_snapshots=None, dry_run=False):
             raise UsageError("--keep-images and --keep-snapshots take numbers") from None
         if ki < 2 or ks < 1:
             raise UsageError("--keep-images must be >= 2 and --keep-snapshots >= 1")
-        with contextlib.nullcontext() if dry_run else _held(session, "cleanup"):
+        with nullcontext() if dry_run else _held(session, "cleanup"):
             report = run_cleanup(session, keep_images=ki, keep_snapshots=ks, dry_run=dry_run)
         verb = "would remove" if dry_run else "removed"
         for host, refs in report.images.items():

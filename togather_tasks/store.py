@@ -44,7 +44,7 @@ class Snapshot:
 
 
 @dataclass
-class Release:
+class LockRelease:
     """What `release_where` found inside the compare-and-swap: the lock as it was (at the
     host's time `at`), and whether it was released."""
 
@@ -198,16 +198,16 @@ class StateStore:
         outcome = self.release_where(lambda lock: lock.get("lock_id") == lock_id)
         return outcome.found if outcome.released else None
 
-    def release_where(self, may_release: Callable[[dict[str, Any]], bool]) -> Release:
+    def release_where(self, may_release: Callable[[dict[str, Any]], bool]) -> LockRelease:
         """Release the lock if `may_release(lock)` says so, judged inside the compare-and-swap:
         a lock taken by someone else between a read and the write is judged afresh, never
         freed on the strength of the lock that was there before."""
-        outcomes: list[Release] = []
+        outcomes: list[LockRelease] = []
 
         def change(snap: Snapshot) -> State:
             current = snap.state.lock
             release = bool(current.get("locked")) and may_release(current)
-            outcomes.append(Release(current, release, snap.host_now))
+            outcomes.append(LockRelease(current, release, snap.host_now))
             return snap.state.without_lock() if release else snap.state
 
         if self._swap(change) is None:
