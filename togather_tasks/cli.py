@@ -11,7 +11,8 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from .state import utc_now
 
 if TYPE_CHECKING:
     from . import config as configmod
+    from .lease import Lease
     from .session import Session
 
 ENV_HELP = "environment: development, staging or production"
@@ -277,8 +279,9 @@ def _describe_deployment(d: dict | None) -> str:
             f"by {d['deployed_by']} at {d['deployed_at']}")
 
 
-def _describe_lock(lock: dict) -> str:
-    return describe(lock, utc_now()) if lock.get("locked") else "free"
+def _describe_lock(lock: dict, host_now: datetime | None = None) -> str:
+    """`host_now`: the host's time read with the lock (its age and expiry are the host's)."""
+    return describe(lock, host_now or utc_now()) if lock.get("locked") else "free"
 
 
 @togather_task(name="status", help={"env": ENV_HELP, "json_": "machine-readable output"})
@@ -286,11 +289,13 @@ def lock_status(c, env=None, json_=False):
     """Who holds the environment's lock, since when, until when."""
 
     def body(session: Session) -> None:
-        lock = session.store.read().state.lock
+        snap = session.store.read()
+        lock = snap.state.lock
         if json_:
             session.console.always(jsonlib.dumps(lock, indent=2))
         else:
-            session.console.print(f"{session.settings.env}: {_describe_lock(lock)}")
+            session.console.print(f"{session.settings.env}: "
+                                  f"{_describe_lock(lock, snap.host_now)}")
 
     run_command(c, env, "lock", body, quiet=json_)
 
@@ -324,23 +329,25 @@ def lock_release(c, env=None, force=False):
     """Release the environment's lock (yours; anyone's with --force)."""
 
     def body(session: Session) -> None:
-        state = session.store.read().state
-        lock = state.lock
+        from .errors import LockHeldError
+        from .lock import is_mine
+        env = session.settings.env
+        outcome = session.store.release_where(
+            lambda lock: force or is_mine(lock, session.operator))
+        lock = outcome.found
         if not lock.get("locked"):
-            session.console.print(f"{session.settings.env}: lock already free")
+            session.console.print(f"{env}: lock already free")
             return
-        mine = lock.get("locked_by") == session.operator.email and lock.get("pid") is None
-        if not (force or mine):
-            from .errors import LockHeldError
+        holder = _describe_lock(lock, outcome.at)
+        if not outcome.released:
             raise LockHeldError(
-                f"{session.settings.env} is locked by {_describe_lock(lock)}",
+                f"{env} is locked by {holder}",
                 hint="Only the holder releases it; break it with --force if you are sure the "
                      "holder is gone.")
         if force:
-            session.console.warn(f"breaking the lock of {_describe_lock(lock)}")
-        session.store.release(lock.get("lock_id"), force=True)
+            session.console.warn(f"broke the lock of {holder}")
         session.audit(operation="lock.release", lock_id=lock.get("lock_id"), forced=force)
-        session.console.print(f"{session.settings.env}: lock released")
+        session.console.print(f"{env}: lock released")
 
     run_command(c, env, "lock", body)
 
@@ -509,6 +516,21 @@ def _print_health(console: Console, where: str, verdict, elapsed_ms: int) -> Non
                           f"{check.get('latency', '-'):>8}  {check.get('message', '')}")
 
 
+@contextmanager
+def _held(session: Session, operation: str) -> Iterator[Lease]:
+    """The environment's lock around a maintenance command. Exclusive, like a deploy's: what
+    cleanup and db.snapshot remove (an image, a snapshot) is judged against the state, and an
+    in-flight deploy's fresh image or pre-migration snapshot is not in the state yet."""
+    from .lease import Lease
+    from .ulid import new_id
+    with Lease(session, deployment_id=new_id("dep"), operation=operation) as lease:
+        replaced = lease.decision.replaced if lease.decision else None
+        if replaced:
+            session.console.warn(f"took over the lock of {_describe_lock(replaced)}: "
+                                 f"{lease.decision.reason}")
+        yield lease
+
+
 @togather_task(name="snapshot", help={"env": ENV_HELP})
 @refused_under_invoke_dry
 def db_snapshot(c, env=None):
@@ -516,7 +538,8 @@ def db_snapshot(c, env=None):
 
     def body(session: Session) -> None:
         from .dbops import snapshot_now
-        path, size = snapshot_now(session)
+        with _held(session, "db.snapshot"):
+            path, size = snapshot_now(session)
         session.console.print(f"snapshot {path} ({size // 1024} KiB, verified)")
 
     run_command(c, env, "db", body)
@@ -584,7 +607,8 @@ def cleanup(c, env=None, keep_images=None, keep_snapshots=None, dry_run=False):
             raise UsageError("--keep-images and --keep-snapshots take numbers") from None
         if ki < 2 or ks < 1:
             raise UsageError("--keep-images must be >= 2 and --keep-snapshots >= 1")
-        report = run_cleanup(session, keep_images=ki, keep_snapshots=ks, dry_run=dry_run)
+        with nullcontext() if dry_run else _held(session, "cleanup"):
+            report = run_cleanup(session, keep_images=ki, keep_snapshots=ks, dry_run=dry_run)
         verb = "would remove" if dry_run else "removed"
         for host, refs in report.images.items():
             session.console.print(f"{host}: {verb} images: {', '.join(refs) or 'none'}")

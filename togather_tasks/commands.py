@@ -15,10 +15,13 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .config import Settings, database_parts
+from .errors import StateError
 
 q = shlex.quote
 DOCKER_DIR = Path(__file__).parent / "docker"
 SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword"})
+# The state schema's image_ref: no blank, quote, `=`, `$` or line break.
+IMAGE_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,511}")
 SNAPSHOT_RE = re.compile(r"^(?P<env>[a-z]+)_(?P<ts>\d{8}T\d{6}Z)_(?P<sha>[0-9a-f]{7})\.dump$")
 
 
@@ -89,7 +92,15 @@ def service(slot: str) -> str:
 
 
 def slots_env(settings: Settings, images: dict[str, str]) -> str:
-    """The non-secret values compose.yml interpolates."""
+    """The non-secret values compose.yml interpolates. The images come from the state file
+    (a rollback's target) or from slots.env itself, both on the host: one holding a line break
+    or a quote would add its own lines to this file, so it is refused."""
+    for slot, image in images.items():
+        if not IMAGE_REF_RE.fullmatch(image):
+            raise StateError(f"refusing to write the {slot} image {image[:80]!r} into slots.env: "
+                             "not a Docker image reference",
+                             hint="Check the deployment's `image` in the state file and "
+                                  "slots.env on the host.")
     lines = {
         "COMPOSE_PROJECT_NAME": settings.compose_project,
         "APP_PORT": str(settings.app_port),

@@ -1,6 +1,8 @@
 """The environment lock for the length of one operation: taken on entry, renewed by a
 heartbeat while the operation runs (so a step longer than the lock's lifetime never loses it),
-checked before every destructive action, released on every exit path.
+checked before every destructive action, released on every exit path. Every renewal, like the
+acquisition, is decided inside the state file's compare-and-swap at the host's clock (store.py),
+so neither this machine's clock nor a lock taken by someone else in between counts.
 
 The heartbeat runs in a thread with its own SSH connection to the primary host, opened only when
 the first renewal is due: a deploy shorter than a third of the lock's lifetime never opens it,

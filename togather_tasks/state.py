@@ -30,8 +30,17 @@ def iso(ts: datetime) -> str:
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def parse_iso(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+def parse_iso(text: str) -> datetime | None:
+    """A timestamp read from a state file, or None when this machine cannot represent it.
+
+    The schema accepts every RFC 3339 date-time, which is more than `fromisoformat` takes (a
+    lowercase `t`/`z`, an offset that pushes 9999-12-31 past year 9999); a hand-edited or
+    hostile file must make a command degrade, never crash it.
+    """
+    try:
+        return datetime.fromisoformat(text.upper().replace("Z", "+00:00")).astimezone(UTC)
+    except (ValueError, OverflowError):
+        return None
 
 
 def other_slot(slot: str) -> str:

@@ -5,16 +5,20 @@ state file, then one shell command, under `flock` on the host, renames it into p
 file still has the content (sha256) this process read. Two operators on two machines therefore
 cannot both take the lock: the second CAS sees a changed file, re-reads it, and finds the lock
 held. The same mechanism makes every other state update safe.
+
+Every lock decision (take, renew, release) is made inside that compare-and-swap, on the state
+as read and at the host's time printed by the same read (under the same flock): the decision
+holds only if the file is still exactly what it was decided on, and no operator's clock counts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shlex
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
 from . import lock as lockrules
 from .errors import CommandError, LockHeldError, StateError
@@ -26,14 +30,27 @@ CAS_CONFLICT = 75
 CAS_ATTEMPTS = 8
 READ_ATTEMPTS = 3
 STATE_MARKER = "--togather-state--"
+HOST_CLOCK = "date -u +%s"
 
 
 @dataclass
 class Snapshot:
-    """A state as read, with the token a later compare-and-swap must match."""
+    """A state as read, with the token a later compare-and-swap must match and the host's
+    time when it was read."""
 
     state: State
     token: str
+    host_now: datetime
+
+
+@dataclass
+class LockRelease:
+    """What `release_where` found inside the compare-and-swap: the lock as it was (at the
+    host's time `at`), and whether it was released."""
+
+    found: dict[str, Any]
+    released: bool
+    at: datetime
 
 
 def cas_script(directory: str, state_file: str, tmp: str, expected: str) -> str:
@@ -50,24 +67,23 @@ def cas_script(directory: str, state_file: str, tmp: str, expected: str) -> str:
 
 
 def read_script(directory: str, path: str) -> str:
-    """Print the state file's sha256 and content, read under a shared flock so a concurrent
-    compare-and-swap cannot replace it between the two (read-only: opening the lock file for
-    reading never creates it)."""
+    """Print the host's time (seconds since the epoch), the state file's sha256 and content,
+    read under a shared flock so a concurrent compare-and-swap cannot replace it between them
+    (read-only: opening the lock file for reading never creates it)."""
     q = shlex.quote
     lockfile = q(f"{directory}/.state.flock")
     return (f"if [ -e {lockfile} ]; then exec 9< {lockfile} && flock -s -w 20 9; fi; "
+            f"{HOST_CLOCK}; "
             f"if [ -e {q(path)} ]; then sha256sum < {q(path)} | cut -d' ' -f1; "
             f"echo {STATE_MARKER}; cat {q(path)}; else echo {ABSENT}; fi")
 
 
 class StateStore:
-    def __init__(self, host: Host, directory: str, environment: str, *,
-                 clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(self, host: Host, directory: str, environment: str) -> None:
         self.host = host
         self.directory = directory
         self.environment = environment
         self.path = f"{directory}/deployment-state.json"
-        self.clock = clock
 
     @property
     def where(self) -> str:
@@ -77,19 +93,27 @@ class StateStore:
         for _ in range(READ_ATTEMPTS):
             result = self.host.run(read_script(self.directory, self.path), timeout=60,
                                    what="reading the state file")
-            out = result.stdout
+            clock, _, out = result.stdout.partition("\n")
+            host_now = self._host_time(clock)
             if out.strip() == ABSENT:
-                return Snapshot(State.empty(self.environment), ABSENT)
+                return Snapshot(State.empty(self.environment), ABSENT, host_now)
             token, _, body = out.partition(f"\n{STATE_MARKER}\n")
             if not body and not token:
                 raise StateError(f"cannot read {self.where}")
             digest = hashlib.sha256(body.encode("utf-8", "surrogateescape")).hexdigest()
             if digest == token.strip():
                 return Snapshot(State.from_json(body, self.where, self.environment),
-                                token.strip())
+                                token.strip(), host_now)
         # Still different after retries: not UTF-8 text (or a writer that ignores the flock).
         raise StateError(f"{self.where} is not UTF-8 text or keeps changing while read",
                          hint="Inspect the file by hand; nothing was changed.")
+
+    def _host_time(self, line: str) -> datetime:
+        try:
+            return datetime.fromtimestamp(int(line.strip()), UTC)
+        except (ValueError, OverflowError, OSError):
+            raise StateError(f"{self.host.name} did not tell its time ({line.strip()[:40]!r} "
+                             f"from `{HOST_CLOCK}`)") from None
 
     def write(self, new: State, expected_token: str) -> str:
         """CAS-write `new`; returns the new token. Raises StateConflict if the file changed."""
@@ -109,16 +133,27 @@ class StateStore:
 
     def update(self, change: Callable[[State], State]) -> State:
         """Read-modify-CAS with bounded retries (concurrent lock contenders may race us)."""
+        new = self._swap(lambda snap: change(snap.state))
+        if new is None:
+            raise StateError(f"{self.where} kept changing under us; giving up after "
+                             f"{CAS_ATTEMPTS} attempts")
+        return new
+
+    def _swap(self, change: Callable[[Snapshot], State]) -> State | None:
+        """The compare-and-swap loop: `change` decides on a snapshot (state and host time) and
+        is asked again on a fresh one whenever the file changed before the write. None when it
+        kept changing."""
         for _ in range(CAS_ATTEMPTS):
             snap = self.read()
-            new = change(snap.state)
+            new = change(snap)
+            if new == snap.state:
+                return new
             try:
                 self.write(new, snap.token)
-                return new
             except StateConflict:
                 continue
-        raise StateError(f"{self.where} kept changing under us; giving up after "
-                         f"{CAS_ATTEMPTS} attempts")
+            return new
+        return None
 
     # --- the lock -------------------------------------------------------------------------
 
@@ -126,64 +161,73 @@ class StateStore:
                 timeout_minutes: int, force: bool = False, message: str | None = None,
                 with_pid: bool = True,
                 process_alive: Callable[[int], bool] = lockrules.process_alive,
+                start_time: Callable[[int], str | None] = lockrules.process_start_time,
                 ) -> tuple[dict, lockrules.Decision]:
         """Take the lock or raise LockHeldError naming the holder. Returns the lock written and
         the decision (whose `replaced` names a stale or forced lock that was taken over)."""
-        for _ in range(CAS_ATTEMPTS):
-            snap = self.read()
-            now = self.clock()
-            decision = lockrules.decide(snap.state.lock, now=now, force=force,
-                                        local_hostname=socket.gethostname(),
-                                        process_alive=process_alive)
+        taken: list[tuple[dict, lockrules.Decision]] = []
+
+        def change(snap: Snapshot) -> State:
+            decision = lockrules.decide(snap.state.lock, now=snap.host_now, force=force,
+                                        here=operator, process_alive=process_alive,
+                                        start_time=start_time)
             if not decision.acquire:
-                holder = lockrules.describe(snap.state.lock, now)
-                raise LockHeldError(
-                    f"{self.environment} is locked by {holder}",
-                    hint="Wait for it to finish (`inv lock.status --env="
-                         f"{self.environment}`), or if you are sure it is dead, break it with "
-                         f"`inv lock.release --env={self.environment} --force`.")
-            lock = lockrules.new_lock(operator, deployment_id=deployment_id, now=now,
+                raise self._held(snap.state.lock, snap.host_now, decision)
+            lock = lockrules.new_lock(operator, deployment_id=deployment_id, now=snap.host_now,
                                       timeout_minutes=timeout_minutes, operation=operation,
                                       message=message, with_pid=with_pid)
-            try:
-                self.write(snap.state.with_lock(lock), snap.token)
-            except StateConflict:
-                continue
-            return lock, decision
-        raise LockHeldError(f"{self.environment}: the lock is contended; try again")
+            taken.append((lock, decision))
+            return snap.state.with_lock(lock)
 
-    def release(self, lock_id: str | None, *, force: bool = False) -> dict | None:
-        """Release our lock (or any lock with force). Returns the lock that was released, or
-        None when it was not ours any more (someone broke it) or already free."""
-        released: dict | None = None
+        if self._swap(change) is None:
+            raise LockHeldError(f"{self.environment}: the lock is contended; try again")
+        return taken[-1]
 
-        def change(state: State) -> State:
-            nonlocal released
-            current = state.lock
-            if not current.get("locked"):
-                released = None
-                return state
-            if not force and current.get("lock_id") != lock_id:
-                released = None
-                return state
-            released = current
-            return state.without_lock()
+    def _held(self, lock: dict, host_now: datetime, decision: lockrules.Decision
+              ) -> LockHeldError:
+        reason = "" if decision.reason == "held" else f" ({decision.reason})"
+        return LockHeldError(
+            f"{self.environment} is locked by {lockrules.describe(lock, host_now)}{reason}",
+            hint="Wait for it to finish (`inv lock.status --env="
+                 f"{self.environment}`), or if you are sure it is dead, break it with "
+                 f"`inv lock.release --env={self.environment} --force`.")
 
-        self.update(change)
-        return released
+    def release(self, lock_id: str) -> dict | None:
+        """Release our lock. Returns the lock that was released, or None when it was not ours
+        any more (someone broke it) or already free."""
+        outcome = self.release_where(lambda lock: lock.get("lock_id") == lock_id)
+        return outcome.found if outcome.released else None
+
+    def release_where(self, may_release: Callable[[dict[str, Any]], bool]) -> LockRelease:
+        """Release the lock if `may_release(lock)` says so, judged inside the compare-and-swap:
+        a lock taken by someone else between a read and the write is judged afresh, never
+        freed on the strength of the lock that was there before."""
+        outcomes: list[LockRelease] = []
+
+        def change(snap: Snapshot) -> State:
+            current = snap.state.lock
+            release = bool(current.get("locked")) and may_release(current)
+            outcomes.append(LockRelease(current, release, snap.host_now))
+            return snap.state.without_lock() if release else snap.state
+
+        if self._swap(change) is None:
+            raise StateError(f"{self.where} kept changing under us; the lock was not released")
+        return outcomes[-1]
 
     def renew(self, lock_id: str, timeout_minutes: int) -> bool:
-        """Push our lock's expiry forward (called at each step of a long deploy)."""
+        """Push our lock's expiry forward, from the host's time (the lease's heartbeat)."""
         ok = False
 
-        def change(state: State) -> State:
+        def change(snap: Snapshot) -> State:
             nonlocal ok
-            ok = state.lock.get("lock_id") == lock_id
+            ok = snap.state.lock.get("lock_id") == lock_id
             if not ok:
-                return state
-            return state.with_lock(lockrules.renewed(state.lock, self.clock(), timeout_minutes))
+                return snap.state
+            return snap.state.with_lock(
+                lockrules.renewed(snap.state.lock, snap.host_now, timeout_minutes))
 
-        self.update(change)
+        if self._swap(change) is None:
+            raise StateError(f"{self.where} kept changing under us; the lock was not renewed")
         return ok
 
     def holds(self, lock_id: str) -> bool:

@@ -1,5 +1,6 @@
 """StateStore over LocalHost in a temporary directory: the compare-and-swap, the lock, and
-shell quoting of the directory name. Runs `sh`, `flock` and `sha256sum` locally."""
+shell quoting of the directory name. Runs `sh`, `flock` and `sha256sum` locally; the host's
+clock is faked (`ClockedHost`), since lock times are the host's, never this machine's."""
 
 from __future__ import annotations
 
@@ -9,18 +10,20 @@ import shlex
 import socket
 import subprocess
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from togather_tasks.errors import ExitCode, LockHeldError, StateError
-from togather_tasks.hosts import LocalHost
-from togather_tasks.lock import Operator
-from togather_tasks.state import State, new_deployment, parse_iso
+from togather_tasks.hosts import LocalHost, Result
+from togather_tasks.lock import Operator, new_lock, process_start_time
+from togather_tasks.state import State, new_deployment, parse_iso, utc_now
 from togather_tasks.store import (
     ABSENT,
     CAS_CONFLICT,
+    HOST_CLOCK,
     StateConflict,
     StateStore,
     cas_script,
@@ -33,19 +36,26 @@ HOSTNAME = socket.gethostname()
 
 
 def operator(email: str = "alice@example.com", pid: int | None = None) -> Operator:
-    return Operator(email=email, hostname=HOSTNAME, pid=os.getpid() if pid is None else pid)
+    """An operator on one (fake) machine; by default this very process."""
+    pid = os.getpid() if pid is None else pid
+    return Operator(email=email, hostname=HOSTNAME, pid=pid, machine_id="a" * 32,
+                    boot_id="b" * 32, process_started=process_start_time(pid) or "ticks:1")
 
 
-class Clock:
+class ClockedHost(LocalHost):
+    """This machine, whose clock reads `now` for the state store (the host's `date`)."""
+
     def __init__(self, now: datetime = T0) -> None:
+        super().__init__()
         self.now = now
 
-    def __call__(self) -> datetime:
-        return self.now
+    def _run(self, command: str, timeout: float | None) -> Result:
+        fake = f"echo {int(self.now.timestamp())}"
+        return super()._run(command.replace(HOST_CLOCK, fake), timeout)
 
 
-def make_store(directory: Path, clock: Clock | None = None) -> StateStore:
-    return StateStore(LocalHost(), str(directory), "staging", clock=clock or Clock())
+def make_store(directory: Path, host: LocalHost | None = None) -> StateStore:
+    return StateStore(host or ClockedHost(), str(directory), "staging")
 
 
 def acquire(store: StateStore, who: Operator | None = None, **kw):
@@ -143,7 +153,7 @@ def test_second_acquire_is_refused_naming_the_holder(state_dir: Path) -> None:
 
 def test_acquire_takes_over_an_expired_lock(state_dir: Path) -> None:
     old, _ = acquire(make_store(state_dir), operator("alice@example.com"))
-    later = make_store(state_dir, Clock(T0 + timedelta(minutes=31)))
+    later = make_store(state_dir, ClockedHost(T0 + timedelta(minutes=31)))
     lock, decision = acquire(later, operator("bob@example.com"))
     assert decision.replaced["lock_id"] == old["lock_id"]
     assert later.read().state.lock["lock_id"] == lock["lock_id"]
@@ -179,11 +189,52 @@ def test_release_of_someone_elses_lock_without_force_does_nothing(state_dir: Pat
     assert store.read().state.lock == lock
 
 
-def test_release_with_force_frees_any_lock(state_dir: Path) -> None:
+def test_release_where_frees_the_lock_its_rule_accepts(state_dir: Path) -> None:
     store = make_store(state_dir)
     lock, _ = acquire(store)
-    assert make_store(state_dir).release(None, force=True)["lock_id"] == lock["lock_id"]
+    outcome = make_store(state_dir).release_where(lambda _lock: True)
+    assert outcome.released and outcome.found == lock and outcome.at == T0
     assert store.read().state.lock == {"locked": False}
+
+
+def test_release_where_refused_leaves_the_file_untouched(state_dir: Path) -> None:
+    store = make_store(state_dir)
+    lock, _ = acquire(store)
+    before = (state_dir / "deployment-state.json").stat().st_mtime_ns
+    outcome = store.release_where(lambda _lock: False)
+    assert not outcome.released and outcome.found == lock
+    assert (state_dir / "deployment-state.json").stat().st_mtime_ns == before
+
+
+def test_release_where_judges_the_lock_found_by_the_compare_and_swap(
+        state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bob takes the lock between our read and our write: the rule is asked again about
+    Bob's lock, and Bob's lock stays."""
+    mine, _ = acquire(make_store(state_dir), operator(), with_pid=False)
+    bobs: list[dict] = []
+    real_read = StateStore.read
+
+    def read_then_bob_takes_over(self: StateStore):
+        snap = real_read(self)
+        if not bobs:
+            bobs.append({})
+            other = make_store(state_dir)
+            other.release(mine["lock_id"])
+            bobs[0], _ = acquire(other, operator("bob@example.com"))
+        return snap
+
+    monkeypatch.setattr(StateStore, "read", read_then_bob_takes_over)
+    asked: list[str] = []
+
+    def only_mine(lock: dict) -> bool:
+        asked.append(lock["locked_by"])
+        return lock["lock_id"] == mine["lock_id"]
+
+    outcome = make_store(state_dir).release_where(only_mine)
+    assert asked == ["alice@example.com", "bob@example.com"]
+    assert not outcome.released and outcome.found == bobs[0]
+    monkeypatch.undo()
+    assert make_store(state_dir).read().state.lock == bobs[0]
 
 
 def test_release_when_free_returns_none(state_dir: Path) -> None:
@@ -191,10 +242,10 @@ def test_release_when_free_returns_none(state_dir: Path) -> None:
 
 
 def test_renew_pushes_the_expiry(state_dir: Path) -> None:
-    clock = Clock()
-    store = make_store(state_dir, clock)
+    host = ClockedHost()
+    store = make_store(state_dir, host)
     lock, _ = acquire(store)
-    clock.now = T0 + timedelta(minutes=20)
+    host.now = T0 + timedelta(minutes=20)
     assert store.renew(lock["lock_id"], 30) is True
     assert parse_iso(store.read().state.lock["lock_expires_at"]) == T0 + timedelta(minutes=50)
 
@@ -294,16 +345,19 @@ def run_sh(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           timeout=30, check=False)
 
 
-def test_read_script_prints_absent_for_a_missing_file(tmp_path: Path) -> None:
+def test_read_script_prints_the_time_and_absent_for_a_missing_file(tmp_path: Path) -> None:
+    before = int(time.time())
     result = run_sh(read_script(str(tmp_path), str(tmp_path / "it's missing.json")), tmp_path)
-    assert result.stdout == f"{ABSENT}\n"
+    clock, rest = result.stdout.split("\n", 1)
+    assert before <= int(clock) <= time.time()
+    assert rest == f"{ABSENT}\n"
 
 
-def test_read_script_prints_hash_marker_and_content(tmp_path: Path) -> None:
+def test_read_script_prints_time_hash_marker_and_content(tmp_path: Path) -> None:
     path = tmp_path / "a 'b' $(c).json"
     path.write_text('{"x": 1}\n')
-    token, marker, body = run_sh(read_script(str(tmp_path), str(path)),
-                                 tmp_path).stdout.split("\n", 2)
+    _clock, token, marker, body = run_sh(read_script(str(tmp_path), str(path)),
+                                         tmp_path).stdout.split("\n", 3)
     assert token == hashlib.sha256(b'{"x": 1}\n').hexdigest()
     assert marker == "--togather-state--"
     assert body == '{"x": 1}\n'
@@ -360,3 +414,57 @@ def test_reads_never_see_a_half_swapped_file_while_another_process_writes(
         stop.set()
         writer.join(60)
     assert not failures
+
+
+# --- the host's clock ------------------------------------------------------------------------
+
+
+def test_a_fresh_lock_is_judged_by_the_hosts_clock_not_this_machines(state_dir: Path) -> None:
+    """This machine's clock runs 31 minutes ahead of the host's: the lock Alice took a minute
+    ago (host time) is fresh, and Bob's acquire must say so instead of taking it over."""
+    host_now = utc_now() - timedelta(minutes=31)
+    alices = new_lock(operator(), deployment_id=new_id("dep"), now=host_now - timedelta(minutes=1),
+                      timeout_minutes=30, operation="deploy")
+    store = StateStore(ClockedHost(host_now), str(state_dir), "staging")
+    store.write(State.empty("staging").with_lock(alices), ABSENT)
+    with pytest.raises(LockHeldError) as info:
+        acquire(store, operator("bob@example.com"))
+    assert "expires in 29m00s" in info.value.message
+    assert store.read().state.lock == alices
+
+
+def test_a_lock_expired_by_the_hosts_clock_is_taken_over_whatever_this_machine_says(
+        state_dir: Path) -> None:
+    old, _ = acquire(make_store(state_dir), operator("alice@example.com"))
+    lock, decision = acquire(make_store(state_dir, ClockedHost(T0 + timedelta(minutes=30))),
+                             operator("bob@example.com"))
+    assert decision.replaced == old and "expired" in decision.reason
+    assert lock["locked_at"] == "2026-01-28T15:30:00Z"
+
+
+class SilentClockHost(LocalHost):
+    def _run(self, command: str, timeout: float | None) -> Result:
+        return super()._run(command.replace(HOST_CLOCK, "echo not-a-time"), timeout)
+
+
+def test_a_host_that_does_not_tell_its_time_is_a_clear_error(state_dir: Path) -> None:
+    with pytest.raises(StateError, match="did not tell its time"):
+        make_store(state_dir, SilentClockHost()).read()
+
+
+# --- holder gone: this machine, this boot, pid free or reused ---------------------------------
+
+
+def test_a_namesake_machines_lock_is_not_taken_over_when_its_pid_is_free_here(
+        state_dir: Path) -> None:
+    namesake = Operator(email="carol@example.com", hostname=HOSTNAME, pid=999_999,
+                        machine_id="c" * 32, boot_id="b" * 32, process_started="ticks:1")
+    acquire(make_store(state_dir), namesake)
+    with pytest.raises(LockHeldError):
+        acquire(make_store(state_dir), process_alive=lambda pid: pid != 999_999)
+
+
+def test_a_reused_pid_is_taken_over(state_dir: Path) -> None:
+    old, _ = acquire(make_store(state_dir), operator(pid=4242))
+    _, decision = acquire(make_store(state_dir), start_time=lambda _pid: "ticks:2")
+    assert decision.replaced["lock_id"] == old["lock_id"]
