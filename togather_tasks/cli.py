@@ -57,10 +57,12 @@ def guarded(console: Console, log: RunLog | None = None) -> Iterator[None]:
                       "by this run was released)")
         raise Exit(code=int(ExitCode.FAILURE)) from None
     except Exception as exc:  # noqa: BLE001 - last line of defence against tracebacks
+        # Redacted as text, before any repr() escapes a secret out of its recognisable form.
+        details = traceback.format_exc()
         if log is not None:
-            log.event("internal_error", error=repr(exc), traceback=traceback.format_exc())
+            log.event("internal_error", error=f"{type(exc).__name__}: {exc}", traceback=details)
         if console.debug_enabled:
-            traceback.print_exc()
+            print(console.redactor(details), file=console.err, flush=True)
         console.error(f"internal error: {type(exc).__name__}: {exc}"
                       + (f" (details in {log.path})" if log is not None and log.path else ""))
         raise Exit(code=int(ExitCode.FAILURE)) from None

@@ -24,12 +24,13 @@ from dotenv.main import DotEnv
 from dotenv.parser import parse_stream
 
 from .errors import ConfigError, UsageError
-from .redact import Redactor
+from .redact import Redactor, is_secret_key
 
 ENVIRONMENTS = ("development", "staging", "production")
 NON_SECRET_KEYS = frozenset({"ENVIRONMENT"})
 REQUIRED_SECRETS = ("ENVIRONMENT", "DATABASE_URL", "JWT_SECRET", "ADMIN_API_KEY")
 PLACEHOLDER = "CHANGE_ME"
+MIN_SECRET_CHARS = 8
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 CONFIG_FILE = Path("config") / "deployment.yml"
 ENV_DIR = Path("config") / "environments"
@@ -259,12 +260,32 @@ def secrets_problems(env: str, path: Path, values: dict[str, str]) -> list[str]:
     if values.get("ENVIRONMENT") and values["ENVIRONMENT"] != env:
         problems.append(f"{path}: ENVIRONMENT={values['ENVIRONMENT']!r} but --env={env}: "
                         "this file belongs to another environment")
+    bad_urls = set()
     for key in ("DATABASE_URL", "DEPLOY_DATABASE_URL"):
         if values.get(key) and PLACEHOLDER not in values[key]:
             problem = database_url_problem(values[key])
             if problem:
+                bad_urls.add(key)
                 problems.append(f"{path}: {key}: {problem}")
+    problems += [f"{path}: {key} is too short for a secret (fewer than {MIN_SECRET_CHARS} "
+                 "characters: guessable, and not reliably redacted): use a long random value"
+                 for key, value in values.items()
+                 if key not in bad_urls and _too_short_secret(key, value)]
     return problems
+
+
+def _too_short_secret(key: str, value: str) -> bool:
+    """A secret-named variable (or a URL's password) of a few characters: guessable, and masked
+    by value it would also mask every common word it happens to equal."""
+    if not value or PLACEHOLDER in value or not is_secret_key(key):
+        return False
+    if "://" in value:
+        try:
+            password = urlsplit(value).password
+        except ValueError:
+            return False
+        return password is not None and 0 < len(unquote(password)) < MIN_SECRET_CHARS
+    return len(value) < MIN_SECRET_CHARS
 
 
 def database_url_problem(url: str) -> str | None:

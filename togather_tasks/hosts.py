@@ -79,6 +79,11 @@ class HttpResponse:
 
 
 CommandObserver = Callable[["Host", Result], None]
+Redact = Callable[[str], str]
+
+
+def _unredacted(text: str) -> str:
+    return text
 
 
 @dataclass
@@ -87,6 +92,9 @@ class Host:
 
     name: str
     observer: CommandObserver | None = field(default=None, repr=False)
+    # Applied to command output before it is cut for an error message: a secret cut in half
+    # by the cut would no longer match its value.
+    redact: Redact = field(default=_unredacted, repr=False)
 
     def run(self, command: str, *, timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
             check: bool = True, what: str | None = None) -> Result:
@@ -98,7 +106,8 @@ class Host:
         if self.observer:
             self.observer(self, result)
         if check and not result.ok:
-            detail = _last_line(result.stderr) or _last_line(result.stdout)
+            detail = (_last_line(self.redact(result.stderr))
+                      or _last_line(self.redact(result.stdout)))
             raise CommandError(
                 f"{what or 'command'} failed on {self.name} (exit {result.exit_status})"
                 + (f": {detail}" if detail else ""),
@@ -158,8 +167,9 @@ class Host:
 class LocalHost(Host):
     """This machine, through Invoke's local runner: the same code path without SSH."""
 
-    def __init__(self, observer: CommandObserver | None = None) -> None:
-        super().__init__(name=LOCAL, observer=observer)
+    def __init__(self, observer: CommandObserver | None = None,
+                 redact: Redact = _unredacted) -> None:
+        super().__init__(name=LOCAL, observer=observer, redact=redact)
         self._context = invoke.Context()
 
     def _run(self, command: str, timeout: float | None) -> Result:
@@ -261,8 +271,9 @@ class RemoteHost(Host):
 
     def __init__(self, name: str, observer: CommandObserver | None = None, *,
                  ssh_config_path: str | None = None, accept_new_host_key: bool = False,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
-        super().__init__(name=name, observer=observer)
+                 connect_timeout: float = CONNECT_TIMEOUT,
+                 redact: Redact = _unredacted) -> None:
+        super().__init__(name=name, observer=observer, redact=redact)
         # A fresh fabric.Config loads ~/.ssh/config (or the given file); one cloned from
         # Invoke's config would not.
         config = fabric.Config(runtime_ssh_path=ssh_config_path) if ssh_config_path \
@@ -451,12 +462,13 @@ class RemoteHost(Host):
 
 
 def connect(name: str, observer: CommandObserver | None = None, *,
-            accept_new_host_key: bool = False) -> Host:
+            accept_new_host_key: bool = False, redact: Redact = _unredacted) -> Host:
     """A host by its ssh name; `local` is this machine without SSH."""
     if name == LOCAL:
-        return LocalHost(observer)
+        return LocalHost(observer, redact)
     return RemoteHost(name, observer, accept_new_host_key=accept_new_host_key,
-                      ssh_config_path=os.environ.get("TOGATHER_SSH_CONFIG"))
+                      ssh_config_path=os.environ.get("TOGATHER_SSH_CONFIG"),
+                      redact=redact)
 
 
 def _summary(command: str) -> str:

@@ -8,6 +8,7 @@ KEY=/TOKEN=/SECRET=/PASSWORD= assignments and Bearer tokens, for secrets we were
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
@@ -94,12 +95,14 @@ def _mask_assignment(match: re.Match[str]) -> str:
 
 
 def _forms(value: str) -> set[str]:
-    """The shapes a secret can take in output: as is, stripped, URL-(un)quoted (with `/` kept or
-    not, `+` for spaces, upper- or lower-case %xx: every encoder differs), and for a URL with
-    credentials, its password on its own."""
+    """The shapes a secret can take in output: as is, stripped, escaped, URL-(un)quoted (with
+    `/` kept or not, `+` for spaces, upper- or lower-case %xx: every encoder differs), and for a
+    URL with credentials, its password on its own."""
     encoded = {quote(value, safe=""), quote(value), quote_plus(value, safe=""), quote_plus(value)}
     encoded |= {_lower_escapes(e) for e in encoded}
-    forms = {value, value.strip(), unquote(value), unquote_plus(value), *encoded}
+    # Escaped as repr() and json.dumps() write it (a KeyError's message is a repr).
+    escaped = {json.dumps(value)[1:-1], repr(value)[1:-1]}
+    forms = {value, value.strip(), unquote(value), unquote_plus(value), *encoded, *escaped}
     for line in value.splitlines():
         forms.add(line.strip())
     try:
