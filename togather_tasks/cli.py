@@ -47,7 +47,7 @@ def guarded(console: Console, log: RunLog | None = None) -> Iterator[None]:
     except TogatherError as exc:
         console.error(exc.message)
         if exc.hint:
-            print(console.redactor(exc.hint), file=console.err, flush=True)
+            console.note(exc.hint)
         if log is not None and log.path:
             log.event("error", code=int(exc.exit_code), message=exc.message)
             print(f"run log: {log.path}", file=console.err, flush=True)
@@ -62,7 +62,7 @@ def guarded(console: Console, log: RunLog | None = None) -> Iterator[None]:
         if log is not None:
             log.event("internal_error", error=f"{type(exc).__name__}: {exc}", traceback=details)
         if console.debug_enabled:
-            print(console.redactor(details), file=console.err, flush=True)
+            console.note(details)
         console.error(f"internal error: {type(exc).__name__}: {exc}"
                       + (f" (details in {log.path})" if log is not None and log.path else ""))
         raise Exit(code=int(ExitCode.FAILURE)) from None

@@ -11,6 +11,7 @@ import copy
 import io
 import json
 import logging
+import posixpath
 import stat
 from dataclasses import dataclass, field
 from functools import cache
@@ -345,7 +346,36 @@ def _merge_environment(document: dict[str, Any], env: str, config_path: Path,
     for key in ("context", "dockerfile"):
         if ".." in PurePosixPath(build[key]).parts or build[key].startswith("/"):
             problems.append(f"{config_path}: build.{key} must be a path inside the repository")
+    problems += [f"{config_path}: {problem}" for problem in directory_problems(
+        f"environments.{env}.remote_dir", _remote_dir(env_block, env), database["snapshot_dir"])]
     return env_block, merged, problems
+
+
+def directory_problems(where: str, remote_dir: str, snapshot_dir: str) -> list[str]:
+    """The deploy writes, prunes and `rm -rf`s under these directories: they must name one
+    place of their own, never the root, never a way out through `..`."""
+    problems = []
+    remote = PurePosixPath(remote_dir)
+    if ".." in remote.parts:
+        problems.append(f"{where}: must not contain `..`")
+    elif posixpath.normpath(remote_dir).strip("/") in ("", "."):
+        problems.append(f"{where}: must not be the root directory `/`")
+    snapshots = PurePosixPath(snapshot_dir)
+    if ".." in snapshots.parts:
+        problems.append("database.snapshot_dir: must not contain `..`")
+    elif snapshots.is_absolute() and not _strictly_inside(snapshots, remote):
+        problems.append(f"database.snapshot_dir: {snapshot_dir} is outside the remote "
+                        f"directory {remote_dir}: give a path relative to it (e.g. snapshots)")
+    return problems
+
+
+def _strictly_inside(path: PurePosixPath, directory: PurePosixPath) -> bool:
+    inner, outer = (PurePosixPath(posixpath.normpath(p)) for p in (path, directory))
+    return inner != outer and inner.is_relative_to(outer)
+
+
+def _remote_dir(env_block: dict[str, Any], env: str) -> str:
+    return env_block.get("remote_dir", f"/srv/togather/{env}")
 
 
 def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Settings:
@@ -399,7 +429,7 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
         health_endpoint=app["health_endpoint"],
         version_endpoint=app["version_endpoint"],
         hosts=tuple(env_block["hosts"]),
-        remote_dir=env_block.get("remote_dir", f"/srv/togather/{env}"),
+        remote_dir=_remote_dir(env_block, env),
         ports=dict(ports),
         public_url=env_block.get("public_url", f"http://127.0.0.1:{ports['proxy']}"),
         build=merged["build"],

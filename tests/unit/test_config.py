@@ -507,3 +507,27 @@ def test_short_values_that_are_not_secrets_are_accepted(project: Project) -> Non
     project.write_env("staging", LOG_LEVEL="info", PORT="80",
                       DATABASE_URL="postgres://app@db/app")
     assert project.load().secrets["LOG_LEVEL"] == "info"
+
+
+@pytest.mark.parametrize(("remote_dir", "snapshot_dir", "problem"), [
+    ("//", None, "remote_dir: must not be the root directory"),
+    ("/srv/./", None, None),
+    ("/srv/../etc", None, "remote_dir: must not contain `..`"),
+    ("/srv/app", "../../etc", "snapshot_dir: must not contain `..`"),
+    ("/srv/app", "/etc", "snapshot_dir: /etc is outside the remote directory"),
+    ("/srv/app", "/srv/app", "snapshot_dir: /srv/app is outside the remote directory"),
+    ("/srv/app", "/srv/application", "is outside the remote directory"),
+    ("/srv/app", "/srv/app/backups", None),
+    ("/srv/app", "backups/db", None),
+])
+def test_remote_and_snapshot_directories_stay_in_their_place(
+        project: Project, remote_dir: str, snapshot_dir: str | None, problem: str | None) -> None:
+    text = BASE_CONFIG.replace("remote_dir: /srv/togather/staging", f"remote_dir: '{remote_dir}'")
+    if snapshot_dir:
+        text += f"database:\n  snapshot_dir: '{snapshot_dir}'\n"
+    project.write_config(text)
+    if problem is None:
+        project.load()
+    else:
+        problems = problems_of(project)
+        assert len(problems) == 1 and problem in problems[0], problems
