@@ -21,6 +21,7 @@ import logging
 import os
 import posixpath
 import secrets
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -53,6 +54,8 @@ KEEPALIVE_SECONDS = 15
 DEFAULT_COMMAND_TIMEOUT = 600
 IDLE_PROBE_SECONDS = 5
 IDLE_PROBE_TIMEOUT = 10
+# A health or version answer is a small JSON document; anything bigger is not one of ours.
+HTTP_MAX_BYTES = 1 << 20
 
 
 @dataclass
@@ -205,14 +208,9 @@ class LocalHost(Host):
                       proc.stderr.decode(errors="replace"), 0.0)
 
     def http_get(self, address: str, port: int, path: str, *, timeout: float) -> HttpResponse:
-        conn = http.client.HTTPConnection(address, port, timeout=timeout)
-        try:
-            conn.request("GET", path, headers={"Connection": "close"})
-            resp = conn.getresponse()
-            return HttpResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()},
-                                resp.read())
-        finally:
-            conn.close()
+        deadline = _Deadline(timeout)
+        with socket.create_connection((address, port), timeout=timeout) as sock:
+            return _http_exchange(sock, address, port, path, deadline)
 
 
 class _StrictHostKeyPolicy(paramiko.MissingHostKeyPolicy):
@@ -250,9 +248,13 @@ def known_hosts_files(ssh_config: dict[str, Any]) -> list[str]:
 
 
 def _harden(connection: fabric.Connection, accept_new: bool) -> None:
-    """Strict host keys on this connection and on every ProxyJump hop behind it."""
+    """Strict host keys and no agent forwarding on this connection and on every ProxyJump hop
+    behind it."""
     hop: Any = connection
     while isinstance(hop, fabric.Connection):
+        # Never forward the agent, whatever ~/.ssh/config says (Fabric honours ForwardAgent):
+        # root on any target could sign in anywhere as the operator while a run lasts.
+        hop.forward_agent = False
         files = known_hosts_files(hop.ssh_config)
         client = hop.client
         for path in files:
@@ -404,14 +406,18 @@ class RemoteHost(Host):
         self._ensure_open()
         transport = self._conn.transport
         channel = transport.open_session(timeout=CONNECT_TIMEOUT)
-        channel.settimeout(timeout)
+        # One deadline for the whole command: a per-operation timeout never fires while the
+        # remote side (a hung `docker load`) just stays silent and the loop below polls.
+        deadline = _Deadline(timeout)
         try:
             channel.exec_command(command)
             while chunk := source.read(1 << 16):
+                channel.settimeout(deadline.remaining())
                 channel.sendall(chunk)
             channel.shutdown_write()
             stdout, stderr = io.BytesIO(), io.BytesIO()
             while True:
+                deadline.remaining()
                 if channel.recv_ready():
                     stdout.write(channel.recv(1 << 16))
                 elif channel.recv_stderr_ready():
@@ -441,14 +447,8 @@ class RemoteHost(Host):
             raise ConnectionRefusedError(f"connection refused ({exc.text})") from None
         except paramiko.SSHException as exc:
             raise ConnectionError(_one_line(exc)) from None
-        channel.settimeout(timeout)
         try:
-            channel.sendall(f"GET {path} HTTP/1.1\r\nHost: {address}:{port}\r\n"
-                            "Connection: close\r\nUser-Agent: togather-tasks\r\n\r\n".encode())
-            resp = http.client.HTTPResponse(channel)  # type: ignore[arg-type]
-            resp.begin()
-            return HttpResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()},
-                                resp.read())
+            return _http_exchange(channel, address, port, path, _Deadline(timeout))
         finally:
             channel.close()
 
@@ -469,6 +469,63 @@ def connect(name: str, observer: CommandObserver | None = None, *,
     return RemoteHost(name, observer, accept_new_host_key=accept_new_host_key,
                       ssh_config_path=os.environ.get("TOGATHER_SSH_CONFIG"),
                       redact=redact)
+
+
+class _Deadline:
+    """Time left of one overall timeout; TimeoutError once it has passed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no complete answer within {self.seconds:g} s")
+        return left
+
+
+class _BoundedReader(io.RawIOBase):
+    """Reads a socket or an SSH channel with a deadline for the whole answer and a size cap,
+    so a server that drips bytes or never stops sending cannot hold a run."""
+
+    def __init__(self, conn: Any, deadline: _Deadline) -> None:
+        self.conn = conn
+        self.deadline = deadline
+        self.total = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self.conn.settimeout(self.deadline.remaining())
+        data = self.conn.recv(min(len(buffer), HTTP_MAX_BYTES + 1 - self.total))
+        self.total += len(data)
+        if self.total > HTTP_MAX_BYTES:
+            raise http.client.HTTPException(f"answer larger than {HTTP_MAX_BYTES} bytes")
+        buffer[:len(data)] = data
+        return len(data)
+
+
+class _ReaderSocket:
+    """What http.client.HTTPResponse needs of a socket: makefile()."""
+
+    def __init__(self, reader: _BoundedReader) -> None:
+        self.reader = reader
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(self.reader)
+
+
+def _http_exchange(conn: Any, address: str, port: int, path: str,
+                   deadline: _Deadline) -> HttpResponse:
+    """One GET over an open socket or direct-tcpip channel, bounded in time and size."""
+    conn.settimeout(deadline.remaining())
+    conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {address}:{port}\r\n"
+                 "Connection: close\r\nUser-Agent: togather-tasks\r\n\r\n".encode())
+    resp = http.client.HTTPResponse(_ReaderSocket(_BoundedReader(conn, deadline)))  # type: ignore[arg-type]
+    resp.begin()
+    return HttpResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
 
 
 def _summary(command: str) -> str:
