@@ -213,28 +213,123 @@ class LocalHost(Host):
             return _http_exchange(sock, address, port, path, deadline)
 
 
-class _StrictHostKeyPolicy(paramiko.MissingHostKeyPolicy):
-    """Refuse unknown host keys, or with `accept_new` record them (ssh's accept-new)."""
+@dataclass
+class KnownHosts:
+    """What the known_hosts files say: the trusted entries, the revoked keys (`@revoked`), and
+    whether any `@cert-authority` line was seen (host certificates are not supported: paramiko
+    cannot verify them, so such lines trust nothing here)."""
 
-    def __init__(self, known_hosts_file: str | None, accept_new: bool) -> None:
+    entries: list[paramiko.hostkeys.HostKeyEntry] = field(default_factory=list)
+    revoked: set[tuple[str, str]] = field(default_factory=set)
+    has_cert_authority: bool = False
+
+    def is_revoked(self, key: paramiko.PKey) -> bool:
+        return (key.get_name(), key.get_base64()) in self.revoked
+
+
+def read_known_hosts(paths: list[str]) -> KnownHosts:
+    """Parse known_hosts files ourselves: paramiko's loader fails on marker lines and does not
+    enforce `@revoked`."""
+    known = KnownHosts()
+    for path in paths:
+        if not os.path.isfile(path):
+            continue
+        try:
+            lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError as exc:
+            raise HostKeyError(f"cannot read known_hosts file {path}: {exc}") from None
+        for number, line in enumerate(lines, 1):
+            _read_known_hosts_line(known, line.strip(), f"{path}:{number}")
+    # A revoked key is never trusted, even where another line lists it as valid.
+    known.entries = [e for e in known.entries if not known.is_revoked(e.key)]
+    return known
+
+
+def _read_known_hosts_line(known: KnownHosts, line: str, where: str) -> None:
+    if not line or line.startswith("#"):
+        return
+    marker = None
+    if line.startswith("@"):
+        marker, _, line = line.partition(" ")
+        if marker == "@cert-authority":
+            known.has_cert_authority = True
+            return
+        if marker != "@revoked":
+            raise HostKeyError(f"{where}: unknown known_hosts marker {marker!r}")
+    try:
+        entry = paramiko.hostkeys.HostKeyEntry.from_line(line.strip())
+    except (paramiko.SSHException, ValueError, TypeError) as exc:
+        raise HostKeyError(f"{where}: invalid known_hosts line ({_one_line(exc)})",
+                           hint="Fix or remove that line (ssh-keygen -R HOST).") from None
+    if entry is None:  # a key type paramiko does not know: it cannot match anyway
+        return
+    if marker == "@revoked":
+        known.revoked.add((entry.key.get_name(), entry.key.get_base64()))
+    else:
+        known.entries.append(entry)
+
+
+def revoked_key_error(hostname: str, key: paramiko.PKey) -> HostKeyError:
+    return HostKeyError(
+        f"host key of {hostname} ({key.get_name()} {fingerprint(key)}) is REVOKED in "
+        "known_hosts: refused",
+        hint="A revoked key is never trusted again: ask the host's owner for its new key.")
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """`SHA256:...` as ssh-keygen -lf and ssh print it."""
+    return key.fingerprint
+
+
+class _StrictHostKeyPolicy(paramiko.MissingHostKeyPolicy):
+    """Refuse unknown host keys, or with `accept_new` record them (ssh's accept-new); revoked
+    keys are refused either way."""
+
+    def __init__(self, known_hosts_file: str | None, accept_new: bool,
+                 known: KnownHosts) -> None:
         self.known_hosts_file = known_hosts_file
         self.accept_new = accept_new
+        self.known = known
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
                          key: paramiko.PKey) -> None:
-        fingerprint = key.fingerprint
+        if self.known.is_revoked(key):
+            raise revoked_key_error(hostname, key)
+        unknown = UnknownHostKeyError(self.known_hosts_file, client, hostname, key,
+                                      self.known.has_cert_authority)
         if not self.accept_new:
-            raise HostKeyError(
-                f"unknown host key for {hostname} ({key.get_name()} {fingerprint}): refused",
-                hint="Verify the fingerprint with the host's owner, then accept it once with "
-                     "`inv hosts.trust --env=ENV`.")
+            raise unknown
+        unknown.record()
+
+
+class UnknownHostKeyError(HostKeyError):
+    """A host key found in no known_hosts file; `record()` trusts it (hosts.trust)."""
+
+    def __init__(self, known_hosts_file: str | None, client: paramiko.SSHClient,
+                 hostname: str, key: paramiko.PKey, cert_authority_seen: bool) -> None:
+        certificates = (" Host certificates (@cert-authority lines) are not supported: "
+                        "record the host's own key." if cert_authority_seen else "")
+        super().__init__(
+            f"unknown host key for {hostname} ({key.get_name()} {fingerprint(key)}): refused",
+            hint="Verify the fingerprint with the host's owner, then accept it once with "
+                 "`inv hosts.trust --env=ENV`." + certificates)
+        self.known_hosts_file = known_hosts_file
+        self.client = client
+        self.hostname = hostname
+        self.key = key
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.key)
+
+    def record(self) -> None:
         if not self.known_hosts_file:
             raise HostKeyError("no known_hosts file to record the new host key in")
         path = Path(self.known_hosts_file).expanduser()
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with path.open("a") as fh:
-            fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
-        client.get_host_keys().add(hostname, key.get_name(), key)
+            fh.write(f"{self.hostname} {self.key.get_name()} {self.key.get_base64()}\n")
+        self.client.get_host_keys().add(self.hostname, self.key.get_name(), self.key)
 
 
 def known_hosts_files(ssh_config: dict[str, Any]) -> list[str]:
@@ -256,15 +351,15 @@ def _harden(connection: fabric.Connection, accept_new: bool) -> None:
         # root on any target could sign in anywhere as the operator while a run lasts.
         hop.forward_agent = False
         files = known_hosts_files(hop.ssh_config)
-        client = hop.client
-        for path in files:
-            if os.path.isfile(path):
-                try:
-                    client.get_host_keys().load(path)
-                except (OSError, paramiko.SSHException) as exc:
-                    raise HostKeyError(f"cannot read known_hosts file {path}: {exc}") from None
+        known = read_known_hosts(files)
+        host_keys = hop.client.get_host_keys()
+        for entry in known.entries:
+            for name in entry.hostnames:
+                host_keys.add(name, entry.key.get_name(), entry.key)
         # Deliberately strict even where ssh_config says StrictHostKeyChecking=no.
-        client.set_missing_host_key_policy(_StrictHostKeyPolicy(files[0], accept_new))
+        hop.client.set_missing_host_key_policy(
+            _StrictHostKeyPolicy(files[0], accept_new, known))
+        hop.known_hosts = known
         hop = hop.gateway
 
 
@@ -319,9 +414,11 @@ class RemoteHost(Host):
         except HostError:
             raise
         except paramiko.BadHostKeyException as exc:
+            if self._conn.known_hosts.is_revoked(exc.key):
+                raise revoked_key_error(self.name, exc.key) from None
             raise HostKeyError(
                 f"host key for {self.name} ({self.address}) has CHANGED: refused "
-                f"(got {exc.key.get_name()} {exc.key.fingerprint})",
+                f"(got {exc.key.get_name()} {fingerprint(exc.key)})",
                 hint="This can mean a man-in-the-middle. If the host was really reinstalled, "
                      "remove the old key (`ssh-keygen -R HOST -f KNOWN_HOSTS`) and accept the "
                      "new one with `inv hosts.trust --env=ENV`.") from None
