@@ -89,3 +89,17 @@ def test_unknown_key_with_only_a_cert_authority_says_certificates_are_unsupporte
     result = app.inv("lock.status", app.env_flag, env=env)
     cli_failure(result, contains="unknown host key")
     assert "certificates (@cert-authority lines) are not supported" in result.stderr
+
+
+def test_deploy_over_ssh_with_forward_agent_yes_in_the_ssh_config(demo_app, tmp_path):
+    # The whole deploy (health gate and proxy checks read HTTP through SSH channels, bounded
+    # now) works with an ssh config that asks for agent forwarding; the agent is not forwarded
+    # (tests/unit/test_hosts.py checks the connection objects).
+    app = demo_app
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(TESTBED_KNOWN_HOSTS.read_text())
+    env = _ssh_env(app, tmp_path, known_hosts, extra="  ForwardAgent yes\n")
+    result = app.deploy(env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert app.served()[0] in ("blue", "green")
+    app.assert_no_secrets()
