@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from invoke import Collection, Context, Exit, Program, Task, task
 
-from .errors import ExitCode, HealthCheckError, Interrupted, TogatherError, UsageError
+from .errors import (
+    ExitCode,
+    HealthCheckError,
+    HostKeyError,
+    Interrupted,
+    TogatherError,
+    UsageError,
+)
 from .lock import describe
 from .output import Console, RunLog
 from .redact import MASK, Redactor, is_secret_key
@@ -27,6 +34,7 @@ from .state import utc_now
 
 if TYPE_CHECKING:
     from . import config as configmod
+    from .hosts import UnknownHostKeyError
     from .lease import Lease
     from .session import Session
 
@@ -114,7 +122,7 @@ def guarded(console: Console, log: RunLog | None = None) -> Iterator[None]:
     except TogatherError as exc:
         console.error(exc.message)
         if exc.hint:
-            print(console.redactor(exc.hint), file=console.err, flush=True)
+            console.note(exc.hint)
         if log is not None and log.path:
             log.event("error", code=int(exc.exit_code), message=exc.message)
             print(f"run log: {log.path}", file=console.err, flush=True)
@@ -124,10 +132,12 @@ def guarded(console: Console, log: RunLog | None = None) -> Iterator[None]:
                       "by this run was released)")
         raise Exit(code=int(ExitCode.FAILURE)) from None
     except Exception as exc:  # noqa: BLE001 - last line of defence against tracebacks
+        # Redacted as text, before any repr() escapes a secret out of its recognisable form.
+        details = traceback.format_exc()
         if log is not None:
-            log.event("internal_error", error=repr(exc), traceback=traceback.format_exc())
+            log.event("internal_error", error=f"{type(exc).__name__}: {exc}", traceback=details)
         if console.debug_enabled:
-            traceback.print_exc()
+            console.note(details)
         console.error(f"internal error: {type(exc).__name__}: {exc}"
                       + (f" (details in {log.path})" if log is not None and log.path else ""))
         raise Exit(code=int(ExitCode.FAILURE)) from None
@@ -389,27 +399,61 @@ def _yamlish(text: str) -> str:
     return yaml.safe_dump(jsonlib.loads(text), sort_keys=False).rstrip()
 
 
-@togather_task(name="trust", help={"env": ENV_HELP, "yes": "accept without asking"})
+@togather_task(name="trust", help={
+    "env": ENV_HELP, "yes": "accept every unknown key without asking (after printing it)",
+    "fingerprint": "accept only keys with this SHA256:... fingerprint (comma-separated for "
+                   "several hosts or ProxyJump hops); for scripts"})
 @refused_under_invoke_dry
-def hosts_trust(c, env=None, yes=False):
-    """Accept unknown host keys of an environment's hosts (like ssh's accept-new).
-
-    Changed keys are still refused.
-    """
+def hosts_trust(c, env=None, yes=False, fingerprint=None):
+    """Show the SHA256 fingerprint of each unknown host key, then record it once accepted
+    (typed `yes`, --yes, or a matching --fingerprint). Changed and revoked keys are refused."""
+    expected = {f.strip() for f in (fingerprint or "").split(",") if f.strip()}
+    if any(not f.startswith("SHA256:") for f in expected):
+        raise Exit("error: --fingerprint takes SHA256:... values (as ssh-keygen -lf prints "
+                   "them)", code=int(ExitCode.INVALID_ARGUMENTS))
 
     def body(session: Session) -> None:
-        if not yes and not sys.stdin.isatty():
-            raise UsageError("hosts.trust needs --yes when stdin is not a terminal")
-        if not yes:
-            answer = input(f"Record the host keys of {', '.join(session.settings.hosts)} as "
-                           "trusted? Type 'yes': ")
-            if answer.strip().lower() != "yes":
-                raise UsageError("not confirmed")
+        from .hosts import UnknownHostKeyError
         for host in session.all_hosts:
-            host.run("true", timeout=30)
-            session.console.print(f"{host.name}: host key trusted")
+            for _ in range(MAX_TRUST_HOPS):
+                try:
+                    host.run("true", timeout=30)
+                    break
+                except UnknownHostKeyError as unknown:
+                    session.console.print(f"{unknown.hostname}: {unknown.key.get_name()} "
+                                          f"{unknown.fingerprint}")
+                    _accept_host_key(unknown, expected, yes)
+                    unknown.record()
+                    session.console.print(f"{unknown.hostname}: host key trusted")
+            else:
+                raise HostKeyError(f"{host.name}: more than {MAX_TRUST_HOPS} unknown host "
+                                   "keys on the way; check its ProxyJump chain")
+            session.console.print(f"{host.name}: host keys known")
 
-    run_command(c, env, "hosts", body, accept_new_host_key=True)
+    run_command(c, env, "hosts", body)
+
+
+# A host behind a chain of ProxyJump gateways: one unknown key per hop.
+MAX_TRUST_HOPS = 8
+
+
+def _accept_host_key(unknown: UnknownHostKeyError, expected: set[str], yes: bool) -> None:
+    """--fingerprint decides alone when given; otherwise --yes, or `yes` typed at a terminal
+    after the fingerprint was shown."""
+    if expected:
+        if unknown.fingerprint not in expected:
+            raise HostKeyError(f"host key of {unknown.hostname} is {unknown.fingerprint}, not "
+                               f"the expected {', '.join(sorted(expected))}: refused, nothing "
+                               "recorded")
+        return
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError("hosts.trust needs --yes or --fingerprint=SHA256:... when stdin is "
+                         "not a terminal")
+    answer = input(f"Trust this key for {unknown.hostname}? Type 'yes': ")
+    if answer.strip().lower() != "yes":
+        raise UsageError("not confirmed; nothing recorded")
 
 
 @togather_task(help={

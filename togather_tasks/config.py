@@ -11,6 +11,7 @@ import copy
 import io
 import json
 import logging
+import posixpath
 import stat
 from dataclasses import dataclass, field
 from functools import cache
@@ -24,12 +25,13 @@ from dotenv.main import DotEnv
 from dotenv.parser import parse_stream
 
 from .errors import ConfigError, UsageError
-from .redact import Redactor
+from .redact import Redactor, is_secret_key
 
 ENVIRONMENTS = ("development", "staging", "production")
 NON_SECRET_KEYS = frozenset({"ENVIRONMENT"})
 REQUIRED_SECRETS = ("ENVIRONMENT", "DATABASE_URL", "JWT_SECRET", "ADMIN_API_KEY")
 PLACEHOLDER = "CHANGE_ME"
+MIN_SECRET_CHARS = 8
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 CONFIG_FILE = Path("config") / "deployment.yml"
 ENV_DIR = Path("config") / "environments"
@@ -259,12 +261,32 @@ def secrets_problems(env: str, path: Path, values: dict[str, str]) -> list[str]:
     if values.get("ENVIRONMENT") and values["ENVIRONMENT"] != env:
         problems.append(f"{path}: ENVIRONMENT={values['ENVIRONMENT']!r} but --env={env}: "
                         "this file belongs to another environment")
+    bad_urls = set()
     for key in ("DATABASE_URL", "DEPLOY_DATABASE_URL"):
         if values.get(key) and PLACEHOLDER not in values[key]:
             problem = database_url_problem(values[key])
             if problem:
+                bad_urls.add(key)
                 problems.append(f"{path}: {key}: {problem}")
+    problems += [f"{path}: {key} is too short for a secret (fewer than {MIN_SECRET_CHARS} "
+                 "characters: guessable, and not reliably redacted): use a long random value"
+                 for key, value in values.items()
+                 if key not in bad_urls and _too_short_secret(key, value)]
     return problems
+
+
+def _too_short_secret(key: str, value: str) -> bool:
+    """A secret-named variable (or a URL's password) of a few characters: guessable, and masked
+    by value it would also mask every common word it happens to equal."""
+    if not value or PLACEHOLDER in value or not is_secret_key(key):
+        return False
+    if "://" in value:
+        try:
+            password = urlsplit(value).password
+        except ValueError:
+            return False
+        return password is not None and 0 < len(unquote(password)) < MIN_SECRET_CHARS
+    return len(value) < MIN_SECRET_CHARS
 
 
 def database_url_problem(url: str) -> str | None:
@@ -324,7 +346,36 @@ def _merge_environment(document: dict[str, Any], env: str, config_path: Path,
     for key in ("context", "dockerfile"):
         if ".." in PurePosixPath(build[key]).parts or build[key].startswith("/"):
             problems.append(f"{config_path}: build.{key} must be a path inside the repository")
+    problems += [f"{config_path}: {problem}" for problem in directory_problems(
+        f"environments.{env}.remote_dir", _remote_dir(env_block, env), database["snapshot_dir"])]
     return env_block, merged, problems
+
+
+def directory_problems(where: str, remote_dir: str, snapshot_dir: str) -> list[str]:
+    """The deploy writes, prunes and `rm -rf`s under these directories: they must name one
+    place of their own, never the root, never a way out through `..`."""
+    problems = []
+    remote = PurePosixPath(remote_dir)
+    if ".." in remote.parts:
+        problems.append(f"{where}: must not contain `..`")
+    elif posixpath.normpath(remote_dir).strip("/") in ("", "."):
+        problems.append(f"{where}: must not be the root directory `/`")
+    snapshots = PurePosixPath(snapshot_dir)
+    if ".." in snapshots.parts:
+        problems.append("database.snapshot_dir: must not contain `..`")
+    elif snapshots.is_absolute() and not _strictly_inside(snapshots, remote):
+        problems.append(f"database.snapshot_dir: {snapshot_dir} is outside the remote "
+                        f"directory {remote_dir}: give a path relative to it (e.g. snapshots)")
+    return problems
+
+
+def _strictly_inside(path: PurePosixPath, directory: PurePosixPath) -> bool:
+    inner, outer = (PurePosixPath(posixpath.normpath(p)) for p in (path, directory))
+    return inner != outer and inner.is_relative_to(outer)
+
+
+def _remote_dir(env_block: dict[str, Any], env: str) -> str:
+    return env_block.get("remote_dir", f"/srv/togather/{env}")
 
 
 def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Settings:
@@ -378,7 +429,7 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
         health_endpoint=app["health_endpoint"],
         version_endpoint=app["version_endpoint"],
         hosts=tuple(env_block["hosts"]),
-        remote_dir=env_block.get("remote_dir", f"/srv/togather/{env}"),
+        remote_dir=_remote_dir(env_block, env),
         ports=dict(ports),
         public_url=env_block.get("public_url", f"http://127.0.0.1:{ports['proxy']}"),
         build=merged["build"],

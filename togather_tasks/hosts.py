@@ -21,6 +21,7 @@ import logging
 import os
 import posixpath
 import secrets
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -53,6 +54,8 @@ KEEPALIVE_SECONDS = 15
 DEFAULT_COMMAND_TIMEOUT = 600
 IDLE_PROBE_SECONDS = 5
 IDLE_PROBE_TIMEOUT = 10
+# A health or version answer is a small JSON document; anything bigger is not one of ours.
+HTTP_MAX_BYTES = 1 << 20
 
 
 @dataclass
@@ -79,6 +82,11 @@ class HttpResponse:
 
 
 CommandObserver = Callable[["Host", Result], None]
+Redact = Callable[[str], str]
+
+
+def _unredacted(text: str) -> str:
+    return text
 
 
 @dataclass
@@ -87,6 +95,9 @@ class Host:
 
     name: str
     observer: CommandObserver | None = field(default=None, repr=False)
+    # Applied to command output before it is cut for an error message: a secret cut in half
+    # by the cut would no longer match its value.
+    redact: Redact = field(default=_unredacted, repr=False)
 
     def run(self, command: str, *, timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
             check: bool = True, what: str | None = None) -> Result:
@@ -98,7 +109,8 @@ class Host:
         if self.observer:
             self.observer(self, result)
         if check and not result.ok:
-            detail = _last_line(result.stderr) or _last_line(result.stdout)
+            detail = (_last_line(self.redact(result.stderr))
+                      or _last_line(self.redact(result.stdout)))
             raise CommandError(
                 f"{what or 'command'} failed on {self.name} (exit {result.exit_status})"
                 + (f": {detail}" if detail else ""),
@@ -158,8 +170,9 @@ class Host:
 class LocalHost(Host):
     """This machine, through Invoke's local runner: the same code path without SSH."""
 
-    def __init__(self, observer: CommandObserver | None = None) -> None:
-        super().__init__(name=LOCAL, observer=observer)
+    def __init__(self, observer: CommandObserver | None = None,
+                 redact: Redact = _unredacted) -> None:
+        super().__init__(name=LOCAL, observer=observer, redact=redact)
         self._context = invoke.Context()
 
     def _run(self, command: str, timeout: float | None) -> Result:
@@ -195,38 +208,128 @@ class LocalHost(Host):
                       proc.stderr.decode(errors="replace"), 0.0)
 
     def http_get(self, address: str, port: int, path: str, *, timeout: float) -> HttpResponse:
-        conn = http.client.HTTPConnection(address, port, timeout=timeout)
+        deadline = _Deadline(timeout)
+        with socket.create_connection((address, port), timeout=timeout) as sock:
+            return _http_exchange(sock, address, port, path, deadline)
+
+
+@dataclass
+class KnownHosts:
+    """What the known_hosts files say: the trusted entries, the revoked keys (`@revoked`), and
+    whether any `@cert-authority` line was seen (host certificates are not supported: paramiko
+    cannot verify them, so such lines trust nothing here)."""
+
+    entries: list[paramiko.hostkeys.HostKeyEntry] = field(default_factory=list)
+    revoked: set[tuple[str, str]] = field(default_factory=set)
+    has_cert_authority: bool = False
+
+    def is_revoked(self, key: paramiko.PKey) -> bool:
+        return (key.get_name(), key.get_base64()) in self.revoked
+
+
+def read_known_hosts(paths: list[str]) -> KnownHosts:
+    """Parse known_hosts files ourselves: paramiko's loader fails on marker lines and does not
+    enforce `@revoked`."""
+    known = KnownHosts()
+    for path in paths:
+        if not os.path.isfile(path):
+            continue
         try:
-            conn.request("GET", path, headers={"Connection": "close"})
-            resp = conn.getresponse()
-            return HttpResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()},
-                                resp.read())
-        finally:
-            conn.close()
+            lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError as exc:
+            raise HostKeyError(f"cannot read known_hosts file {path}: {exc}") from None
+        for number, line in enumerate(lines, 1):
+            _read_known_hosts_line(known, line.strip(), f"{path}:{number}")
+    # A revoked key is never trusted, even where another line lists it as valid.
+    known.entries = [e for e in known.entries if not known.is_revoked(e.key)]
+    return known
+
+
+def _read_known_hosts_line(known: KnownHosts, line: str, where: str) -> None:
+    if not line or line.startswith("#"):
+        return
+    marker = None
+    if line.startswith("@"):
+        marker, _, line = line.partition(" ")
+        if marker == "@cert-authority":
+            known.has_cert_authority = True
+            return
+        if marker != "@revoked":
+            raise HostKeyError(f"{where}: unknown known_hosts marker {marker!r}")
+    try:
+        entry = paramiko.hostkeys.HostKeyEntry.from_line(line.strip())
+    except (paramiko.SSHException, ValueError, TypeError) as exc:
+        raise HostKeyError(f"{where}: invalid known_hosts line ({_one_line(exc)})",
+                           hint="Fix or remove that line (ssh-keygen -R HOST).") from None
+    if entry is None:  # a key type paramiko does not know: it cannot match anyway
+        return
+    if marker == "@revoked":
+        known.revoked.add((entry.key.get_name(), entry.key.get_base64()))
+    else:
+        known.entries.append(entry)
+
+
+def revoked_key_error(hostname: str, key: paramiko.PKey) -> HostKeyError:
+    return HostKeyError(
+        f"host key of {hostname} ({key.get_name()} {fingerprint(key)}) is REVOKED in "
+        "known_hosts: refused",
+        hint="A revoked key is never trusted again: ask the host's owner for its new key.")
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """`SHA256:...` as ssh-keygen -lf and ssh print it."""
+    return key.fingerprint
 
 
 class _StrictHostKeyPolicy(paramiko.MissingHostKeyPolicy):
-    """Refuse unknown host keys, or with `accept_new` record them (ssh's accept-new)."""
+    """Refuse unknown host keys, or with `accept_new` record them (ssh's accept-new); revoked
+    keys are refused either way."""
 
-    def __init__(self, known_hosts_file: str | None, accept_new: bool) -> None:
+    def __init__(self, known_hosts_file: str | None, accept_new: bool,
+                 known: KnownHosts) -> None:
         self.known_hosts_file = known_hosts_file
         self.accept_new = accept_new
+        self.known = known
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
                          key: paramiko.PKey) -> None:
-        fingerprint = key.fingerprint
+        if self.known.is_revoked(key):
+            raise revoked_key_error(hostname, key)
+        unknown = UnknownHostKeyError(self.known_hosts_file, client, hostname, key,
+                                      self.known.has_cert_authority)
         if not self.accept_new:
-            raise HostKeyError(
-                f"unknown host key for {hostname} ({key.get_name()} {fingerprint}): refused",
-                hint="Verify the fingerprint with the host's owner, then accept it once with "
-                     "`inv hosts.trust --env=ENV`.")
+            raise unknown
+        unknown.record()
+
+
+class UnknownHostKeyError(HostKeyError):
+    """A host key found in no known_hosts file; `record()` trusts it (hosts.trust)."""
+
+    def __init__(self, known_hosts_file: str | None, client: paramiko.SSHClient,
+                 hostname: str, key: paramiko.PKey, cert_authority_seen: bool) -> None:
+        certificates = (" Host certificates (@cert-authority lines) are not supported: "
+                        "record the host's own key." if cert_authority_seen else "")
+        super().__init__(
+            f"unknown host key for {hostname} ({key.get_name()} {fingerprint(key)}): refused",
+            hint="Verify the fingerprint with the host's owner, then accept it once with "
+                 "`inv hosts.trust --env=ENV`." + certificates)
+        self.known_hosts_file = known_hosts_file
+        self.client = client
+        self.hostname = hostname
+        self.key = key
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.key)
+
+    def record(self) -> None:
         if not self.known_hosts_file:
             raise HostKeyError("no known_hosts file to record the new host key in")
         path = Path(self.known_hosts_file).expanduser()
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with path.open("a") as fh:
-            fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
-        client.get_host_keys().add(hostname, key.get_name(), key)
+            fh.write(f"{self.hostname} {self.key.get_name()} {self.key.get_base64()}\n")
+        self.client.get_host_keys().add(self.hostname, self.key.get_name(), self.key)
 
 
 def known_hosts_files(ssh_config: dict[str, Any]) -> list[str]:
@@ -240,19 +343,23 @@ def known_hosts_files(ssh_config: dict[str, Any]) -> list[str]:
 
 
 def _harden(connection: fabric.Connection, accept_new: bool) -> None:
-    """Strict host keys on this connection and on every ProxyJump hop behind it."""
+    """Strict host keys and no agent forwarding on this connection and on every ProxyJump hop
+    behind it."""
     hop: Any = connection
     while isinstance(hop, fabric.Connection):
+        # Never forward the agent, whatever ~/.ssh/config says (Fabric honours ForwardAgent):
+        # root on any target could sign in anywhere as the operator while a run lasts.
+        hop.forward_agent = False
         files = known_hosts_files(hop.ssh_config)
-        client = hop.client
-        for path in files:
-            if os.path.isfile(path):
-                try:
-                    client.get_host_keys().load(path)
-                except (OSError, paramiko.SSHException) as exc:
-                    raise HostKeyError(f"cannot read known_hosts file {path}: {exc}") from None
+        known = read_known_hosts(files)
+        host_keys = hop.client.get_host_keys()
+        for entry in known.entries:
+            for name in entry.hostnames:
+                host_keys.add(name, entry.key.get_name(), entry.key)
         # Deliberately strict even where ssh_config says StrictHostKeyChecking=no.
-        client.set_missing_host_key_policy(_StrictHostKeyPolicy(files[0], accept_new))
+        hop.client.set_missing_host_key_policy(
+            _StrictHostKeyPolicy(files[0], accept_new, known))
+        hop.known_hosts = known
         hop = hop.gateway
 
 
@@ -261,8 +368,9 @@ class RemoteHost(Host):
 
     def __init__(self, name: str, observer: CommandObserver | None = None, *,
                  ssh_config_path: str | None = None, accept_new_host_key: bool = False,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
-        super().__init__(name=name, observer=observer)
+                 connect_timeout: float = CONNECT_TIMEOUT,
+                 redact: Redact = _unredacted) -> None:
+        super().__init__(name=name, observer=observer, redact=redact)
         # A fresh fabric.Config loads ~/.ssh/config (or the given file); one cloned from
         # Invoke's config would not.
         config = fabric.Config(runtime_ssh_path=ssh_config_path) if ssh_config_path \
@@ -306,9 +414,11 @@ class RemoteHost(Host):
         except HostError:
             raise
         except paramiko.BadHostKeyException as exc:
+            if self._conn.known_hosts.is_revoked(exc.key):
+                raise revoked_key_error(self.name, exc.key) from None
             raise HostKeyError(
                 f"host key for {self.name} ({self.address}) has CHANGED: refused "
-                f"(got {exc.key.get_name()} {exc.key.fingerprint})",
+                f"(got {exc.key.get_name()} {fingerprint(exc.key)})",
                 hint="This can mean a man-in-the-middle. If the host was really reinstalled, "
                      "remove the old key (`ssh-keygen -R HOST -f KNOWN_HOSTS`) and accept the "
                      "new one with `inv hosts.trust --env=ENV`.") from None
@@ -393,14 +503,18 @@ class RemoteHost(Host):
         self._ensure_open()
         transport = self._conn.transport
         channel = transport.open_session(timeout=CONNECT_TIMEOUT)
-        channel.settimeout(timeout)
+        # One deadline for the whole command: a per-operation timeout never fires while the
+        # remote side (a hung `docker load`) just stays silent and the loop below polls.
+        deadline = _Deadline(timeout)
         try:
             channel.exec_command(command)
             while chunk := source.read(1 << 16):
+                channel.settimeout(deadline.remaining())
                 channel.sendall(chunk)
             channel.shutdown_write()
             stdout, stderr = io.BytesIO(), io.BytesIO()
             while True:
+                deadline.remaining()
                 if channel.recv_ready():
                     stdout.write(channel.recv(1 << 16))
                 elif channel.recv_stderr_ready():
@@ -430,14 +544,8 @@ class RemoteHost(Host):
             raise ConnectionRefusedError(f"connection refused ({exc.text})") from None
         except paramiko.SSHException as exc:
             raise ConnectionError(_one_line(exc)) from None
-        channel.settimeout(timeout)
         try:
-            channel.sendall(f"GET {path} HTTP/1.1\r\nHost: {address}:{port}\r\n"
-                            "Connection: close\r\nUser-Agent: togather-tasks\r\n\r\n".encode())
-            resp = http.client.HTTPResponse(channel)  # type: ignore[arg-type]
-            resp.begin()
-            return HttpResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()},
-                                resp.read())
+            return _http_exchange(channel, address, port, path, _Deadline(timeout))
         finally:
             channel.close()
 
@@ -451,12 +559,70 @@ class RemoteHost(Host):
 
 
 def connect(name: str, observer: CommandObserver | None = None, *,
-            accept_new_host_key: bool = False) -> Host:
+            accept_new_host_key: bool = False, redact: Redact = _unredacted) -> Host:
     """A host by its ssh name; `local` is this machine without SSH."""
     if name == LOCAL:
-        return LocalHost(observer)
+        return LocalHost(observer, redact)
     return RemoteHost(name, observer, accept_new_host_key=accept_new_host_key,
-                      ssh_config_path=os.environ.get("TOGATHER_SSH_CONFIG"))
+                      ssh_config_path=os.environ.get("TOGATHER_SSH_CONFIG"),
+                      redact=redact)
+
+
+class _Deadline:
+    """Time left of one overall timeout; TimeoutError once it has passed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no complete answer within {self.seconds:g} s")
+        return left
+
+
+class _BoundedReader(io.RawIOBase):
+    """Reads a socket or an SSH channel with a deadline for the whole answer and a size cap,
+    so a server that drips bytes or never stops sending cannot hold a run."""
+
+    def __init__(self, conn: Any, deadline: _Deadline) -> None:
+        self.conn = conn
+        self.deadline = deadline
+        self.total = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self.conn.settimeout(self.deadline.remaining())
+        data = self.conn.recv(min(len(buffer), HTTP_MAX_BYTES + 1 - self.total))
+        self.total += len(data)
+        if self.total > HTTP_MAX_BYTES:
+            raise http.client.HTTPException(f"answer larger than {HTTP_MAX_BYTES} bytes")
+        buffer[:len(data)] = data
+        return len(data)
+
+
+class _ReaderSocket:
+    """What http.client.HTTPResponse needs of a socket: makefile()."""
+
+    def __init__(self, reader: _BoundedReader) -> None:
+        self.reader = reader
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(self.reader)
+
+
+def _http_exchange(conn: Any, address: str, port: int, path: str,
+                   deadline: _Deadline) -> HttpResponse:
+    """One GET over an open socket or direct-tcpip channel, bounded in time and size."""
+    conn.settimeout(deadline.remaining())
+    conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {address}:{port}\r\n"
+                 "Connection: close\r\nUser-Agent: togather-tasks\r\n\r\n".encode())
+    resp = http.client.HTTPResponse(_ReaderSocket(_BoundedReader(conn, deadline)))  # type: ignore[arg-type]
+    resp.begin()
+    return HttpResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
 
 
 def _summary(command: str) -> str:

@@ -129,5 +129,6 @@ def build_locally_and_ship(build: Build, host: Host) -> None:
         result = host.stream_into("docker load --quiet", save.stdout,
                                   timeout=settings.build["timeout"])
     if save.returncode != 0 or not result.ok:
+        detail = host.redact(result.stderr.strip())[-200:] or "docker save failed"
         raise CommandError(f"shipping {build.image} to {host.name} (docker save | docker load) "
-                           f"failed: {result.stderr.strip()[-200:] or 'docker save failed'}")
+                           f"failed: {detail}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -57,6 +58,21 @@ class RunLog:
             self._fh = None
 
 
+# Escape sequences (CSI, OSC, two-character ESC forms) and every other control character but
+# newline and tab: values read from the host (state file, lock holder, health JSON) are data,
+# and must not be able to move the cursor, retitle the terminal or hide a line.
+_TERMINAL_CONTROL = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"            # CSI: colours, cursor moves, erase
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"   # OSC: window title, hyperlinks
+    r"|\x1b[@-_]?"                         # other ESC sequences, a lone ESC
+    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]")       # C0 (but \t, \n) and C1 controls
+
+
+def printable(text: str) -> str:
+    """`text` without terminal control sequences."""
+    return _TERMINAL_CONTROL.sub("", text)
+
+
 class Console:
     def __init__(self, redactor: Redactor, *, stream: TextIO | None = None,
                  err: TextIO | None = None, quiet: bool = False) -> None:
@@ -69,26 +85,30 @@ class Console:
 
     def print(self, text: str = "") -> None:
         if not self.quiet:
-            print(self.redactor(text), file=self.out, flush=True)
+            self._emit(text, self.out)
 
     def always(self, text: str) -> None:
         """Printed even with --json/quiet (the JSON document itself)."""
-        print(self.redactor(text), file=self.out, flush=True)
+        self._emit(text, self.out)
 
     def warn(self, text: str) -> None:
-        print(self.redactor(f"warning: {text}"), file=self.err, flush=True)
+        self._emit(f"warning: {text}", self.err)
 
     def note(self, text: str) -> None:
         """Context for an error, on stderr, without the `error:` prefix (one error line per
         failure keeps scripts and eyes on the real message)."""
-        print(self.redactor(text), file=self.err, flush=True)
+        self._emit(text, self.err)
 
     def error(self, text: str) -> None:
-        print(self.redactor(f"error: {text}"), file=self.err, flush=True)
+        self._emit(f"error: {text}", self.err)
 
     def debug(self, text: str) -> None:
         if self.debug_enabled:
-            print(self.redactor(f"debug: {text}"), file=self.err, flush=True)
+            self._emit(f"debug: {text}", self.err)
+
+    def _emit(self, text: str, stream: TextIO) -> None:
+        # Controls out first: a secret split by an escape sequence is whole again, then masked.
+        print(self.redactor(printable(text)), file=stream, flush=True)
 
 
 

@@ -8,23 +8,34 @@ KEY=/TOKEN=/SECRET=/PASSWORD= assignments and Bearer tokens, for secrets we were
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
 
 MASK = "***"
 # Values shorter than this are not redacted by value: masking "1" or "db" everywhere would make
 # output unreadable and protect nothing a pattern does not already cover.
 MIN_SECRET_LENGTH = 4
 
+# Every pattern below is linear in the length of a line (a 100 KB line of build output must not
+# stall a run): a match may only start where a run of its characters starts (a lookbehind, or a
+# lookahead that stays inside one word), and a quoted value ends at its closing quote, at the end
+# of the line or after QUOTED_MAX characters, so a failed attempt never rescans the rest.
+QUOTED_MAX = 4096
 # Greedy password up to the last `@` before the host: a raw `@` in a password is common and
 # URL parsers (Go's, Python's) split at the last one too.
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^\s:/@]*):"
+_URL_CREDENTIALS = re.compile(r"(?<![a-zA-Z0-9+.-])(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)"
+                              r"(?P<user>[^\s:/@]*):"
                               r"(?P<password>[^\s/]*)@(?=[^\s@/]*(?:[/\s?#]|$))")
-_VALUE = r"""(?:(?P<quote>["'])(?P<quoted>.*?)(?P=quote)|(?P<bare>[^\s"',;&]+))"""
+_VALUE = (r"""(?:(?P<quote>["'])(?P<quoted>(?:(?!(?P=quote))[^\n]){0,""" + str(QUOTED_MAX)
+          + r"""})(?P<close>(?P=quote))?|(?P<bare>[^\s"',;&]+))""")
+_SECRET_WORDS = r"(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD|PWD)"  # noqa: S105 - a pattern
 # Environment-style names (upper case) with = or :, on one line: `JWT_SECRET=x`, `API_KEY: x`.
+# The lookahead checks the word holds a secret word without the quadratic backtracking of
+# `[A-Z0-9_]*KEY[A-Z0-9_]*`.
 _ASSIGNMENT = re.compile(
-    r"(?P<key>\b[A-Z0-9_]*(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD|PWD)[A-Z0-9_]*)"
+    r"\b(?=[A-Z0-9_]*?" + _SECRET_WORDS + r")(?P<key>[A-Z0-9_]+)"
     r"(?P<sep>[ \t]*[=:][ \t]*)" + _VALUE)
 # Query-string, YAML and prose style, any case, whole words: `?password=x`, `token: x`
 # (not `secrets:`, a heading).
@@ -32,6 +43,7 @@ _PARAMETER = re.compile(
     r"(?P<key>\b(?:password|passwd|pwd|token|secret|api[_-]?key|access[_-]?token)\b)"
     r"(?P<sep>[ \t]*[=:][ \t]*)" + _VALUE, re.IGNORECASE)
 _BEARER = re.compile(r"(?P<prefix>\bBearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+_ESCAPE = re.compile(r"%[0-9A-F]{2}")
 _SECRET_KEY_NAMES = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|PWD|URL|DSN)", re.IGNORECASE)
 
 
@@ -77,14 +89,20 @@ def _mask_assignment(match: re.Match[str]) -> str:
     value = match["quoted"] if match["quote"] else match["bare"]
     if value == MASK or not value:
         return match.group(0)
-    quote = match["quote"] or ""
-    return f"{match['key']}{match['sep']}{quote}{MASK}{quote}"
+    opening = match["quote"] or ""
+    closing = match["close"] or ""
+    return f"{match['key']}{match['sep']}{opening}{MASK}{closing}"
 
 
 def _forms(value: str) -> set[str]:
-    """The shapes a secret can take in output: as is, stripped, URL-(un)quoted, and for a URL
-    with credentials, its password on its own."""
-    forms = {value, value.strip(), quote(value, safe=""), unquote(value)}
+    """The shapes a secret can take in output: as is, stripped, escaped, URL-(un)quoted (with
+    `/` kept or not, `+` for spaces, upper- or lower-case %xx: every encoder differs), and for a
+    URL with credentials, its password on its own."""
+    encoded = {quote(value, safe=""), quote(value), quote_plus(value, safe=""), quote_plus(value)}
+    encoded |= {_lower_escapes(e) for e in encoded}
+    # Escaped as repr() and json.dumps() write it (a KeyError's message is a repr).
+    escaped = {json.dumps(value)[1:-1], repr(value)[1:-1]}
+    forms = {value, value.strip(), unquote(value), unquote_plus(value), *encoded, *escaped}
     for line in value.splitlines():
         forms.add(line.strip())
     try:
@@ -94,6 +112,10 @@ def _forms(value: str) -> set[str]:
     except ValueError:
         pass
     return {f for f in forms if f}
+
+
+def _lower_escapes(text: str) -> str:
+    return _ESCAPE.sub(lambda m: m.group(0).lower(), text)
 
 
 def is_secret_key(name: str) -> bool:

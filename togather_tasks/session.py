@@ -28,7 +28,7 @@ class Session:
 
     def host(self, name: str) -> Host:
         if name not in self._hosts:
-            self._hosts[name] = connect(name, self._observe,
+            self._hosts[name] = connect(name, self._observe, redact=self.redact,
                                         accept_new_host_key=self._accept_new)
         return self._hosts[name]
 
@@ -52,7 +52,8 @@ class Session:
         """A state store over a connection of its own to the primary host, for the lock's
         heartbeat thread (a connection is never shared between threads). Not observed: the
         run log belongs to the main thread."""
-        host = connect(self.settings.primary_host, accept_new_host_key=self._accept_new)
+        host = connect(self.settings.primary_host, accept_new_host_key=self._accept_new,
+                       redact=self.redact)
         self._extra.append(host)
         return StateStore(host, self.settings.remote_dir, self.settings.env)
 
@@ -62,19 +63,22 @@ class Session:
     def _observe(self, host: Host, result: Result) -> None:
         fields = {"host": host.name, "command": result.command, "exit": result.exit_status,
                   "seconds": round(result.duration, 3)}
+        # Redact before the tail is cut: a secret cut in half no longer matches its value.
+        stderr = self.redact(result.stderr.strip())
         if not result.ok:
-            fields["stderr"] = result.stderr[-COMMAND_LOG_TAIL:]
+            fields["stderr"] = stderr[-COMMAND_LOG_TAIL:]
         self.log.event("command", **fields)
         self.console.debug(f"[{host.name}] $ {result.command}  -> exit {result.exit_status} "
                            f"in {result.duration:.2f}s")
-        if result.stderr.strip() and self.console.debug_enabled:
-            self.console.debug(result.stderr.strip()[-COMMAND_LOG_TAIL:])
+        if stderr and self.console.debug_enabled:
+            self.console.debug(stderr[-COMMAND_LOG_TAIL:])
 
     def audit(self, **fields: object) -> None:
         """Append one line to the host's audit log; never fails the operation."""
         record = {"ts": now_iso(), "environment": self.settings.env,
                   "by": self.operator.email, **fields}
-        line = self.redact(json.dumps(record, sort_keys=True))
+        # Redact before JSON escaping: an escaped `"` or `\\` in a secret would not match.
+        line = json.dumps(self.redact.redact_obj(record), sort_keys=True)
         try:
             self.primary.run(audit_line_command(self.settings.remote_dir, line), timeout=30,
                              check=False)

@@ -128,7 +128,7 @@ class StateStore:
         if not result.ok:
             self.host.run(f"rm -f {shlex.quote(tmp)}", timeout=30, check=False)
             raise CommandError(f"writing {self.where} failed (exit {result.exit_status}): "
-                               f"{result.stderr.strip()[:200]}")
+                               f"{self.host.redact(result.stderr.strip())[:200]}")
         return hashlib.sha256(data).hexdigest()
 
     def update(self, change: Callable[[State], State]) -> State:

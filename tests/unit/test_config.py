@@ -402,7 +402,7 @@ def test_database_url_must_be_a_postgres_url(project: Project, url: str, fragmen
 
 @pytest.mark.parametrize("scheme", ["postgres", "postgresql"])
 def test_both_postgres_schemes_are_accepted(project: Project, scheme: str) -> None:
-    project.write_env("staging", DATABASE_URL=f"{scheme}://app:pw12@db/app")
+    project.write_env("staging", DATABASE_URL=f"{scheme}://app:pw12-long@db/app")
     assert project.load().secrets["DATABASE_URL"].startswith(scheme)
 
 
@@ -485,3 +485,49 @@ def test_load_settings_checks_the_env_name_first(project: Project) -> None:
     with pytest.raises(UsageError):
         project.load("qa")
 
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("JWT_SECRET", "short7!"),
+    ("ADMIN_API_KEY", "abc"),
+    ("SMTP_PASSWORD", "1234567"),
+    ("DATABASE_URL", "postgres://app:pw12@db/app"),
+    ("DEPLOY_DATABASE_URL", "postgres://app:%41%42%43%44%45%46%47@db/app"),
+])
+def test_a_secret_shorter_than_8_characters_is_refused(project: Project, key: str,
+                                                       value: str) -> None:
+    project.write_env("staging", **{key: value})
+    problems = problems_of(project)
+    assert len(problems) == 1, problems
+    assert f"{key} is too short for a secret (fewer than 8 characters" in problems[0]
+    assert value not in problems[0]
+
+
+def test_short_values_that_are_not_secrets_are_accepted(project: Project) -> None:
+    project.write_env("staging", LOG_LEVEL="info", PORT="80",
+                      DATABASE_URL="postgres://app@db/app")
+    assert project.load().secrets["LOG_LEVEL"] == "info"
+
+
+@pytest.mark.parametrize(("remote_dir", "snapshot_dir", "problem"), [
+    ("//", None, "remote_dir: must not be the root directory"),
+    ("/srv/./", None, None),
+    ("/srv/../etc", None, "remote_dir: must not contain `..`"),
+    ("/srv/app", "../../etc", "snapshot_dir: must not contain `..`"),
+    ("/srv/app", "/etc", "snapshot_dir: /etc is outside the remote directory"),
+    ("/srv/app", "/srv/app", "snapshot_dir: /srv/app is outside the remote directory"),
+    ("/srv/app", "/srv/application", "is outside the remote directory"),
+    ("/srv/app", "/srv/app/backups", None),
+    ("/srv/app", "backups/db", None),
+])
+def test_remote_and_snapshot_directories_stay_in_their_place(
+        project: Project, remote_dir: str, snapshot_dir: str | None, problem: str | None) -> None:
+    text = BASE_CONFIG.replace("remote_dir: /srv/togather/staging", f"remote_dir: '{remote_dir}'")
+    if snapshot_dir:
+        text += f"database:\n  snapshot_dir: '{snapshot_dir}'\n"
+    project.write_config(text)
+    if problem is None:
+        project.load()
+    else:
+        problems = problems_of(project)
+        assert len(problems) == 1 and problem in problems[0], problems
