@@ -122,32 +122,40 @@ def check_health(settings: Settings, host: Host, port: int, *, expected_version:
 
 def health_gate(settings: Settings, host: Host, target: SlotTarget, console: Console) -> Verdict:
     """Poll the new slot until it is healthy and runs the expected version, within the
-    configured grace, interval, timeout and retries; fail fast when its container dies."""
+    configured grace, interval, timeout and retries, and the overall deadline whatever the
+    retries (an endpoint that never answers must not hold the deploy for retries x timeout);
+    fail fast when its container dies."""
     hc = settings.health
-    time.sleep(hc.startup_grace)
+    deadline = time.monotonic() + hc.deadline
+    time.sleep(min(hc.startup_grace, hc.deadline))
     port = settings.ports[target.slot]
     verdict = unreachable("not checked")
-    for attempt in range(1, hc.retries + 1):
+    attempt = 0
+    while attempt < hc.retries and (remaining := deadline - time.monotonic()) > 0:
+        attempt += 1
         verdict = check_health(settings, host, port, expected_version=target.sha7,
-                               timeout=hc.timeout)
+                               timeout=min(hc.timeout, remaining))
         if verdict.status == "healthy":
             return verdict
         if verdict.status == "unreachable" or attempt % 5 == 0:
-            state = slot_container_state(settings, host, target.slot)
-            status, _, rest = state.partition(" ")
-            restarts = rest.split()[-1] if rest.split() else "0"
-            if status in ("exited", "dead", "missing") or (restarts.isdigit()
-                                                          and int(restarts) > 0):
-                raise HealthCheckError(
-                    f"the {target.slot} slot's container is not running ({state}): the app "
-                    "crashed at start",
-                    hint=_logs_hint(settings, host, target.slot))
+            _require_running(settings, host, target.slot)
         console.debug(f"health attempt {attempt}/{hc.retries}: {verdict.summary()}")
         if attempt < hc.retries:
-            time.sleep(hc.interval)
+            time.sleep(max(0.0, min(hc.interval, deadline - time.monotonic())))
     raise HealthCheckError(
-        f"the {target.slot} slot did not become healthy after {hc.retries} checks: "
-        f"{verdict.summary()}", hint=_logs_hint(settings, host, target.slot))
+        f"the {target.slot} slot did not become healthy after {attempt} checks in "
+        f"{hc.deadline:g} s at most: {verdict.summary()}",
+        hint=_logs_hint(settings, host, target.slot))
+
+
+def _require_running(settings: Settings, host: Host, slot: str) -> None:
+    state = slot_container_state(settings, host, slot)
+    status, _, rest = state.partition(" ")
+    restarts = rest.split()[-1] if rest.split() else "0"
+    if status in ("exited", "dead", "missing") or (restarts.isdigit() and int(restarts) > 0):
+        raise HealthCheckError(
+            f"the {slot} slot's container is not running ({state}): the app crashed at start",
+            hint=_logs_hint(settings, host, slot))
 
 
 def _logs_hint(settings: Settings, host: Host, slot: str) -> str:
