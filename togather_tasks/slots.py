@@ -5,6 +5,7 @@ slot. Each function is one runbook step on one host."""
 from __future__ import annotations
 
 import contextlib
+import re
 import shlex
 import time
 from dataclasses import dataclass
@@ -15,9 +16,11 @@ from .errors import CommandError, HealthCheckError, HostError, TogatherError
 from .health import Verdict, evaluate, unreachable
 from .hosts import Host
 from .output import Console
+from .signals import shielded
 
 q = shlex.quote
 PORT_BUSY_MARKERS = ("port is already allocated", "address already in use")
+_UPSTREAM_SLOT = re.compile(r"\$togather_slot \{\s*default (blue|green);")
 
 
 @dataclass
@@ -240,10 +243,22 @@ def verify_proxy(settings: Settings, host: Host, target: SlotTarget) -> str | No
     return last
 
 
+def upstream_slot(upstream: str) -> str | None:
+    """The slot an upstream file (see commands.upstream_conf) routes to, if any."""
+    match = _UPSTREAM_SLOT.search(upstream)
+    return match.group(1) if match else None
+
+
+def routed_slot(settings: Settings, host: Host) -> str | None:
+    """The slot this host's proxy routes to: what it answers, else (proxy down) what its
+    upstream file says and it will load when it comes back. None: no slot (first deploy)."""
+    return serving_slot(settings, host) or upstream_slot(read_upstream(settings, host))
+
+
 def switch_traffic(settings: Settings, host: Host, target: SlotTarget) -> str:
-    """Write the upstream for the new slot, test, reload, verify; on any failure put the old
-    upstream back so traffic stays on (or returns to) the old slot. Returns how the proxy
-    took the change (see apply_proxy_config)."""
+    """Write the upstream for the new slot, test, reload, verify; on any failure, Ctrl-C and
+    SIGTERM included, put the old upstream back so traffic stays on (or returns to) the old
+    slot. Returns how the proxy took the change (see apply_proxy_config)."""
     layout = cmd.Layout(settings.remote_dir)
     previous = read_upstream(settings, host)
     host.write_file(layout.upstream_file, cmd.upstream_conf(settings, target.slot).encode(),
@@ -255,13 +270,14 @@ def switch_traffic(settings: Settings, host: Host, target: SlotTarget) -> str:
             raise HealthCheckError(
                 f"after the switch the proxy does not serve {target.slot}/{target.sha7} "
                 f"(last answer: {seen})")
-    except (TogatherError, HostError) as exc:
-        restore_upstream(settings, host, previous)
-        if isinstance(exc, HealthCheckError):
-            raise
-        raise HealthCheckError(f"switching traffic to {target.slot} failed: {exc.message}",
-                               hint="The previous nginx upstream was restored; traffic stays "
-                                    "on the old slot.") from None
+    except BaseException as exc:
+        with shielded():
+            restore_upstream(settings, host, previous)
+        if isinstance(exc, TogatherError) and not isinstance(exc, HealthCheckError):
+            raise HealthCheckError(f"switching traffic to {target.slot} failed: {exc.message}",
+                                   hint="The previous nginx upstream was restored; traffic "
+                                        "stays on the old slot.") from None
+        raise
     return how
 
 
