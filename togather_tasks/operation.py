@@ -153,10 +153,11 @@ class SlotOperation:
 
     def switch_to_new_slot(self) -> None:
         for host in self.s.all_hosts:
-            if slots.switch_traffic(self.settings, host, self.target()) == "recreated":
-                self.s.console.warn(f"{host.name}: the proxy ran an older image (package "
-                                    "upgrade) and was recreated: connections were refused for "
-                                    "about a second")
+            how = slots.switch_traffic(self.settings, host, self.target())
+            if how.startswith("recreated"):
+                self.s.console.warn(f"{host.name}: the nginx proxy was {how} to apply its "
+                                    "configuration: connections were refused for about a "
+                                    "second")
         self.switched = True
 
     def drain_and_stop_old_slot(self) -> None:

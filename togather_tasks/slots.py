@@ -5,6 +5,7 @@ slot. Each function is one runbook step on one host."""
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shlex
 import time
@@ -77,17 +78,32 @@ def read_slot_images(settings: Settings, host: Host) -> dict[str, str]:
     return images
 
 
+def pull_policy(settings: Settings) -> str:
+    """Only the registry strategy pulls: otherwise the tool built or loaded the image on the
+    host itself, and a missing image must be an error, never a pull of whatever a public
+    registry has under that name."""
+    return "missing" if settings.build["strategy"] == "registry" else "never"
+
+
 def start_slot(settings: Settings, host: Host, target: SlotTarget) -> None:
     """Point the slot at its image in slots.env and (re)create it with Compose."""
     layout = cmd.Layout(settings.remote_dir)
     images = read_slot_images(settings, host)
     images[target.slot] = target.image
     host.write_file(layout.slots_env, cmd.slots_env(settings, images).encode(), mode=0o644)
-    result = host.run(cmd.compose(settings, "up", "--detach", "--no-deps",
-                                  cmd.service(target.slot)), timeout=300, check=False)
+    result = host.run(cmd.compose(settings, "up", "--detach", "--no-deps", "--pull",
+                                  pull_policy(settings), cmd.service(target.slot)),
+                      timeout=300, check=False)
     if not result.ok:
         text = (result.stderr + result.stdout).lower()
         port = settings.ports[target.slot]
+        if "no such image" in text:
+            raise CommandError(
+                f"the image {target.image} is not on {host.name}, so the {target.slot} slot "
+                "cannot start", hint="It was there when this run built or loaded it: was it "
+                                     "removed meanwhile (docker image prune, another cleanup)? "
+                                     "Nothing was switched; run the command again.",
+                exit_status=result.exit_status)
         if any(marker in text for marker in PORT_BUSY_MARKERS):
             raise CommandError(
                 f"port {port} on {host.name} is already in use by something else, so the "
@@ -175,29 +191,52 @@ def read_upstream(settings: Settings, host: Host) -> str:
 
 
 def apply_proxy_config(settings: Settings, host: Host) -> str:
-    """`nginx -t` and a graceful reload in one round trip. If that fails: start the proxy when
-    it is not running (first deploy, host rebooted), recreate it when it runs an older proxy
-    image (the package was upgraded), else raise CommandError with nginx's own message.
-    Returns what happened: reloaded, started or recreated."""
-    result = host.run(cmd.compose(settings, "exec", "-T", "proxy", "sh", "-c",
-                                  q("nginx -t -q && nginx -s reload")), timeout=60, check=False)
-    if result.ok:
-        return "reloaded"
-    running = host.run(cmd.compose(settings, "ps", "--quiet", "--status", "running", "proxy"),
-                       timeout=60, check=False).stdout.split()
-    if not running:
+    """Make the running proxy serve the upstream file with the configured settings: start it
+    when it is not running (first deploy, host rebooted), recreate it when its image, port or
+    bind address differ from the configuration (package upgrade, deployment.yml edited: a
+    reload cannot move a published port), else `nginx -t` and a graceful reload. Returns what
+    happened: `reloaded`, `started` or `recreated (what changed)`."""
+    inspected = host.run(running_proxy_command(settings), timeout=60, check=False).stdout
+    if not inspected.strip():
         host.run(cmd.compose(settings, "up", "--detach", "--no-deps", "proxy"), timeout=300,
                  what="starting the nginx proxy")
         return "started"
-    image = host.run(f"docker inspect --format '{{{{.Config.Image}}}}' {q(running[0])}",
-                     timeout=60, check=False).stdout.strip()
-    if image and image != cmd.proxy_image_ref():
+    changes = proxy_changes(settings, inspected)
+    if changes:
         host.run(cmd.compose(settings, "up", "--detach", "--no-deps", "--force-recreate",
                              "proxy"), timeout=300, what="recreating the nginx proxy")
-        return "recreated"
-    detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-    raise CommandError(f"nginx -t (configuration test) or reload failed on {host.name}: "
-                       f"{detail}", exit_status=result.exit_status)
+        return f"recreated ({', '.join(changes)})"
+    result = host.run(cmd.compose(settings, "exec", "-T", "proxy", "sh", "-c",
+                                  q("nginx -t -q && nginx -s reload")), timeout=60, check=False)
+    if not result.ok:
+        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CommandError(f"nginx -t (configuration test) or reload failed on {host.name}: "
+                           f"{detail}", exit_status=result.exit_status)
+    return "reloaded"
+
+
+def running_proxy_command(settings: Settings) -> str:
+    """The running proxy's image and published port (`IMAGE {json}`), empty when none runs:
+    one round trip."""
+    return (f"id=$({cmd.compose(settings, 'ps', '--quiet', '--status', 'running', 'proxy')}"
+            ' | head -n 1); [ -z "$id" ] || docker inspect --format '
+            + q("{{.Config.Image}} {{json .HostConfig.PortBindings}}") + ' "$id"')
+
+
+def proxy_changes(settings: Settings, inspected: str) -> list[str]:
+    """How the running proxy (running_proxy_command's output) differs from the
+    configuration, one phrase per difference; empty when it matches."""
+    image, _, bindings = inspected.strip().partition(" ")
+    try:
+        published = (json.loads(bindings or "null") or {}).get("80/tcp") or [{}]
+    except (ValueError, AttributeError):
+        published = [{}]
+    port, bind = published[0].get("HostPort"), published[0].get("HostIp") or "0.0.0.0"  # noqa: S104
+    wanted = {"image": cmd.proxy_image_ref(), "port": str(settings.ports["proxy"]),
+              "bind address": settings.proxy["bind"]}
+    running = {"image": image, "port": port, "bind address": bind}
+    return [f"{what} {running[what]} -> {value}" for what, value in wanted.items()
+            if running[what] != value]
 
 
 def proxy_address(settings: Settings) -> str:

@@ -27,6 +27,7 @@ from togather_tasks.ulid import new_id
 
 from .fakehost import FakeHost, answer
 from .projects import JWT_SECRET
+from .test_slots import proxy_running
 
 SHA = "abc1234" + "0" * 33
 
@@ -243,6 +244,7 @@ def test_an_interrupt_during_the_switch_restores_the_previous_upstream(
         raise Interrupted("SIGTERM")
 
     host.http = sigterm_while_verifying
+    proxy_running(host, settings)
     with pytest.raises(Interrupted):
         slots.switch_traffic(settings, host, slots.SlotTarget("green", "img:abc1234",
                                                               "abc1234"))
