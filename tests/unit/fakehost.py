@@ -1,13 +1,23 @@
-"""An in-memory Host for unit tests of the slot and operation logic: files live in a dict,
-commands are answered by rules the test sets, HTTP answers by a function the test sets."""
+"""An in-memory Host for unit tests of the slot and operation logic (files live in a dict,
+commands are answered by rules the test sets, HTTP answers by a function the test sets), and a
+Session around it whose state store is real, in a temporary directory on this machine."""
 
 from __future__ import annotations
 
+import io
+import os
 import shlex
+import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO
 
-from togather_tasks.hosts import Host, HttpResponse, Result
+from togather_tasks.config import Settings
+from togather_tasks.hosts import Host, HttpResponse, LocalHost, Result
+from togather_tasks.lock import Operator
+from togather_tasks.output import Console, RunLog
+from togather_tasks.redact import Redactor
+from togather_tasks.store import StateStore
 
 Rule = Callable[[str], Result | None]
 
@@ -65,3 +75,29 @@ class FakeHost(Host):
 def answer(status: int = 200, *, slot: str | None = None, body: bytes = b"{}") -> HttpResponse:
     headers = {"x-togather-slot": slot} if slot else {}
     return HttpResponse(status, headers, body)
+
+
+class FakeSession:
+    """What an operation uses of a Session: slots on a FakeHost, the state on this machine."""
+
+    def __init__(self, settings: Settings, state_dir: Path) -> None:
+        self.settings = settings
+        self.console = Console(Redactor(settings.secret_values()), stream=io.StringIO(),
+                               err=io.StringIO())
+        self.redact = self.console.redactor
+        self.log = RunLog(None, self.redact)
+        self.primary = FakeHost("web1")
+        self.all_hosts = [self.primary]
+        self.store = StateStore(LocalHost(), str(state_dir), settings.env)
+        self.operator = Operator(email="alice@example.com", hostname=socket.gethostname(),
+                                 pid=os.getpid())
+
+    def heartbeat_store(self) -> StateStore:
+        return StateStore(LocalHost(), self.store.directory, self.settings.env)
+
+    def audit(self, **fields: object) -> None:
+        """Not under test here."""
+
+    @property
+    def output(self) -> str:
+        return self.console.out.getvalue() + self.console.err.getvalue()

@@ -5,10 +5,7 @@ destructive steps, hooks and webhooks that cannot turn an outcome around, redact
 from __future__ import annotations
 
 import http.client
-import io
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,45 +14,15 @@ from togather_tasks import commands as cmd
 from togather_tasks import hooks, notify, slots
 from togather_tasks.config import Settings
 from togather_tasks.errors import ExitCode, Interrupted, LockLostError, TogatherError
-from togather_tasks.hosts import LocalHost
 from togather_tasks.lock import Operator
-from togather_tasks.output import Console, RunLog
 from togather_tasks.pipeline import Deploy, DeployOptions
-from togather_tasks.redact import Redactor
-from togather_tasks.store import StateStore
 from togather_tasks.ulid import new_id
 
-from .fakehost import FakeHost, answer
+from .fakehost import FakeHost, FakeSession, answer
 from .projects import JWT_SECRET
 from .test_slots import proxy_running
 
 SHA = "abc1234" + "0" * 33
-
-
-class FakeSession:
-    """What an operation uses of a Session: slots on a FakeHost, the state on this machine."""
-
-    def __init__(self, settings: Settings, state_dir: Path) -> None:
-        self.settings = settings
-        self.console = Console(Redactor(settings.secret_values()), stream=io.StringIO(),
-                               err=io.StringIO())
-        self.redact = self.console.redactor
-        self.log = RunLog(None, self.redact)
-        self.primary = FakeHost("web1")
-        self.all_hosts = [self.primary]
-        self.store = StateStore(LocalHost(), str(state_dir), settings.env)
-        self.operator = Operator(email="alice@example.com", hostname=socket.gethostname(),
-                                 pid=os.getpid())
-
-    def heartbeat_store(self) -> StateStore:
-        return StateStore(LocalHost(), self.store.directory, self.settings.env)
-
-    def audit(self, **fields: object) -> None:
-        """Not under test here."""
-
-    @property
-    def output(self) -> str:
-        return self.console.out.getvalue() + self.console.err.getvalue()
 
 
 @pytest.fixture
