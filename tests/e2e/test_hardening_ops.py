@@ -97,3 +97,22 @@ def test_a_proxy_port_changed_in_the_config_is_applied_by_the_next_deploy(
     again = demo_app.deploy()
     assert again.returncode == 0
     assert "recreated" not in again.stderr
+
+
+def test_a_health_endpoint_that_never_answers_fails_within_the_gate_s_deadline(
+        demo_app: DemoApp) -> None:
+    first = demo_app.head
+    deploy_ok(demo_app)
+    demo_app.write_config(deployment={"health_check": {
+        "retries": 30, "interval": 1, "timeout": 3, "deadline": 6}})
+    demo_app.set_health_mode("hang")
+
+    started = time.monotonic()
+    result = demo_app.deploy()
+    took = time.monotonic() - started
+
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "did not become healthy" in result.stderr
+    assert took < 45, f"the deploy took {took:.0f} s; 30 x (3 s + 1 s) = 120 s without a deadline"
+    assert_serving(demo_app, first)
+    assert_unlocked(demo_app)
