@@ -199,7 +199,7 @@ class SlotOperation:
         if self.lock is None:
             return  # failed while taking the lock: nothing was changed, the error says it all
         step = self.progress.current or f"before {self.upcoming}"
-        owned = self.confirm_ownership()
+        owned = self.confirm_ownership()  # always asked: on_failure records only if owned
         if self.new_slot_started and owned:
             self.stop_new_slot()
         message = self.failure_message(exc)
