@@ -56,7 +56,8 @@ DEFAULTS: dict[str, Any] = {
         "snapshot_keep": 10,
     },
     "deployment": {
-        "health_check": {"retries": 30, "interval": 2, "timeout": 5, "startup_grace": 1},
+        "health_check": {"retries": 30, "interval": 2, "timeout": 5, "startup_grace": 1,
+                         "deadline": 60},
         "drain_seconds": 5,
         "stop_timeout": 30,
         "lock_timeout_minutes": 30,
@@ -81,6 +82,7 @@ class HealthCheckSettings:
     interval: float
     timeout: float
     startup_grace: float
+    deadline: float  # the whole gate, whatever the retries: a hanging endpoint cannot hold it
 
 
 @dataclass(frozen=True)

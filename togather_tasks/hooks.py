@@ -52,7 +52,8 @@ def run_hook(root: Path, name: str, values: dict[str, object], console: Console,
         return False
     try:
         proc = subprocess.run([str(path)], cwd=root, env=hook_environment(values),
-                              capture_output=True, text=True, timeout=HOOK_TIMEOUT,
+                              capture_output=True, text=True, errors="replace",
+                              timeout=HOOK_TIMEOUT,
                               stdin=subprocess.DEVNULL, check=False)
         output = (proc.stdout + proc.stderr).strip().splitlines()[-OUTPUT_TAIL:]
         code: int | str = proc.returncode

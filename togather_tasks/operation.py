@@ -10,8 +10,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import hooks, notify, slots
-from .errors import Interrupted, TogatherError
+from .errors import Interrupted, LockLostError, TogatherError
 from .health import Verdict
+from .hosts import Host
 from .lease import Lease
 from .lock import describe
 from .output import Progress
@@ -109,9 +110,9 @@ class SlotOperation:
         self.new_slot = other_slot(self.old_slot) if self.old_slot else "blue"
 
     def run_steps(self, steps: Sequence[Callable[[], None]]) -> None:
-        """Each step in order (the first takes the lock); on any failure (Ctrl-C and SIGTERM
-        included) undo what moves traffic, record it, and always release the lock, shielded
-        from a second signal."""
+        """Each step in order (the first takes the lock); on any failure (Ctrl-C, SIGTERM and
+        unexpected exceptions included) undo what moves traffic, record it, and always release
+        the lock, shielded from a second signal."""
         try:
             for step in steps:
                 self.upcoming = step.__name__
@@ -119,7 +120,7 @@ class SlotOperation:
                 if self.lease and step.__name__ in DESTRUCTIVE_STEPS:
                     self.lease.check(step.__name__)
                 step()
-        except (TogatherError, Interrupted) as exc:
+        except BaseException as exc:  # an unexpected error needs the undo more than any other
             with shielded():
                 self.fail(exc)
             raise
@@ -152,10 +153,11 @@ class SlotOperation:
 
     def switch_to_new_slot(self) -> None:
         for host in self.s.all_hosts:
-            if slots.switch_traffic(self.settings, host, self.target()) == "recreated":
-                self.s.console.warn(f"{host.name}: the proxy ran an older image (package "
-                                    "upgrade) and was recreated: connections were refused for "
-                                    "about a second")
+            how = slots.switch_traffic(self.settings, host, self.target())
+            if how.startswith("recreated"):
+                self.s.console.warn(f"{host.name}: the nginx proxy was {how} to apply its "
+                                    "configuration: connections were refused for about a "
+                                    "second")
         self.switched = True
 
     def drain_and_stop_old_slot(self) -> None:
@@ -163,34 +165,93 @@ class SlotOperation:
         self.stop_everywhere(self.old_slot, f"the old {self.old_slot} slot")
 
     def stop_everywhere(self, slot: str | None, what: str) -> None:
-        """Stopping is cleanup: a failure is reported, never raised."""
         if not slot:
             return
         for host in self.s.all_hosts:
-            try:
-                slots.stop_slot(self.settings, host, slot)
-            except (TogatherError, OSError) as exc:
-                self.s.console.warn(f"could not stop {what} on {host.name}: {exc}")
+            self.stop_on(host, slot, what)
+
+    def stop_on(self, host: Host, slot: str, what: str) -> None:
+        """Stopping is cleanup: a failure is reported, never raised."""
+        try:
+            slots.stop_slot(self.settings, host, slot)
+        except (TogatherError, OSError) as exc:
+            self.s.console.warn(f"could not stop {what} on {host.name}: {exc}")
+
+    @property
+    def owns_environment(self) -> bool:
+        """False once the lock is known to be lost: another operation may own the slots and
+        the state now, so the failure path must change nothing."""
+        return self.lease is not None and self.lease.lost is None
+
+    def confirm_ownership(self) -> bool:
+        """Ask the host before the failure path undoes anything (the heartbeat may not have
+        noticed yet that the lock was broken)."""
+        if self.lease is None:
+            return False
+        try:
+            self.lease.check("undoing this run")
+        except LockLostError as exc:
+            self.s.console.warn(f"{exc.message}: leaving the slots and the state as they are")
+            return False
+        return True
 
     def fail(self, exc: BaseException) -> None:
         if self.lock is None:
             return  # failed while taking the lock: nothing was changed, the error says it all
         step = self.progress.current or f"before {self.upcoming}"
-        if not self.switched and self.new_slot_started:
-            self.stop_everywhere(self.new_slot, f"the new {self.new_slot} slot")
-        message = exc.signame if isinstance(exc, Interrupted) else \
-            getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        owned = self.confirm_ownership()  # always asked: on_failure records only if owned
+        if self.new_slot_started and owned:
+            self.stop_new_slot()
+        message = self.failure_message(exc)
         self.on_failure(step, message)
-        hooks.run_hook(self.settings.root, "on-failure",
-                       {**self.hook_values("failed"), "failed_step": step, "error": message},
-                       self.s.console)
+        self.run_hook("on-failure", "failed", failed_step=step, error=message)
         self.notify("failed", step=step, message=message)
 
-    def run_hook(self, name: str, status: str, *, blocking: bool = False) -> None:
-        hooks.run_hook(self.settings.root, name, self.hook_values(status), self.s.console,
-                       blocking=blocking)
+    def failure_message(self, exc: BaseException) -> str:
+        """Made once, redacted once: it goes to the state file, the hook and the webhook."""
+        message = exc.signame if isinstance(exc, Interrupted) else \
+            getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        if not isinstance(exc, (TogatherError, Interrupted)):
+            message = f"internal error: {type(exc).__name__}: {message}"
+        return self.s.redact(message)
+
+    def stop_new_slot(self) -> None:
+        """Undo `start`, except on a host whose proxy routes to the new slot (a switch cut
+        before its restore): stopping it there would be an outage. Asks each host, since
+        only the host knows what its proxy serves."""
+        what = f"the new {self.new_slot} slot"
+        for host in self.s.all_hosts:
+            try:
+                routed = slots.routed_slot(self.settings, host)
+            except (TogatherError, OSError) as exc:
+                self.s.console.warn(f"left {what} running on {host.name}: cannot tell which "
+                                    f"slot its proxy routes to ({exc})")
+                continue
+            if routed == self.new_slot:
+                self.s.console.warn(f"left {what} running on {host.name}: its proxy routes "
+                                    "traffic to it")
+                continue
+            self.stop_on(host, self.new_slot, what)
+
+    def run_hook(self, name: str, status: str, *, blocking: bool = False,
+                 **extra: object) -> None:
+        """A blocking hook's refusal stops the operation; any other hook, whatever goes wrong
+        with it, never turns the operation's outcome around."""
+        values = {**self.hook_values(status), **extra}
+        if blocking:
+            hooks.run_hook(self.settings.root, name, values, self.s.console, blocking=True)
+            return
+        try:
+            hooks.run_hook(self.settings.root, name, values, self.s.console)
+        except Exception as exc:  # noqa: BLE001 - a hook is the operator's code, not ours
+            self.s.console.warn(f"hook {name} could not run ({type(exc).__name__}: {exc}); "
+                                "the operation itself is not affected")
 
     def notify(self, event: str, **fields: object) -> None:
-        notify.notify(self.settings, self.s.console, self.s.redact, event,
-                      slot=self.new_slot, by=self.s.operator.email,
-                      duration_seconds=self.elapsed(), **self.notify_fields(), **fields)
+        try:
+            notify.notify(self.settings, self.s.console, self.s.redact, event,
+                          slot=self.new_slot, by=self.s.operator.email,
+                          duration_seconds=self.elapsed(), **self.notify_fields(), **fields)
+        except Exception as exc:  # noqa: BLE001 - a notification never fails an operation
+            self.s.console.warn(f"webhook notification '{event}' failed ({type(exc).__name__})"
+                                "; the operation is not affected")

@@ -1,5 +1,6 @@
-"""Ctrl-C and SIGTERM: raise `Interrupted` so every exit path runs its cleanup (lock release),
-then shield that cleanup from a second signal."""
+"""Ctrl-C, SIGTERM and SIGHUP: raise `Interrupted` so every exit path runs its cleanup (lock
+release), then shield that cleanup from a second signal. SIGHUP is what a dropped SSH session
+to a jump box sends: it must not leave the lock and a half-started slot behind."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 from .errors import Interrupted
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _install(handler: Any) -> dict[int, Any]:

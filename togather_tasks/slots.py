@@ -5,6 +5,8 @@ slot. Each function is one runbook step on one host."""
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import shlex
 import time
 from dataclasses import dataclass
@@ -15,9 +17,11 @@ from .errors import CommandError, HealthCheckError, HostError, TogatherError
 from .health import Verdict, evaluate, unreachable
 from .hosts import Host
 from .output import Console
+from .signals import shielded
 
 q = shlex.quote
 PORT_BUSY_MARKERS = ("port is already allocated", "address already in use")
+_UPSTREAM_SLOT = re.compile(r"\$togather_slot \{\s*default (blue|green);")
 
 
 @dataclass
@@ -74,17 +78,32 @@ def read_slot_images(settings: Settings, host: Host) -> dict[str, str]:
     return images
 
 
+def pull_policy(settings: Settings) -> str:
+    """Only the registry strategy pulls: otherwise the tool built or loaded the image on the
+    host itself, and a missing image must be an error, never a pull of whatever a public
+    registry has under that name."""
+    return "missing" if settings.build["strategy"] == "registry" else "never"
+
+
 def start_slot(settings: Settings, host: Host, target: SlotTarget) -> None:
     """Point the slot at its image in slots.env and (re)create it with Compose."""
     layout = cmd.Layout(settings.remote_dir)
     images = read_slot_images(settings, host)
     images[target.slot] = target.image
     host.write_file(layout.slots_env, cmd.slots_env(settings, images).encode(), mode=0o644)
-    result = host.run(cmd.compose(settings, "up", "--detach", "--no-deps",
-                                  cmd.service(target.slot)), timeout=300, check=False)
+    result = host.run(cmd.compose(settings, "up", "--detach", "--no-deps", "--pull",
+                                  pull_policy(settings), cmd.service(target.slot)),
+                      timeout=300, check=False)
     if not result.ok:
         text = (result.stderr + result.stdout).lower()
         port = settings.ports[target.slot]
+        if "no such image" in text:
+            raise CommandError(
+                f"the image {target.image} is not on {host.name}, so the {target.slot} slot "
+                "cannot start", hint="It was there when this run built or loaded it: was it "
+                                     "removed meanwhile (docker image prune, another cleanup)? "
+                                     "Nothing was switched; run the command again.",
+                exit_status=result.exit_status)
         if any(marker in text for marker in PORT_BUSY_MARKERS):
             raise CommandError(
                 f"port {port} on {host.name} is already in use by something else, so the "
@@ -122,32 +141,40 @@ def check_health(settings: Settings, host: Host, port: int, *, expected_version:
 
 def health_gate(settings: Settings, host: Host, target: SlotTarget, console: Console) -> Verdict:
     """Poll the new slot until it is healthy and runs the expected version, within the
-    configured grace, interval, timeout and retries; fail fast when its container dies."""
+    configured grace, interval, timeout and retries, and the overall deadline whatever the
+    retries (an endpoint that never answers must not hold the deploy for retries x timeout);
+    fail fast when its container dies."""
     hc = settings.health
-    time.sleep(hc.startup_grace)
+    deadline = time.monotonic() + hc.deadline
+    time.sleep(min(hc.startup_grace, hc.deadline))
     port = settings.ports[target.slot]
     verdict = unreachable("not checked")
-    for attempt in range(1, hc.retries + 1):
+    attempt = 0
+    while attempt < hc.retries and (remaining := deadline - time.monotonic()) > 0:
+        attempt += 1
         verdict = check_health(settings, host, port, expected_version=target.sha7,
-                               timeout=hc.timeout)
+                               timeout=min(hc.timeout, remaining))
         if verdict.status == "healthy":
             return verdict
         if verdict.status == "unreachable" or attempt % 5 == 0:
-            state = slot_container_state(settings, host, target.slot)
-            status, _, rest = state.partition(" ")
-            restarts = rest.split()[-1] if rest.split() else "0"
-            if status in ("exited", "dead", "missing") or (restarts.isdigit()
-                                                          and int(restarts) > 0):
-                raise HealthCheckError(
-                    f"the {target.slot} slot's container is not running ({state}): the app "
-                    "crashed at start",
-                    hint=_logs_hint(settings, host, target.slot))
+            _require_running(settings, host, target.slot)
         console.debug(f"health attempt {attempt}/{hc.retries}: {verdict.summary()}")
         if attempt < hc.retries:
-            time.sleep(hc.interval)
+            time.sleep(max(0.0, min(hc.interval, deadline - time.monotonic())))
     raise HealthCheckError(
-        f"the {target.slot} slot did not become healthy after {hc.retries} checks: "
-        f"{verdict.summary()}", hint=_logs_hint(settings, host, target.slot))
+        f"the {target.slot} slot did not become healthy after {attempt} checks in "
+        f"{hc.deadline:g} s at most: {verdict.summary()}",
+        hint=_logs_hint(settings, host, target.slot))
+
+
+def _require_running(settings: Settings, host: Host, slot: str) -> None:
+    state = slot_container_state(settings, host, slot)
+    status, _, rest = state.partition(" ")
+    restarts = rest.split()[-1] if rest.split() else "0"
+    if status in ("exited", "dead", "missing") or (restarts.isdigit() and int(restarts) > 0):
+        raise HealthCheckError(
+            f"the {slot} slot's container is not running ({state}): the app crashed at start",
+            hint=_logs_hint(settings, host, slot))
 
 
 def _logs_hint(settings: Settings, host: Host, slot: str) -> str:
@@ -164,29 +191,52 @@ def read_upstream(settings: Settings, host: Host) -> str:
 
 
 def apply_proxy_config(settings: Settings, host: Host) -> str:
-    """`nginx -t` and a graceful reload in one round trip. If that fails: start the proxy when
-    it is not running (first deploy, host rebooted), recreate it when it runs an older proxy
-    image (the package was upgraded), else raise CommandError with nginx's own message.
-    Returns what happened: reloaded, started or recreated."""
-    result = host.run(cmd.compose(settings, "exec", "-T", "proxy", "sh", "-c",
-                                  q("nginx -t -q && nginx -s reload")), timeout=60, check=False)
-    if result.ok:
-        return "reloaded"
-    running = host.run(cmd.compose(settings, "ps", "--quiet", "--status", "running", "proxy"),
-                       timeout=60, check=False).stdout.split()
-    if not running:
+    """Make the running proxy serve the upstream file with the configured settings: start it
+    when it is not running (first deploy, host rebooted), recreate it when its image, port or
+    bind address differ from the configuration (package upgrade, deployment.yml edited: a
+    reload cannot move a published port), else `nginx -t` and a graceful reload. Returns what
+    happened: `reloaded`, `started` or `recreated (what changed)`."""
+    inspected = host.run(running_proxy_command(settings), timeout=60, check=False).stdout
+    if not inspected.strip():
         host.run(cmd.compose(settings, "up", "--detach", "--no-deps", "proxy"), timeout=300,
                  what="starting the nginx proxy")
         return "started"
-    image = host.run(f"docker inspect --format '{{{{.Config.Image}}}}' {q(running[0])}",
-                     timeout=60, check=False).stdout.strip()
-    if image and image != cmd.proxy_image_ref():
+    changes = proxy_changes(settings, inspected)
+    if changes:
         host.run(cmd.compose(settings, "up", "--detach", "--no-deps", "--force-recreate",
                              "proxy"), timeout=300, what="recreating the nginx proxy")
-        return "recreated"
-    detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-    raise CommandError(f"nginx -t (configuration test) or reload failed on {host.name}: "
-                       f"{detail}", exit_status=result.exit_status)
+        return f"recreated ({', '.join(changes)})"
+    result = host.run(cmd.compose(settings, "exec", "-T", "proxy", "sh", "-c",
+                                  q("nginx -t -q && nginx -s reload")), timeout=60, check=False)
+    if not result.ok:
+        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CommandError(f"nginx -t (configuration test) or reload failed on {host.name}: "
+                           f"{detail}", exit_status=result.exit_status)
+    return "reloaded"
+
+
+def running_proxy_command(settings: Settings) -> str:
+    """The running proxy's image and published port (`IMAGE {json}`), empty when none runs:
+    one round trip."""
+    return (f"id=$({cmd.compose(settings, 'ps', '--quiet', '--status', 'running', 'proxy')}"
+            ' | head -n 1); [ -z "$id" ] || docker inspect --format '
+            + q("{{.Config.Image}} {{json .HostConfig.PortBindings}}") + ' "$id"')
+
+
+def proxy_changes(settings: Settings, inspected: str) -> list[str]:
+    """How the running proxy (running_proxy_command's output) differs from the
+    configuration, one phrase per difference; empty when it matches."""
+    image, _, bindings = inspected.strip().partition(" ")
+    try:
+        published = (json.loads(bindings or "null") or {}).get("80/tcp") or [{}]
+    except (ValueError, AttributeError):
+        published = [{}]
+    port, bind = published[0].get("HostPort"), published[0].get("HostIp") or "0.0.0.0"  # noqa: S104
+    wanted = {"image": cmd.proxy_image_ref(), "port": str(settings.ports["proxy"]),
+              "bind address": settings.proxy["bind"]}
+    running = {"image": image, "port": port, "bind address": bind}
+    return [f"{what} {running[what]} -> {value}" for what, value in wanted.items()
+            if running[what] != value]
 
 
 def proxy_address(settings: Settings) -> str:
@@ -232,10 +282,22 @@ def verify_proxy(settings: Settings, host: Host, target: SlotTarget) -> str | No
     return last
 
 
+def upstream_slot(upstream: str) -> str | None:
+    """The slot an upstream file (see commands.upstream_conf) routes to, if any."""
+    match = _UPSTREAM_SLOT.search(upstream)
+    return match.group(1) if match else None
+
+
+def routed_slot(settings: Settings, host: Host) -> str | None:
+    """The slot this host's proxy routes to: what it answers, else (proxy down) what its
+    upstream file says and it will load when it comes back. None: no slot (first deploy)."""
+    return serving_slot(settings, host) or upstream_slot(read_upstream(settings, host))
+
+
 def switch_traffic(settings: Settings, host: Host, target: SlotTarget) -> str:
-    """Write the upstream for the new slot, test, reload, verify; on any failure put the old
-    upstream back so traffic stays on (or returns to) the old slot. Returns how the proxy
-    took the change (see apply_proxy_config)."""
+    """Write the upstream for the new slot, test, reload, verify; on any failure, Ctrl-C and
+    SIGTERM included, put the old upstream back so traffic stays on (or returns to) the old
+    slot. Returns how the proxy took the change (see apply_proxy_config)."""
     layout = cmd.Layout(settings.remote_dir)
     previous = read_upstream(settings, host)
     host.write_file(layout.upstream_file, cmd.upstream_conf(settings, target.slot).encode(),
@@ -247,13 +309,14 @@ def switch_traffic(settings: Settings, host: Host, target: SlotTarget) -> str:
             raise HealthCheckError(
                 f"after the switch the proxy does not serve {target.slot}/{target.sha7} "
                 f"(last answer: {seen})")
-    except (TogatherError, HostError) as exc:
-        restore_upstream(settings, host, previous)
-        if isinstance(exc, HealthCheckError):
-            raise
-        raise HealthCheckError(f"switching traffic to {target.slot} failed: {exc.message}",
-                               hint="The previous nginx upstream was restored; traffic stays "
-                                    "on the old slot.") from None
+    except BaseException as exc:
+        with shielded():
+            restore_upstream(settings, host, previous)
+        if isinstance(exc, TogatherError) and not isinstance(exc, HealthCheckError):
+            raise HealthCheckError(f"switching traffic to {target.slot} failed: {exc.message}",
+                                   hint="The previous nginx upstream was restored; traffic "
+                                        "stays on the old slot.") from None
+        raise
     return how
 
 

@@ -95,7 +95,7 @@ environments:
     assert staging.deployment["drain_seconds"] == 9
     assert staging.deployment["stop_timeout"] == 11
     assert staging.deployment["health_check"] == {
-        "retries": 7, "interval": 0.5, "timeout": 5, "startup_grace": 1}
+        "retries": 7, "interval": 0.5, "timeout": 5, "startup_grace": 1, "deadline": 60}
     assert staging.health.interval == 0.5
     project.write_env("production")
     production = project.load("production")

@@ -1,0 +1,103 @@
+"""An in-memory Host for unit tests of the slot and operation logic (files live in a dict,
+commands are answered by rules the test sets, HTTP answers by a function the test sets), and a
+Session around it whose state store is real, in a temporary directory on this machine."""
+
+from __future__ import annotations
+
+import io
+import os
+import shlex
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from togather_tasks.config import Settings
+from togather_tasks.hosts import Host, HttpResponse, LocalHost, Result
+from togather_tasks.lock import Operator
+from togather_tasks.output import Console, RunLog
+from togather_tasks.redact import Redactor
+from togather_tasks.store import StateStore
+
+Rule = Callable[[str], Result | None]
+
+
+def ok(stdout: str = "", command: str = "") -> Result:
+    return Result(command, 0, stdout, "", 0.0)
+
+
+def failed(stderr: str = "failed", status: int = 1, command: str = "") -> Result:
+    return Result(command, status, "", stderr, 0.0)
+
+
+class FakeHost(Host):
+    def __init__(self, name: str = "fake") -> None:
+        super().__init__(name)
+        self.files: dict[str, bytes] = {}
+        self.commands: list[str] = []
+        self.rules: list[tuple[str, Rule]] = []
+        self.http: Callable[[str, int, str, float], HttpResponse] = self._refuse
+
+    def on(self, fragment: str, answer: Result | Rule) -> None:
+        """Commands containing `fragment` get `answer` (the latest rule wins)."""
+        rule = answer if callable(answer) else (lambda _command: answer)
+        self.rules.insert(0, (fragment, rule))
+
+    def ran(self, fragment: str) -> list[str]:
+        return [c for c in self.commands if fragment in c]
+
+    def _run(self, command: str, timeout: float | None) -> Result:
+        self.commands.append(command)
+        for fragment, rule in self.rules:
+            if fragment in command and (result := rule(command)) is not None:
+                return result
+        if command.startswith("cat "):
+            return ok(self.files.get(shlex.split(command)[1], b"").decode())
+        return ok()
+
+    def _write(self, path: str, data: bytes, mode: int) -> None:
+        self.files[path] = data
+
+    def _rename(self, src: str, dst: str) -> None:
+        self.files[dst] = self.files.pop(src)
+
+    def _stream_into(self, command: str, source: IO[bytes], timeout: float) -> Result:
+        return self._run(command, timeout)
+
+    def http_get(self, address: str, port: int, path: str, *, timeout: float) -> HttpResponse:
+        return self.http(address, port, path, timeout)
+
+    @staticmethod
+    def _refuse(address: str, port: int, path: str, timeout: float) -> HttpResponse:
+        raise ConnectionRefusedError(f"connection refused on {address}:{port}")
+
+
+def answer(status: int = 200, *, slot: str | None = None, body: bytes = b"{}") -> HttpResponse:
+    headers = {"x-togather-slot": slot} if slot else {}
+    return HttpResponse(status, headers, body)
+
+
+class FakeSession:
+    """What an operation uses of a Session: slots on a FakeHost, the state on this machine."""
+
+    def __init__(self, settings: Settings, state_dir: Path) -> None:
+        self.settings = settings
+        self.console = Console(Redactor(settings.secret_values()), stream=io.StringIO(),
+                               err=io.StringIO())
+        self.redact = self.console.redactor
+        self.log = RunLog(None, self.redact)
+        self.primary = FakeHost("web1")
+        self.all_hosts = [self.primary]
+        self.store = StateStore(LocalHost(), str(state_dir), settings.env)
+        self.operator = Operator(email="alice@example.com", hostname=socket.gethostname(),
+                                 pid=os.getpid())
+
+    def heartbeat_store(self) -> StateStore:
+        return StateStore(LocalHost(), self.store.directory, self.settings.env)
+
+    def audit(self, **fields: object) -> None:
+        """Not under test here."""
+
+    @property
+    def output(self) -> str:
+        return self.console.out.getvalue() + self.console.err.getvalue()
