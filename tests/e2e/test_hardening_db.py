@@ -1,0 +1,130 @@
+"""Issue 8, the database items on the real test bed: a restore returns the database exactly to
+the snapshot (21), `rollback --restore-db` refuses before any change without confirmation
+(22) and restores first, inside the rollback's own lock (5, 23), and a rollback refused by a
+schema the old version cannot run on names the snapshot and the command that fixes it (23)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from conftest import DemoApp
+
+TAGS_MIGRATION = {
+    "db/migrations/20260101000003_create_tags.sql": (
+        "-- migrate:up\n"
+        "CREATE TABLE tags (id bigserial PRIMARY KEY, name text NOT NULL);\n"
+        "CREATE SCHEMA reporting;\n"
+        "CREATE TABLE reporting.daily (day date PRIMARY KEY);\n"
+        "-- migrate:down\n"
+        "DROP SCHEMA reporting CASCADE;\n"
+        "DROP TABLE tags;\n"),
+}
+PAUSED = r"togather: paused before restore_database \(pid (\d+)\)"
+
+
+def deploy_ok(app: DemoApp, *args: str) -> subprocess.CompletedProcess:
+    result = app.deploy(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def deploy_then_migrate(app: DemoApp) -> tuple[str, str, Path]:
+    """Deploy the demo, then a commit whose migration adds a table and a schema; returns
+    both SHAs and the snapshot taken before that migration."""
+    first = app.head
+    deploy_ok(app)
+    second = app.commit("a migration adds tags and a reporting schema", TAGS_MIGRATION)
+    deploy_ok(app)
+    snapshot = app.state()["current_deployment"]["snapshot"]
+    return first, second, Path(snapshot)
+
+
+def applied_migrations(app: DemoApp) -> list[str]:
+    return app.psql("SELECT version FROM schema_migrations ORDER BY 1;").split()
+
+
+def schemas(app: DemoApp) -> list[str]:
+    return app.psql("SELECT nspname || ':' || nspowner::regrole FROM pg_namespace "
+                    "WHERE nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema' "
+                    "ORDER BY 1;").split()
+
+
+def test_restore_leaves_exactly_the_snapshot_and_the_version_redeploys(
+        demo_app: DemoApp) -> None:
+    """Item 21: pg_restore --clean left `tags` behind; the next deploy of the same version then
+    failed with exit 5 (relation "tags" already exists)."""
+    _, _, snapshot = deploy_then_migrate(demo_app)
+    assert "tags" in demo_app.tables()
+    before_migration = ["20260101000001", "20260101000002"]
+
+    restored = demo_app.inv("db.restore", demo_app.env_flag, f"--snapshot={snapshot.name}",
+                            "--yes")
+
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert demo_app.tables() == ["events", "jobs", "schema_migrations"]
+    assert schemas(demo_app) == ["public:pg_database_owner"]
+    assert applied_migrations(demo_app) == before_migration
+    assert demo_app.state()["lock"] == {"locked": False}
+    redeploy = deploy_ok(demo_app)
+    assert "tags" in demo_app.tables(), redeploy.stdout
+    assert applied_migrations(demo_app) == [*before_migration, "20260101000003"]
+    demo_app.assert_no_secrets()
+
+
+def test_rollback_restore_db_without_confirmation_changes_nothing(demo_app: DemoApp) -> None:
+    """Item 22: without a terminal and without --yes the rollback used to switch traffic and
+    rewrite the state, and only then refuse the restore."""
+    _, second, _ = deploy_then_migrate(demo_app)
+    state_before = demo_app.state_bytes()
+
+    result = demo_app.inv("rollback", demo_app.env_flag, "--restore-db")
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "needs --yes" in result.stderr and "Traceback" not in result.stderr
+    slot, version = demo_app.served()
+    assert (slot, version["version"]) == ("green", second[:7])
+    assert demo_app.state_bytes() == state_before
+    assert "tags" in demo_app.tables()
+
+
+def test_rollback_onto_a_schema_the_old_version_refuses(demo_app: DemoApp,
+                                                        tmp_path: Path) -> None:
+    """Item 23 (and 5): the old version refuses the newer schema. A plain rollback fails its
+    health gate and names the snapshot and `inv rollback --restore-db`; that command then
+    restores first, while the rollback holds its lock and traffic is still on the new version,
+    and the old version comes back healthy on its own schema."""
+    demo_app.write_config(deployment={"health_check": {"retries": 6}})
+    first = demo_app.set_health_mode("schema-exact")
+    _, second, snapshot = deploy_then_migrate(demo_app)
+    first_id = demo_app.state()["previous_deployment"]["id"]
+
+    plain = demo_app.inv("rollback", demo_app.env_flag)
+
+    assert plain.returncode == 4, plain.stdout + plain.stderr
+    assert str(snapshot) in plain.stderr
+    assert f"inv rollback --env={demo_app.env} --restore-db" in plain.stderr
+    assert demo_app.served()[1]["version"] == second[:7]
+
+    hold = tmp_path / "hold"
+    hold.touch()
+    running = demo_app.spawn("rollback", demo_app.env_flag, "--restore-db", "--yes",
+                             env={"TOGATHER_TEST_PAUSE_BEFORE": "restore_database",
+                                  "TOGATHER_TEST_PAUSE_FILE": str(hold)})
+    running.wait_for_stdout(PAUSED)
+    lock = demo_app.state()["lock"]
+    assert lock["locked"] and lock["deployment_id"] == first_id, lock
+    assert demo_app.served()[1]["version"] == second[:7]
+    assert "tags" in demo_app.tables()
+    hold.unlink()
+    result = running.wait()
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert demo_app.served()[1]["version"] == first[:7]
+    assert "tags" not in demo_app.tables()
+    assert applied_migrations(demo_app) == ["20260101000001", "20260101000002"]
+    state = demo_app.state()
+    assert state["current_deployment"]["version"] == first[:7]
+    assert state["lock"] == {"locked": False}
+    assert "NOT rolled back" not in result.stderr
+    demo_app.assert_no_secrets()
