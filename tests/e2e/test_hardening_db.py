@@ -1,11 +1,15 @@
 """Issue 8, the database items on the real test bed: a restore returns the database exactly to
 the snapshot (21), `rollback --restore-db` refuses before any change without confirmation
 (22) and restores first, inside the rollback's own lock (5, 23), and a rollback refused by a
-schema the old version cannot run on names the snapshot and the command that fixes it (23)."""
+schema the old version cannot run on names the snapshot and the command that fixes it (23);
+the snapshot being restored is never pruned (3) and belongs to this environment (17)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from conftest import DemoApp
@@ -128,3 +132,36 @@ def test_rollback_onto_a_schema_the_old_version_refuses(demo_app: DemoApp,
     assert state["lock"] == {"locked": False}
     assert "NOT rolled back" not in result.stderr
     demo_app.assert_no_secrets()
+
+
+def copy_snapshot(source: Path, name: str) -> Path:
+    """A copy of `source` under another name, owned like it (the deploy user's)."""
+    target = source.with_name(name)
+    shutil.copy2(source, target)
+    st = source.stat()
+    os.chown(target, st.st_uid, st.st_gid)
+    return target
+
+
+def test_restore_keeps_its_old_snapshot_and_refuses_another_environments(
+        demo_app: DemoApp) -> None:
+    """Item 3: the safety snapshot's retention pass deleted a target older than the retention
+    period before pg_restore could read it. Item 17: a snapshot named for another environment
+    was restored into this one."""
+    deploy_ok(demo_app)
+    [taken] = demo_app.snapshots()
+    sha7 = taken.name.rsplit("_", 1)[1].removesuffix(".dump")
+    month_ago = (datetime.now(UTC) - timedelta(days=30)).strftime("%Y%m%dT%H%M%SZ")
+    old = copy_snapshot(taken, f"{demo_app.env}_{month_ago}_{sha7}.dump")
+    foreign = copy_snapshot(taken, f"production_{month_ago}_{sha7}.dump")
+
+    restored = demo_app.inv("db.restore", demo_app.env_flag, f"--snapshot={old.name}", "--yes")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert old.exists()
+
+    refused = demo_app.inv("db.restore", demo_app.env_flag, f"--snapshot={foreign.name}",
+                           "--yes")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "snapshot of the production environment" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert demo_app.state()["lock"] == {"locked": False}
