@@ -54,13 +54,38 @@ def schemas(app: DemoApp) -> list[str]:
                     "ORDER BY 1;").split()
 
 
+def month_ago() -> str:
+    """A snapshot timestamp older than the default retention (7 days)."""
+    return (datetime.now(UTC) - timedelta(days=30)).strftime("%Y%m%dT%H%M%SZ")
+
+
+def copy_snapshot(source: Path, name: str) -> Path:
+    """A copy of `source` under another name, owned like it (the deploy user's)."""
+    target = source.with_name(name)
+    shutil.copy2(source, target)
+    st = source.stat()
+    os.chown(target, st.st_uid, st.st_gid)
+    return target
+
+
 def test_restore_leaves_exactly_the_snapshot_and_the_version_redeploys(
         demo_app: DemoApp) -> None:
     """Item 21: pg_restore --clean left `tags` behind; the next deploy of the same version then
-    failed with exit 5 (relation "tags" already exists)."""
+    failed with exit 5 (relation "tags" already exists). A snapshot that breaks off half way
+    still changes nothing."""
     _, _, snapshot = deploy_then_migrate(demo_app)
     assert "tags" in demo_app.tables()
     before_migration = ["20260101000001", "20260101000002"]
+
+    truncated = copy_snapshot(snapshot, f"{demo_app.env}_{month_ago()}_{snapshot.name[-12:]}")
+    truncated.write_bytes(snapshot.read_bytes()[:snapshot.stat().st_size // 2])
+
+    broken = demo_app.inv("db.restore", demo_app.env_flag, f"--snapshot={truncated.name}",
+                          "--yes")
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert "database is unchanged" in broken.stderr
+    assert "tags" in demo_app.tables()
+    assert len(applied_migrations(demo_app)) == 3
 
     restored = demo_app.inv("db.restore", demo_app.env_flag, f"--snapshot={snapshot.name}",
                             "--yes")
@@ -134,15 +159,6 @@ def test_rollback_onto_a_schema_the_old_version_refuses(demo_app: DemoApp,
     demo_app.assert_no_secrets()
 
 
-def copy_snapshot(source: Path, name: str) -> Path:
-    """A copy of `source` under another name, owned like it (the deploy user's)."""
-    target = source.with_name(name)
-    shutil.copy2(source, target)
-    st = source.stat()
-    os.chown(target, st.st_uid, st.st_gid)
-    return target
-
-
 def test_restore_keeps_its_old_snapshot_and_refuses_another_environments(
         demo_app: DemoApp) -> None:
     """Item 3: the safety snapshot's retention pass deleted a target older than the retention
@@ -151,9 +167,8 @@ def test_restore_keeps_its_old_snapshot_and_refuses_another_environments(
     deploy_ok(demo_app)
     [taken] = demo_app.snapshots()
     sha7 = taken.name.rsplit("_", 1)[1].removesuffix(".dump")
-    month_ago = (datetime.now(UTC) - timedelta(days=30)).strftime("%Y%m%dT%H%M%SZ")
-    old = copy_snapshot(taken, f"{demo_app.env}_{month_ago}_{sha7}.dump")
-    foreign = copy_snapshot(taken, f"production_{month_ago}_{sha7}.dump")
+    old = copy_snapshot(taken, f"{demo_app.env}_{month_ago()}_{sha7}.dump")
+    foreign = copy_snapshot(taken, f"production_{month_ago()}_{sha7}.dump")
 
     restored = demo_app.inv("db.restore", demo_app.env_flag, f"--snapshot={old.name}", "--yes")
     assert restored.returncode == 0, restored.stdout + restored.stderr
