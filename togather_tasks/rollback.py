@@ -181,7 +181,6 @@ class Rollback(SlotOperation):
             note(f"app-{self.old_slot} stopped")
 
     def after(self) -> None:
-        rolled_back = self.state.previous or {}
         console = self.s.console
         console.print(f"rolled back {self.settings.env} to {self.chosen['version']} "
                       f"({self.chosen['id']}) in {time.monotonic() - self.started:.1f}s")
@@ -191,8 +190,8 @@ class Rollback(SlotOperation):
         else:
             console.warn("database migrations are NOT rolled back.")
             if self.snapshot:
-                console.print(f"  snapshot taken before {rolled_back.get('version')} migrated: "
-                              f"{self.snapshot}")
+                console.print(f"  snapshot taken before the migrations newer than "
+                              f"{self.chosen['version']}: {self.snapshot}")
                 console.print(f"  to restore it: inv db.restore --env={self.settings.env} "
                               f"--snapshot={self.snapshot_name}")
         self.s.audit(operation="rollback", deployment_id=self.chosen["id"],
