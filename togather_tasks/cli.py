@@ -469,37 +469,16 @@ def rollback(c, env=None, to=None, dry_run=False, yes=False, restore_db=False):
     def body(session: Session) -> None:
         if not dry_run:
             confirm(session.settings, yes, "rollback")
-        rb = Rollback(session, RollbackOptions(to=to, dry_run=dry_run, restore_db=restore_db))
+        rb = Rollback(session, RollbackOptions(to=to, dry_run=dry_run, restore_db=restore_db,
+                                               yes=yes))
         target = rb.run()
         if dry_run:
             session.console.print(f"dry run: would roll back to {target['version']} "
                                   f"({target['id']}); nothing was changed:")
             for line in rb.plan():
                 session.console.print(f"  {line}")
-            return
-        if restore_db:
-            snapshot = (rb.state.previous or {}).get("snapshot")
-            if not snapshot:
-                raise UsageError("--restore-db: the rolled-back deployment has no snapshot")
-            name = Path(snapshot).name
-            _confirm_restore(session, name, yes)
-            from .dbops import restore
-            safety = restore(session, name)
-            session.console.print(f"restored {name}; the data as it was is in {safety}")
 
     run_command(c, env, "rollback", body, log=True)
-
-
-def _confirm_restore(session: Session, name: str, yes: bool) -> None:
-    """Restoring overwrites data: always an explicit yes (a flag, or typed at a terminal)."""
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise UsageError("restoring a snapshot needs --yes when stdin is not a terminal")
-    answer = input(f"Restore {name} into the {session.settings.env} database, replacing its "
-                   "data? Type the environment name to confirm: ")
-    if answer.strip() != session.settings.env:
-        raise UsageError("not confirmed; nothing was restored")
 
 
 @togather_task(help={"env": ENV_HELP, "slot": "active (through the proxy, default), blue or green",
@@ -620,11 +599,12 @@ def db_restore(c, env=None, snapshot=None, yes=False):
     """Restore a snapshot into the environment's database (a safety snapshot is taken first)."""
 
     def body(session: Session) -> None:
-        from .dbops import restore
+        from .dbops import check_snapshot_name, confirm_restore, restore
         if not snapshot:
             raise UsageError("--snapshot=NAME is required (see `inv db.snapshots`)")
+        check_snapshot_name(session.settings.env, snapshot)
         confirm(session.settings, yes, "restore")
-        _confirm_restore(session, snapshot, yes)
+        confirm_restore(session.settings.env, snapshot, yes)
         safety = restore(session, snapshot)
         session.console.print(f"restored {snapshot}; the data as it was is in {safety}")
 

@@ -208,12 +208,50 @@ def snapshot_command(settings: Settings, path: str) -> str:
     )
 
 
+# Before the snapshot is replayed, in the same transaction: drop every schema the restoring
+# role owns (CASCADE), so tables, types and functions created after the snapshot (by a later
+# migration) go as well; `pg_restore --clean` would drop only the objects the dump contains.
+# `public` is recreated with its owner, comment and privileges (PostgreSQL 15 gives it to
+# pg_database_owner, and pg_dump does not dump it). Schemas of other roles are left alone.
+RESET_SCHEMAS_SQL = """SET client_min_messages = warning;
+DO $togather$
+DECLARE
+    s record;
+    a record;
+BEGIN
+    FOR s IN SELECT nspname, nspowner::regrole AS owner, nspacl,
+                    obj_description(oid, 'pg_namespace') AS note
+             FROM pg_namespace
+             WHERE nspname <> 'information_schema' AND nspname NOT LIKE 'pg\\_%'
+               AND pg_has_role(nspowner, 'USAGE')
+    LOOP
+        EXECUTE format('DROP SCHEMA %I CASCADE', s.nspname);
+        CONTINUE WHEN s.nspname <> 'public';
+        EXECUTE format('CREATE SCHEMA public AUTHORIZATION %s', s.owner);
+        EXECUTE format('COMMENT ON SCHEMA public IS %L', s.note);
+        FOR a IN SELECT grantee, privilege_type FROM aclexplode(s.nspacl) LOOP
+            EXECUTE format('GRANT %s ON SCHEMA public TO %s', a.privilege_type,
+                           CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                                ELSE a.grantee::regrole::text END);
+        END LOOP;
+    END LOOP;
+END
+$togather$;"""
+
+
 def restore_command(settings: Settings, path: str, dbname: str | None = None) -> str:
-    """Restore a snapshot into the environment's database (or `dbname`), replacing its
-    objects, in one transaction: on any error nothing changes."""
+    """Make the environment's database (or `dbname`) exactly the snapshot, in one transaction:
+    BEGIN, drop the role's schemas (RESET_SCHEMAS_SQL), replay the snapshot as SQL
+    (`pg_restore --file=-`), and send COMMIT only when pg_restore has read the whole archive.
+    A truncated or unreadable snapshot, or any SQL error, ends psql without a COMMIT, so
+    PostgreSQL rolls everything back; pipefail turns either failure into a non-zero exit."""
     target = dbname or database_parts(settings.migrate_database_url)["dbname"]
-    return (f"{pg_env(settings)} pg_restore --no-password --clean --if-exists --no-owner "
-            f"--exit-on-error --single-transaction --dbname={q(target)} {q(path)}")
+    script = (f"{{ printf '%s\\n' 'BEGIN;' {q(RESET_SCHEMAS_SQL)} && "
+              f"pg_restore --no-owner --exit-on-error --file=- {q(path)} && "
+              "printf '%s\\n' 'COMMIT;'; } | "
+              f"{pg_env(settings)} psql --no-password -X -q -v ON_ERROR_STOP=1 "
+              f"--dbname={q(target)} > /dev/null")
+    return f"bash -o pipefail -c {q(script)}"
 
 
 def migrate_command(settings: Settings, migrations_dir: str) -> str:

@@ -1,7 +1,9 @@
 """Rollback (SPEC section 7): traffic back to the previous deployment, or to one named by
 version or id, with the same gate as a deploy: start its slot from its image (rebuilt from its
 commit if the image is gone), health-gate it, switch, verify, record. Migrations are not rolled
-back: the operator is shown the snapshot and the exact restore command."""
+back: the operator is shown the snapshot and the exact restore command. With --restore-db the
+snapshot is restored first, inside the rollback's lock and after a confirmation asked before
+anything changes, so the old version starts on the schema it was built for."""
 
 from __future__ import annotations
 
@@ -10,13 +12,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import images, slots, source
+from . import dbops, images, slots, source
 from .errors import TogatherError
 from .operation import SlotOperation
 from .session import Session
 from .state import State, other_slot, utc_now
 
 STEPS = ("validate", "lock", "image", "start", "health", "switch", "record", "finish")
+RESTORE_STEP = "restore"
 
 
 class RollbackError(TogatherError):
@@ -28,6 +31,7 @@ class RollbackOptions:
     to: str | None = None
     dry_run: bool = False
     restore_db: bool = False
+    yes: bool = False
 
 
 def choose_target(state: State, to: str | None) -> dict[str, Any]:
@@ -51,14 +55,26 @@ def choose_target(state: State, to: str | None) -> dict[str, Any]:
     return state.previous
 
 
+def snapshot_before_newer(state: State, target: dict[str, Any]) -> str | None:
+    """The snapshot taken when the database first moved past `target`'s schema: that of the
+    earliest deployment after `target` that took one (a deploy without migrations takes
+    none). None when no later deployment took a snapshot."""
+    later = [d for d in state.known_deployments()
+             if d["id"] > target["id"] and d.get("snapshot")]
+    return min(later, key=lambda d: d["id"])["snapshot"] if later else None
+
+
 class Rollback(SlotOperation):
     operation = "rollback"
 
     def __init__(self, session: Session, options: RollbackOptions) -> None:
-        super().__init__(session, 1 if options.dry_run else len(STEPS))
+        super().__init__(session, 1 if options.dry_run
+                         else len(STEPS) + (1 if options.restore_db else 0))
         self.options = options
         self.state: State | None = None
         self.chosen: dict[str, Any] = {}
+        self.snapshot: str | None = None
+        self.safety_snapshot: str | None = None
         self.traffic_seconds: float | None = None
 
     def run(self) -> dict[str, Any]:
@@ -67,17 +83,38 @@ class Rollback(SlotOperation):
             self.chosen = choose_target(self.state, self.options.to)
             self.old_slot = self.state.active_slot or "blue"
             self.new_slot = other_slot(self.old_slot)
+            self.snapshot = snapshot_before_newer(self.state, self.chosen)
             note(f"{self.state.current['version']} -> {self.chosen['version']} "
                  f"(slot {self.new_slot})")
+        if self.options.restore_db:
+            self.check_restore_db()
         if self.options.dry_run:
             return self.chosen
-        self.run_steps((self.acquire_lock, self.image, self.start, self.health, self.switch,
-                        self.record, self.finish))
+        restore = (self.restore_database,) if self.options.restore_db else ()
+        self.run_steps((self.acquire_lock, *restore, self.image, self.start, self.health,
+                        self.switch, self.record, self.finish))
         self.after()
         return self.state.current
 
+    @property
+    def snapshot_name(self) -> str:
+        return os.path.basename(self.snapshot or "")
+
+    def check_restore_db(self) -> None:
+        """Before any change: there is a snapshot to restore, and the operator said yes."""
+        if not self.snapshot:
+            raise RollbackError(
+                f"--restore-db: no snapshot was taken after {self.chosen['version']} "
+                "(no later deployment ran migrations)",
+                hint="Roll back without --restore-db; the schema is the one it was built for.")
+        if not self.options.dry_run:
+            dbops.confirm_restore(self.settings.env, self.snapshot_name, self.options.yes)
+
     def plan(self) -> list[str]:
-        return [
+        restore = [f"[{self.settings.primary_host}] restore the database from "
+                   f"{self.snapshot} (after a safety snapshot)"] \
+            if self.options.restore_db else []
+        return restore + [
             f"[{h}] start {self.new_slot} slot from {self.image_ref()} (rebuild from "
             f"{self.chosen['git_commit'][:7]} if the image is gone)" for h in self.settings.hosts
         ] + [f"[{h}] health-gate {self.new_slot}, switch nginx, verify"
@@ -99,6 +136,14 @@ class Rollback(SlotOperation):
             self.choose_slots(fresh.active_slot)
             note(self.lock["lock_id"])
         self.notify("started")
+
+    def restore_database(self) -> None:
+        """Step: the database back to the snapshot, under this rollback's lock, before the
+        old version starts (it may not run on the newer schema)."""
+        assert self.lease is not None
+        with self.progress.step(RESTORE_STEP, f"database from {self.snapshot_name}") as note:
+            self.safety_snapshot = dbops.restore(self.s, self.snapshot_name, lease=self.lease)
+            note(f"restored; the data as it was is in {self.safety_snapshot}")
 
     def image(self) -> None:
         with self.progress.step("image", self.image_ref()) as note:
@@ -136,18 +181,19 @@ class Rollback(SlotOperation):
             note(f"app-{self.old_slot} stopped")
 
     def after(self) -> None:
-        rolled_back = self.state.previous or {}
         console = self.s.console
         console.print(f"rolled back {self.settings.env} to {self.chosen['version']} "
                       f"({self.chosen['id']}) in {time.monotonic() - self.started:.1f}s")
-        console.warn("database migrations are NOT rolled back.")
-        snapshot = rolled_back.get("snapshot")
-        if snapshot:
-            name = os.path.basename(snapshot)
-            console.print(f"  snapshot taken before {rolled_back.get('version')} migrated: "
-                          f"{snapshot}")
-            console.print(f"  to restore it: inv db.restore --env={self.settings.env} "
-                          f"--snapshot={name}")
+        if self.safety_snapshot:
+            console.print(f"  database restored from {self.snapshot}; the data as it was is in "
+                          f"{self.safety_snapshot}")
+        else:
+            console.warn("database migrations are NOT rolled back.")
+            if self.snapshot:
+                console.print(f"  snapshot taken before the migrations newer than "
+                              f"{self.chosen['version']}: {self.snapshot}")
+                console.print(f"  to restore it: inv db.restore --env={self.settings.env} "
+                              f"--snapshot={self.snapshot_name}")
         self.s.audit(operation="rollback", deployment_id=self.chosen["id"],
                      version=self.chosen["version"], result="succeeded", slot=self.new_slot)
         self.run_hook("post-rollback", "rolled_back")
@@ -157,8 +203,25 @@ class Rollback(SlotOperation):
         where = "traffic was not switched: the current version keeps serving" \
             if not self.switched else f"traffic is on {self.new_slot}"
         self.s.console.note(f"rollback failed ({step}); {where}.")
+        for line in self.failure_advice(step):
+            self.s.console.note(line)
         self.s.audit(operation="rollback", deployment_id=self.chosen.get("id"),
                      version=self.chosen.get("version"), result="failed", step=step)
+
+    def failure_advice(self, step: str) -> list[str]:
+        """What the database has to do with it: a restore that happened, or (when the old
+        version failed its health gate) the snapshot that would give it its schema back."""
+        env = self.settings.env
+        if self.safety_snapshot:
+            return [f"the database WAS restored from {self.snapshot}; the data as it was is in "
+                    f"{self.safety_snapshot} (inv db.restore --env={env} "
+                    f"--snapshot={os.path.basename(self.safety_snapshot)})"]
+        if step != "health" or not self.snapshot:
+            return []
+        return [f"{self.chosen['version']} may not run on the schema migrated by later "
+                f"deployments; the snapshot taken before those migrations is {self.snapshot}",
+                f"to restore it and roll back in one go: inv rollback --env={env}"
+                + (f" --to={self.options.to}" if self.options.to else "") + " --restore-db"]
 
     def hook_values(self, status: str) -> dict[str, object]:
         return {"operation": "rollback", "environment": self.settings.env,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -75,8 +76,10 @@ def list_snapshots(session: Session) -> list[SnapshotFile]:
     return parse_listing(out)
 
 
-def take_snapshot(session: Session, sha7: str, state: State | None) -> tuple[str, int]:
-    """pg_dump on the primary host, verified; then apply retention. Returns (path, bytes)."""
+def take_snapshot(session: Session, sha7: str, state: State | None, *,
+                  protect: Iterable[str] = ()) -> tuple[str, int]:
+    """pg_dump on the primary host, verified; then apply retention, which never removes the
+    new snapshot nor those in `protect` (a restore's target). Returns (path, bytes)."""
     st = session.settings
     now = utc_now()
     path = f"{st.snapshot_dir}/{cmd.snapshot_name(st.env, now.strftime('%Y%m%dT%H%M%SZ'), sha7)}"
@@ -89,17 +92,17 @@ def take_snapshot(session: Session, sha7: str, state: State | None) -> tuple[str
             hint="Nothing was migrated or switched. Check that the database is up and that "
                  f"{st.snapshot_dir} on {session.primary.name} is writable with free space.")
     size = int(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else 0
-    prune(session, state, keep_also=path)
+    prune(session, state, keep_also=(path, *protect))
     return path, size
 
 
-def prune(session: Session, state: State | None, *, keep_also: str | None = None,
+def prune(session: Session, state: State | None, *, keep_also: Iterable[str] = (),
           keep: int | None = None, dry_run: bool = False) -> list[SnapshotFile]:
     st = session.settings
     doomed = to_delete(list_snapshots(session), now=utc_now(),
                        keep=keep if keep is not None else st.database["snapshot_keep"],
                        max_age_days=st.database["snapshot_retention_days"],
-                       protected=protected_names(state, keep_also))
+                       protected=protected_names(state, *keep_also))
     if doomed and not dry_run:
         paths = " ".join(q(f"{st.snapshot_dir}/{s.name}") for s in doomed)
         session.primary.run(f"rm -f {paths}", timeout=60, what="removing old snapshots")

@@ -145,13 +145,28 @@ def test_snapshot_command_verifies_before_renaming(settings: Settings) -> None:
     assert dump < verify < rename
 
 
-def test_restore_command(settings: Settings) -> None:
+def test_restore_command_replaces_the_schemas_and_replays_in_one_transaction(
+        settings: Settings) -> None:
     path = "/srv/togather/staging/snapshots/x y.dump"
-    assert cmd.restore_command(settings, path) == (
-        f"{PG_ENV} pg_restore --no-password --clean --if-exists --no-owner --exit-on-error "
-        "--single-transaction --dbname=togather_staging "
-        "'/srv/togather/staging/snapshots/x y.dump'")
+    command = cmd.restore_command(settings, path)
+    bash, option, pipefail, dash_c, script = shlex.split(command)
+    assert (bash, option, pipefail, dash_c) == ("bash", "-o", "pipefail", "-c")
+    assert script == (
+        f"{{ printf '%s\\n' 'BEGIN;' {shlex.quote(cmd.RESET_SCHEMAS_SQL)} && "
+        "pg_restore --no-owner --exit-on-error --file=- '/srv/togather/staging/snapshots/x y.dump'"
+        " && printf '%s\\n' 'COMMIT;'; } | "
+        f"{PG_ENV} psql --no-password -X -q -v ON_ERROR_STOP=1 --dbname=togather_staging "
+        "> /dev/null")
     assert "--dbname=scratch " in cmd.restore_command(settings, path, "scratch")
+
+
+def test_reset_sql_drops_only_the_roles_own_schemas_and_recreates_public() -> None:
+    sql = cmd.RESET_SCHEMAS_SQL
+    assert "pg_has_role(nspowner, 'USAGE')" in sql
+    assert "nspname NOT LIKE 'pg\\_%'" in sql and "nspname <> 'information_schema'" in sql
+    assert "DROP SCHEMA %I CASCADE" in sql
+    assert "CREATE SCHEMA public AUTHORIZATION %s" in sql
+    assert "aclexplode(s.nspacl)" in sql
 
 
 # --- the database connection without its password -----------------------------------------------

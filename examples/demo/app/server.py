@@ -43,7 +43,10 @@ HEALTH_MODES = {"healthy", "degraded", "unhealthy", "crash", "slow",
                 # Faults of the health endpoint itself, for the deploy tool's fault tests:
                 # an HTML error page, a body that is not JSON, a 200 that says unhealthy,
                 # and an endpoint that never answers.
-                "html", "garbage", "lying", "hang"}
+                "html", "garbage", "lying", "hang",
+                # Healthy, but refuses a schema migrated past this build (an app whose old
+                # release cannot run on the newer schema), for rollback --restore-db tests.
+                "schema-exact"}
 HANG_SECONDS = 60
 
 POOL_MIN, POOL_MAX = 1, 4  # serves /health; the job worker has its own connection
@@ -266,12 +269,14 @@ class App:
             return check(
                 "pass", f"Schema version matches expected: {expected}", started, **versions
             )
-        if expected is not None and actual is not None and actual > expected:
+        if expected is not None and actual is not None and actual > expected \
+                and self.mode != "schema-exact":
             # A rolled-back release runs on a schema migrated further by a newer one: with
             # expand/contract migrations that is the normal case, not an outage.
             message = f"Schema is ahead of this build: expected {expected}, actual {actual}"
             return check("pass", message, started, **versions)
-        message = f"Schema version behind this build: expected {expected}, actual {actual}"
+        relation = "ahead of" if (actual or 0) > (expected or 0) else "behind"
+        message = f"Schema version {relation} this build: expected {expected}, actual {actual}"
         return check("fail", message, started, **versions)
 
     def _job_queue_check(self, conn: Any) -> dict[str, Any]:
