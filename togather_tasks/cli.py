@@ -623,12 +623,9 @@ def cleanup(c, env=None, keep_images=None, keep_snapshots=None, dry_run=False):
     def body(session: Session) -> None:
         from .cleanup import run_cleanup
         st = session.settings
-        try:
-            ki = int(keep_images) if keep_images is not None else st.deployment["keep_images"]
-            ks = int(keep_snapshots) if keep_snapshots is not None \
-                else st.database["snapshot_keep"]
-        except ValueError:
-            raise UsageError("--keep-images and --keep-snapshots take numbers") from None
+        # Invoke has parsed them as INT already; None means "as configured".
+        ki = keep_images if keep_images is not None else st.deployment["keep_images"]
+        ks = keep_snapshots if keep_snapshots is not None else st.database["snapshot_keep"]
         if ki < 2 or ks < 1:
             raise UsageError("--keep-images must be >= 2 and --keep-snapshots >= 1")
         with nullcontext() if dry_run else _held(session, "cleanup"):
