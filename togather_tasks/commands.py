@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, quote
@@ -260,6 +261,54 @@ def migrate_command(settings: Settings, migrations_dir: str) -> str:
         return (f"cd {q(migrations_dir)} && {pg_env(settings)} {guard} sh -c "
                 f"{q(settings.database['migration_command'])}")
     raise ValueError(f"no migration command for tool {tool!r}")
+
+
+def dbmate_status_command(settings: Settings, migrations_dir: str) -> str:
+    """dbmate's own list of applied (`[X] name`) and pending (`[ ] name`) migrations: read-only
+    (it creates nothing, not even its table), and by the tool's own naming rules."""
+    return (f"{pg_env(settings)} timeout --kill-after=10 60 dbmate "
+            f"--url {q(passwordless_url(settings))} --migrations-dir {q(migrations_dir)} "
+            f"--wait --wait-timeout 10s status")
+
+
+def parse_dbmate_status(output: str) -> list[str]:
+    return [line[4:].strip() for line in output.splitlines() if line.startswith("[ ] ")]
+
+
+def golang_migrate_pending(files: list[str], current: int | None) -> list[str]:
+    """The `.up.` files golang-migrate would apply: those above the database's version
+    (`current`, None when schema_migrations is empty or absent)."""
+    pending = []
+    for name in files:
+        match = re.match(r"^(\d+)_.*\.up\.[^/]+$", name)
+        if match and (current is None or int(match[1]) > current):
+            pending.append(name)
+    return sorted(pending, key=lambda n: int(n.split("_", 1)[0]))
+
+
+def tool_error(stdout: str, stderr: str, exit_status: int) -> str:
+    """Why a tool failed, in its own words: the last lines of stderr (where the SQL error is),
+    else the last line of stdout, else the exit status."""
+    errors = [line.strip() for line in stderr.splitlines() if line.strip()]
+    outputs = [line.strip() for line in stdout.splitlines() if line.strip()]
+    cause = " / ".join(errors[-3:]) if errors else (outputs[-1] if outputs else "")
+    return re.sub(r"^error:\s*", "", cause, flags=re.IGNORECASE) or f"exit {exit_status}"
+
+
+def bounded(text: str, redact: Callable[[str], str], limit: int = 400) -> str:
+    """Redacted first, then cut: a cut never leaves part of a secret behind."""
+    text = redact(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def migration_failure(stdout: str, stderr: str, exit_status: int,
+                      redact: Callable[[str], str]) -> str:
+    """What a failed migration says: the migration being applied (dbmate prints
+    `Applying: NAME`) and the tool's error, redacted and bounded."""
+    applying = [line.split(":", 1)[1].strip() for line in stdout.splitlines()
+                if line.startswith("Applying:")]
+    what = f"migration {applying[-1]} failed" if applying else "migration failed"
+    return bounded(f"{what}: {tool_error(stdout, stderr, exit_status)}", redact)
 
 
 def migration_tool_binary(tool: str) -> str | None:
