@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import re
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 from .config import Settings, database_parts
 from .errors import StateError
@@ -22,6 +23,31 @@ DOCKER_DIR = Path(__file__).parent / "docker"
 SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword"})
 # The state schema's image_ref: no blank, quote, `=`, `$` or line break.
 IMAGE_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,511}")
+# Connection settings a DATABASE_URL may carry in its query, and the libpq variable that says
+# the same to pg_dump, pg_restore and psql (which take no URL here: they get PG* variables).
+LIBPQ_QUERY_ENV = {
+    "sslmode": "PGSSLMODE",
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "sslcrl": "PGSSLCRL",
+    "sslcrldir": "PGSSLCRLDIR",
+    "sslsni": "PGSSLSNI",
+    "sslcompression": "PGSSLCOMPRESSION",
+    "ssl_min_protocol_version": "PGSSLMINPROTOCOLVERSION",
+    "ssl_max_protocol_version": "PGSSLMAXPROTOCOLVERSION",
+    "sslnegotiation": "PGSSLNEGOTIATION",
+    "gssencmode": "PGGSSENCMODE",
+    "channel_binding": "PGCHANNELBINDING",
+    "krbsrvname": "PGKRBSRVNAME",
+    "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "application_name": "PGAPPNAME",
+    "options": "PGOPTIONS",
+    "connect_timeout": "PGCONNECT_TIMEOUT",
+}
+# libpq's own default: without it the migration tools' driver (lib/pq) would assume `require`,
+# and pg_dump and the migration tool must agree on one rule.
+DEFAULT_SSLMODE = "prefer"
 SNAPSHOT_RE = re.compile(r"^(?P<env>[a-z]+)_(?P<ts>\d{8}T\d{6}Z)_(?P<sha>[0-9a-f]{7})\.dump$")
 
 
@@ -151,27 +177,41 @@ def pgpass_line(url: str) -> str:
     return ":".join(esc(parts[k]) for k in ("host", "port", "dbname", "user", "password")) + "\n"
 
 
+def connection_settings(url: str) -> dict[str, str]:
+    """The libpq variables for the URL's query settings (TLS above all), `sslmode` always
+    present; keys libpq has no variable for, and secrets, are left out."""
+    query = dict(parse_qsl(database_parts(url)["query"]))
+    found = {"PGSSLMODE": DEFAULT_SSLMODE, "PGCONNECT_TIMEOUT": "10"}
+    found.update({env: query[key] for key, env in LIBPQ_QUERY_ENV.items() if key in query})
+    return found
+
+
 def pg_env(settings: Settings, passfile: str | None = None) -> str:
     """Connection environment for libpq tools: everything but the password, which is in the
     PGPASSFILE. Safe to show in a process list. `passfile` is a shell expression used as is
-    (e.g. `"$f"` for a temporary file); by default the environment's .pgpass."""
+    (e.g. `"$f"` for a temporary file); by default the environment's .pgpass. The URL's TLS
+    settings come along: dropping them would let libpq fall back to a plain connection."""
     parts = database_parts(settings.migrate_database_url)
     layout = Layout(settings.remote_dir)
     return " ".join([
         f"PGPASSFILE={passfile or q(layout.pgpass)}", f"PGHOST={q(parts['host'])}",
         f"PGPORT={q(parts['port'])}", f"PGUSER={q(parts['user'])}",
-        f"PGDATABASE={q(parts['dbname'])}", "PGCONNECT_TIMEOUT=10"])
+        f"PGDATABASE={q(parts['dbname'])}",
+        *(f"{k}={q(v)}" for k, v in connection_settings(settings.migrate_database_url).items())])
 
 
 def passwordless_url(settings: Settings) -> str:
     """The migration URL without its password (the tool's driver, lib/pq, reads PGPASSFILE);
-    a password given as a query parameter is dropped too."""
+    a password given as a query parameter is dropped too. Without an `sslmode` it gets
+    libpq's default, so the migration tool connects the way pg_dump does."""
     parts = database_parts(settings.migrate_database_url)
-    query = "&".join(p for p in parts["query"].split("&")
-                     if p and p.split("=", 1)[0].lower() not in SECRET_QUERY_KEYS)
+    params = [p for p in parts["query"].split("&")
+              if p and p.split("=", 1)[0].lower() not in SECRET_QUERY_KEYS]
+    if not any(p.split("=", 1)[0] == "sslmode" for p in params):
+        params.append(f"sslmode={DEFAULT_SSLMODE}")
     host = f"[{parts['host']}]" if ":" in parts["host"] else parts["host"]
     return (f"postgres://{quote(parts['user'], safe='')}@{host}:{parts['port']}/"
-            f"{quote(parts['dbname'], safe='')}?{query or 'sslmode=disable'}")
+            f"{quote(parts['dbname'], safe='')}?{'&'.join(params)}")
 
 
 def upstream_conf(settings: Settings, slot: str) -> str:
@@ -270,6 +310,54 @@ def migrate_command(settings: Settings, migrations_dir: str) -> str:
         return (f"cd {q(migrations_dir)} && {pg_env(settings)} {guard} sh -c "
                 f"{q(settings.database['migration_command'])}")
     raise ValueError(f"no migration command for tool {tool!r}")
+
+
+def dbmate_status_command(settings: Settings, migrations_dir: str) -> str:
+    """dbmate's own list of applied (`[X] name`) and pending (`[ ] name`) migrations: read-only
+    (it creates nothing, not even its table), and by the tool's own naming rules."""
+    return (f"{pg_env(settings)} timeout --kill-after=10 60 dbmate "
+            f"--url {q(passwordless_url(settings))} --migrations-dir {q(migrations_dir)} "
+            f"--wait --wait-timeout 10s status")
+
+
+def parse_dbmate_status(output: str) -> list[str]:
+    return [line[4:].strip() for line in output.splitlines() if line.startswith("[ ] ")]
+
+
+def golang_migrate_pending(files: list[str], current: int | None) -> list[str]:
+    """The `.up.` files golang-migrate would apply: those above the database's version
+    (`current`, None when schema_migrations is empty or absent)."""
+    pending = []
+    for name in files:
+        match = re.match(r"^(\d+)_.*\.up\.[^/]+$", name)
+        if match and (current is None or int(match[1]) > current):
+            pending.append(name)
+    return sorted(pending, key=lambda n: int(n.split("_", 1)[0]))
+
+
+def tool_error(stdout: str, stderr: str, exit_status: int) -> str:
+    """Why a tool failed, in its own words: the last lines of stderr (where the SQL error is),
+    else the last line of stdout, else the exit status."""
+    errors = [line.strip() for line in stderr.splitlines() if line.strip()]
+    outputs = [line.strip() for line in stdout.splitlines() if line.strip()]
+    cause = " / ".join(errors[-3:]) if errors else (outputs[-1] if outputs else "")
+    return re.sub(r"^error:\s*", "", cause, flags=re.IGNORECASE) or f"exit {exit_status}"
+
+
+def bounded(text: str, redact: Callable[[str], str], limit: int = 400) -> str:
+    """Redacted first, then cut: a cut never leaves part of a secret behind."""
+    text = redact(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def migration_failure(stdout: str, stderr: str, exit_status: int,
+                      redact: Callable[[str], str]) -> str:
+    """What a failed migration says: the migration being applied (dbmate prints
+    `Applying: NAME`) and the tool's error, redacted and bounded."""
+    applying = [line.split(":", 1)[1].strip() for line in stdout.splitlines()
+                if line.startswith("Applying:")]
+    what = f"migration {applying[-1]} failed" if applying else "migration failed"
+    return bounded(f"{what}: {tool_error(stdout, stderr, exit_status)}", redact)
 
 
 def migration_tool_binary(tool: str) -> str | None:

@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
         "snapshot_dir": "snapshots",
         "snapshot_retention_days": 7,
         "snapshot_keep": 10,
+        "snapshot": "when-migrating",
     },
     "deployment": {
         "health_check": {"retries": 30, "interval": 2, "timeout": 5, "startup_grace": 1,

@@ -19,6 +19,7 @@ from typing import Any
 from . import commands as cmd
 from . import images, slots, snapshots, source
 from .errors import CommandTimeoutError, ConfigError, MigrationError, TogatherError
+from .hosts import Result
 from .operation import SlotOperation
 from .session import Session
 from .state import State, new_deployment, utc_now
@@ -28,6 +29,15 @@ q = shlex.quote
 STEPS = ("validate", "lock", "build", "snapshot", "migrate", "start", "health", "switch",
          "record", "finish")
 MIN_DOCKER = (20, 10)
+
+
+def describe_pending(pending: list[str] | None) -> str:
+    if pending is None:
+        return "the migration command (it cannot list what is pending)"
+    if not pending:
+        return "no pending migration (database.snapshot: always)"
+    return f"{len(pending)} pending: {', '.join(pending[:5])}" + (" ..." if len(pending) > 5
+                                                                  else "")
 
 
 @dataclass
@@ -61,6 +71,7 @@ class Deploy(SlotOperation):
         self.state: State | None = None
         self.snapshot_path: str | None = None
         self.migrations_run = 0
+        self.pending: list[str] | None = None
         self.release_dir = ""
 
     @property
@@ -165,13 +176,7 @@ class Deploy(SlotOperation):
         """Read-only: golang-migrate's dirty flag must be clear before we touch anything."""
         if self.settings.database["migration_tool"] != "golang-migrate":
             return
-        line = cmd.pgpass_line(self.settings.migrate_database_url).encode()
-        result = self.s.primary.stream_into(cmd.dirty_check_command(self.settings),
-                                            io.BytesIO(line), timeout=60)
-        if not result.ok:
-            raise MigrationError(f"cannot read schema_migrations on {self.s.primary.name}: "
-                                 f"{result.stderr.strip().splitlines()[-1:] or ['no output']}")
-        row = result.stdout.strip()
+        row = self.golang_migrate_row()
         if not row:
             return
         version, _, dirty = row.partition("|")
@@ -191,6 +196,16 @@ class Deploy(SlotOperation):
                       f"{self.settings.env}; inv db.restore --env={self.settings.env} "
                       "--snapshot=NAME"))
 
+    def golang_migrate_row(self) -> str:
+        """`version|t` or `version|f` from schema_migrations; empty before the first run."""
+        line = cmd.pgpass_line(self.settings.migrate_database_url).encode()
+        result = self.s.primary.stream_into(cmd.dirty_check_command(self.settings),
+                                            io.BytesIO(line), timeout=60)
+        if not result.ok:
+            raise MigrationError(f"cannot read schema_migrations on {self.s.primary.name}: "
+                                 f"{result.stderr.strip().splitlines()[-1:] or ['no output']}")
+        return result.stdout.strip()
+
     def plan(self) -> list[str]:
         """Every remote command the deploy would run (secrets are never in them)."""
         st, layout = self.settings, cmd.Layout(self.settings.remote_dir)
@@ -205,13 +220,7 @@ class Deploy(SlotOperation):
                 f"[{host}] " + images.Build(st, self.commit, self.started_at).command(),
             ]
         if self.migrations_enabled:
-            snap = cmd.snapshot_name(st.env, "<UTC>", self.sha7)
-            lines += [
-                f"[{primary}] upload {layout.pgpass} (database password, mode 600)",
-                f"[{primary}] " + cmd.snapshot_command(st, f"{st.snapshot_dir}/{snap}"),
-                f"[{primary}] " + cmd.migrate_command(
-                    st, f"{layout.release(self.sha7)}/{st.database['migrations_path']}"),
-            ]
+            lines += self.migration_plan(primary, layout)
         for host in st.hosts:
             lines += [
                 f"[{host}] write {layout.slots_env} ({self.new_slot.upper()}_IMAGE={self.image})",
@@ -229,6 +238,26 @@ class Deploy(SlotOperation):
         lines.append(f"[{primary}] record {self.deployment_id} in {st.state_path}; release the "
                      "lock")
         return lines
+
+    def migration_plan(self, primary: str, layout: cmd.Layout) -> list[str]:
+        st = self.settings
+        directory = f"{layout.release(self.sha7)}/{st.database['migrations_path']}"
+        snap = cmd.snapshot_name(st.env, "<UTC>", self.sha7)
+        # A custom command cannot list what is pending: snapshot and run it every time.
+        known = st.database["migration_tool"] in ("dbmate", "golang-migrate")
+        pending = "if a migration is pending: " if known else ""
+        when = pending if st.database["snapshot"] == "when-migrating" else ""
+        lines = [f"[{primary}] upload {layout.pgpass} (database password, mode 600)"]
+        if st.database["migration_tool"] == "dbmate":
+            lines.append(f"[{primary}] pending migrations (read-only): "
+                         + cmd.dbmate_status_command(st, directory))
+        elif st.database["migration_tool"] == "golang-migrate":
+            lines.append(f"[{primary}] pending migrations (read-only): schema_migrations "
+                         f"version vs {st.database['migrations_path']}/*.up.sql of {self.sha7}")
+        return lines + [
+            f"[{primary}] {when}" + cmd.snapshot_command(st, f"{st.snapshot_dir}/{snap}"),
+            f"[{primary}] {pending}" + cmd.migrate_command(st, directory),
+        ]
 
     def acquire_lock(self) -> None:
         with self.progress.step("lock", "taking the environment lock") as note:
@@ -252,42 +281,85 @@ class Deploy(SlotOperation):
             note(f"{self.image} " + (f"built on {', '.join(built)}" if built else "reused"))
 
     def snapshot(self) -> None:
+        """Step: find the pending migrations (read-only, under the lock, so no other deploy or
+        restore can change the answer), and dump the database only if one will be applied:
+        a dump protects nothing when the schema and data stay as they are."""
         with self.progress.step("snapshot", "database snapshot") as note:
             if not self.migrations_enabled:
                 note("skipped (--skip-migrations)" if self.options.skip_migrations
                      else "skipped (no migration tool)")
                 return
+            self.pending = self.find_pending()
+            if self.pending == [] and self.settings.database["snapshot"] == "when-migrating":
+                note("skipped (no pending migration)")
+                return
             self.snapshot_path, size = snapshots.take_snapshot(self.s, self.sha7, self.state)
-            note(f"{self.snapshot_path} ({size // 1024} KiB, verified)")
+            note(f"{self.snapshot_path} ({size // 1024} KiB, verified) before "
+                 f"{describe_pending(self.pending)}")
+
+    def find_pending(self) -> list[str] | None:
+        """Migrations of this commit that the database has not applied; None when the tool
+        cannot tell (custom command): then it is snapshotted and run every time."""
+        tool = self.settings.database["migration_tool"]
+        if tool == "golang-migrate":
+            version = self.golang_migrate_row().partition("|")[0].strip()
+            files = source.list_dir(self.settings.root, self.commit,
+                                    self.settings.database["migrations_path"])
+            return cmd.golang_migrate_pending(files, int(version) if version else None)
+        if tool != "dbmate":
+            return None
+        result = self.s.primary.run(cmd.dbmate_status_command(self.settings,
+                                                              self.migrations_dir),
+                                    timeout=90, check=False)
+        if not result.ok:
+            raise TogatherError(
+                cmd.bounded("cannot tell which migrations are pending: " + cmd.tool_error(
+                    result.stdout, result.stderr, result.exit_status), self.s.redact),
+                hint="Nothing was migrated or switched. Check that the database is up and "
+                     "reachable with the settings of DATABASE_URL (DEPLOY_DATABASE_URL).")
+        return cmd.parse_dbmate_status(result.stdout)
+
+    @property
+    def migrations_dir(self) -> str:
+        return f"{self.release_dir}/{self.settings.database['migrations_path']}"
 
     def migrate(self) -> None:
         with self.progress.step("migrate", "database migrations") as note:
             if not self.migrations_enabled:
                 note("skipped")
                 return
-            st = self.settings
-            directory = f"{self.release_dir}/{st.database['migrations_path']}"
-            try:
-                result = self.s.primary.run(cmd.migrate_command(st, directory),
-                                            timeout=st.database["migration_timeout"] + 30,
-                                            check=False)
-            except CommandTimeoutError:
-                result = None
-            restore = (f"inv db.restore --env={st.env} "
-                       f"--snapshot={os.path.basename(self.snapshot_path or '')}")
-            hint = (f"Traffic is still on the old version. Snapshot taken before migrating: "
-                    f"{self.snapshot_path}\nTo restore it: {restore}")
-            if result is None or result.exit_status in (124, 137):
-                raise MigrationError(f"migrations timed out after "
-                                     f"{st.database['migration_timeout']} s", hint=hint)
-            if not result.ok:
-                lines = (result.stderr + result.stdout).strip().splitlines()
-                raise MigrationError("migration failed: " + (lines[-1] if lines else
-                                                              f"exit {result.exit_status}"),
-                                     hint=hint)
-            self.migrations_run = cmd.count_applied(st.database["migration_tool"],
+            if self.pending == []:
+                # Safe to skip: the tool itself (or schema_migrations under our lock) said
+                # there is nothing to apply; and should that answer ever be wrong, skipping
+                # fails the health gate with the data untouched, where running the tool would
+                # migrate without the snapshot that was skipped.
+                note("nothing pending: migration tool not run")
+                return
+            result = self.run_migrations()
+            self.migrations_run = cmd.count_applied(self.settings.database["migration_tool"],
                                                     result.stdout + result.stderr)
             note(f"{self.migrations_run} applied")
+
+    def run_migrations(self) -> Result:
+        st = self.settings
+        try:
+            result = self.s.primary.run(cmd.migrate_command(st, self.migrations_dir),
+                                        timeout=st.database["migration_timeout"] + 30,
+                                        check=False)
+        except CommandTimeoutError:
+            result = None
+        restore = (f"inv db.restore --env={st.env} "
+                   f"--snapshot={os.path.basename(self.snapshot_path or '')}")
+        hint = (f"Traffic is still on the old version. Snapshot taken before migrating: "
+                f"{self.snapshot_path}\nTo restore it: {restore}")
+        if result is None or result.exit_status in (124, 137):
+            raise MigrationError(f"migrations timed out after "
+                                 f"{st.database['migration_timeout']} s", hint=hint)
+        if not result.ok:
+            raise MigrationError(cmd.migration_failure(result.stdout, result.stderr,
+                                                       result.exit_status, self.s.redact),
+                                 hint=hint)
+        return result
 
     def switch(self) -> None:
         with self.progress.step("switch", f"nginx -> {self.new_slot}") as note:

@@ -42,6 +42,12 @@ def has_path(root: Path, commit: str, path: str) -> bool:
     return _git(root, "cat-file", "-e", f"{commit}:{path.strip('/') or '.'}").returncode == 0
 
 
+def list_dir(root: Path, commit: str, path: str) -> list[str]:
+    """File names directly under `path` in the commit (empty when there is no such folder)."""
+    result = _git(root, "ls-tree", "--name-only", f"{commit}:{path.strip('/') or '.'}")
+    return result.stdout.splitlines() if result.returncode == 0 else []
+
+
 def uncommitted_changes(root: Path) -> bool:
     result = _git(root, "status", "--porcelain", "--untracked-files=no")
     return result.returncode == 0 and bool(result.stdout.strip())

@@ -16,7 +16,7 @@ from togather_tasks.config import Settings
 from .projects import ADMIN_API_KEY, DB_PASSWORD, JWT_SECRET, Project
 
 PG_ENV = ("PGPASSFILE=/srv/togather/staging/.pgpass PGHOST=db.internal PGPORT=5433 "
-          "PGUSER=togather_app PGDATABASE=togather_staging PGCONNECT_TIMEOUT=10")
+          "PGUSER=togather_app PGDATABASE=togather_staging PGSSLMODE=require PGCONNECT_TIMEOUT=10")
 URL_NO_PASSWORD = "postgres://togather_app@db.internal:5433/togather_staging?sslmode=require"
 SECRET_FORMS = [DB_PASSWORD, quote(DB_PASSWORD, safe=""), JWT_SECRET, ADMIN_API_KEY]
 
@@ -188,12 +188,45 @@ def test_passwordless_url_is_exact(settings: Settings) -> None:
 
 def test_passwordless_url_quotes_user_and_database(settings: Settings) -> None:
     s = with_url(settings, "postgresql://app%20user:pw%40x@db/my%20db%2Fx")
-    assert cmd.passwordless_url(s) == "postgres://app%20user@db:5432/my%20db%2Fx?sslmode=disable"
+    assert cmd.passwordless_url(s) == "postgres://app%20user@db:5432/my%20db%2Fx?sslmode=prefer"
 
 
 def test_passwordless_url_keeps_ipv6_brackets(settings: Settings) -> None:
     s = with_url(settings, "postgres://app:pw12@[::1]:5432/app")
-    assert cmd.passwordless_url(s) == "postgres://app@[::1]:5432/app?sslmode=disable"
+    assert cmd.passwordless_url(s) == "postgres://app@[::1]:5432/app?sslmode=prefer"
+
+
+TLS_URL = ("postgres://app:pw12@db/app?sslmode=verify-full&sslrootcert=%2Fetc%2Fdb%2Fca.pem"
+           "&sslcert=/etc/db/client.crt&sslkey=/etc/db/client.key&sslpassword=k3y-s3cret"
+           "&application_name=deploy&connect_timeout=5")
+
+
+def test_pg_env_carries_the_urls_tls_settings(settings: Settings) -> None:
+    """Issue 8 item 13: without PGSSL* pg_dump/psql/pg_restore fell back to `prefer`."""
+    assert cmd.pg_env(with_url(settings, TLS_URL)) == (
+        "PGPASSFILE=/srv/togather/staging/.pgpass PGHOST=db PGPORT=5432 PGUSER=app "
+        "PGDATABASE=app PGSSLMODE=verify-full PGCONNECT_TIMEOUT=5 "
+        "PGSSLROOTCERT=/etc/db/ca.pem PGSSLCERT=/etc/db/client.crt "
+        "PGSSLKEY=/etc/db/client.key PGAPPNAME=deploy")
+
+
+def test_pg_env_defaults_to_libpqs_sslmode(settings: Settings) -> None:
+    assert cmd.pg_env(with_url(settings, "postgres://app:pw12@db/app")).endswith(
+        "PGDATABASE=app PGSSLMODE=prefer PGCONNECT_TIMEOUT=10")
+
+
+def test_pg_env_quotes_tls_values(settings: Settings) -> None:
+    s = with_url(settings, "postgres://app:pw12@db/app?sslrootcert=%2Fmy%20certs%2F%24x.pem")
+    assert "PGSSLROOTCERT='/my certs/$x.pem'" in cmd.pg_env(s)
+
+
+def test_tls_settings_reach_the_migration_tool_without_secrets(settings: Settings) -> None:
+    command = cmd.migrate_command(with_url(settings, TLS_URL), "/m")
+    assert ("--url 'postgres://app@db:5432/app?sslmode=verify-full&sslrootcert=%2Fetc%2Fdb"
+            "%2Fca.pem&sslcert=/etc/db/client.crt&sslkey=/etc/db/client.key"
+            "&application_name=deploy&connect_timeout=5'") in command
+    assert "PGSSLMODE=verify-full" in command
+    assert "k3y-s3cret" not in command
 
 
 def test_password_in_the_url_query_stays_off_the_command_line(settings: Settings) -> None:
