@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import dbops, images, slots, source
+from . import dbops, images, slots, snapshots, source
 from .errors import TogatherError
 from .operation import SlotOperation
 from .session import Session
@@ -55,15 +55,6 @@ def choose_target(state: State, to: str | None) -> dict[str, Any]:
     return state.previous
 
 
-def snapshot_before_newer(state: State, target: dict[str, Any]) -> str | None:
-    """The snapshot taken when the database first moved past `target`'s schema: that of the
-    earliest deployment after `target` that took one (a deploy without migrations takes
-    none). None when no later deployment took a snapshot."""
-    later = [d for d in state.known_deployments()
-             if d["id"] > target["id"] and d.get("snapshot")]
-    return min(later, key=lambda d: d["id"])["snapshot"] if later else None
-
-
 class Rollback(SlotOperation):
     operation = "rollback"
 
@@ -83,7 +74,7 @@ class Rollback(SlotOperation):
             self.chosen = choose_target(self.state, self.options.to)
             self.old_slot = self.state.active_slot or "blue"
             self.new_slot = other_slot(self.old_slot)
-            self.snapshot = snapshot_before_newer(self.state, self.chosen)
+            self.snapshot = snapshots.snapshot_before_newer(self.state, self.chosen)
             note(f"{self.state.current['version']} -> {self.chosen['version']} "
                  f"(slot {self.new_slot})")
         if self.options.restore_db:

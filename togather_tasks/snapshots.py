@@ -6,7 +6,7 @@ import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import commands as cmd
 from .errors import TogatherError
@@ -56,13 +56,25 @@ def to_delete(snapshots: list[SnapshotFile], *, now: datetime, keep: int, max_ag
     return doomed
 
 
+def snapshot_before_newer(state: State, target: dict[str, Any]) -> str | None:
+    """The snapshot that returns the database to `target`'s schema: that of the earliest
+    deployment after `target` that took one (ids are ULIDs: they sort by time). None when no
+    later deployment took one (a deploy without a pending migration takes none)."""
+    later = [d for d in state.known_deployments()
+             if d["id"] > target["id"] and d.get("snapshot")]
+    return min(later, key=lambda d: d["id"])["snapshot"] if later else None
+
+
 def protected_names(state: State | None, *extra: str | None) -> set[str]:
-    names = {p.rsplit("/", 1)[-1] for p in extra if p}
+    """Never pruned: the snapshots of the current and previous deployments, the one a
+    rollback to the previous deployment would restore (it can belong to an older deployment
+    now that deploys without migrations take none), and `extra`."""
+    paths = list(extra)
     if state:
-        for deployment in (state.current, state.previous):
-            if deployment and deployment.get("snapshot"):
-                names.add(deployment["snapshot"].rsplit("/", 1)[-1])
-    return names
+        paths += [d.get("snapshot") for d in (state.current, state.previous) if d]
+        if state.previous:
+            paths.append(snapshot_before_newer(state, state.previous))
+    return {p.rsplit("/", 1)[-1] for p in paths if p}
 
 
 def list_command(directory: str) -> str:

@@ -17,7 +17,8 @@ from togather_tasks.hosts import Result
 from togather_tasks.lock import Decision
 from togather_tasks.output import Console, RunLog
 from togather_tasks.redact import Redactor
-from togather_tasks.rollback import Rollback, RollbackOptions, snapshot_before_newer
+from togather_tasks.rollback import Rollback, RollbackOptions
+from togather_tasks.snapshots import protected_names, snapshot_before_newer
 from togather_tasks.state import State, new_deployment, utc_now
 from togather_tasks.ulid import new_id
 
@@ -209,6 +210,20 @@ def test_snapshot_before_newer_is_the_first_later_deployments() -> None:
     assert snapshot_before_newer(state, first) == "/s/one.dump"
     assert snapshot_before_newer(state, second) == "/s/two.dump"
     assert snapshot_before_newer(state, third) is None
+
+
+def test_retention_protects_the_snapshot_a_rollback_would_restore() -> None:
+    """Deploys without a pending migration take no snapshot: the one that undoes the last
+    migration can belong to a deployment older than current and previous."""
+    first = deployment("aaaaaaa")
+    migrated = deployment("bbbbbbb", snapshot="/s/staging_20261101T000000Z_aaaaaaa.dump")
+    third, fourth = deployment("ccccccc"), deployment("ddddddd")
+    state = State.empty("staging")
+    state.current, state.previous = fourth, third
+    state.history = [fourth, third, migrated, first]
+    assert "staging_20261101T000000Z_aaaaaaa.dump" not in protected_names(state)
+    state.previous = first
+    assert protected_names(state) == {"staging_20261101T000000Z_aaaaaaa.dump"}
 
 
 def test_rollback_restore_db_without_yes_refuses_before_any_change(
