@@ -110,6 +110,8 @@ if [ -d "$FLEET_RUN" ] || [ -d "$FLEET_SOCK_DIR" ] || ip link show "$FLEET_BRIDG
         done
     done < <(fleet_iptables_rules)
     rm -rf "$FLEET_RUN"
+    rm -rf --one-file-system "$FLEET_SOCK_DIR"
+    # The unreachable route for 10.77.0.0/24 stays: no traffic to a fleet address leaves the machine.
     status "fleet" "stopped"
 elif [ "$FLEET_ONLY" = 1 ]; then
     status "fleet" "nothing to stop"

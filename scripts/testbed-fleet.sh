@@ -185,6 +185,12 @@ if ! ip -o link show "$FLEET_BRIDGE" | grep -q '[<,]UP[,>]'; then
     ip link set "$FLEET_BRIDGE" up
     notes+=("up")
 fi
+# While the bridge is down, traffic to the fleet's addresses must fail here, not follow the
+# default route off the machine: an unreachable route under the bridge's (it stays after down).
+if ! ip route show table main type unreachable | grep -q "^unreachable $FLEET_CIDR "; then
+    ip route add unreachable "$FLEET_CIDR" metric 4000
+    notes+=("unreachable fallback route added")
+fi
 if [ "$(cat /proc/sys/net/ipv4/ip_forward)" != 1 ]; then
     sysctl -q -w net.ipv4.ip_forward=1
     notes+=("ip_forward on")
