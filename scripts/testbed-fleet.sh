@@ -99,14 +99,22 @@ write_in_place() {
     WROTE=1
 }
 
-# FILE without our marked block (and trailing blank lines), then the block from stdin.
+# FILE with our marked block (from stdin) replaced where it stands, or appended; on stdout.
+# In place, not moved to the end: testbed-up.sh moves its own block to the end of the same files
+# (ssh config, pg_hba.conf), and two scripts that both move theirs would rewrite them every run.
 with_block() {
     local file=$1 block body
     block=$(cat)
-    body=$( [ -f "$file" ] && awk -v b="$MARK_BEGIN" -v e="$MARK_END" '
-        $0 == b { skip = 1; next }
-        $0 == e { skip = 0; next }
-        skip { next }
+    if [ -f "$file" ] && grep -qxF -- "$MARK_BEGIN" "$file"; then
+        BLOCK=$block awk -v b="$MARK_BEGIN" -v e="$MARK_END" '
+            $0 == b { print b; print ENVIRON["BLOCK"]; skip = 1; next }
+            $0 == e { print e; skip = 0; next }
+            skip { next }
+            { print }
+        ' "$file"
+        return 0
+    fi
+    body=$( [ -f "$file" ] && awk '
         /^[[:space:]]*$/ { blank = blank $0 "\n"; next }
         { printf "%s%s\n", blank, $0; blank = "" }
     ' "$file")
