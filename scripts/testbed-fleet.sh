@@ -114,6 +114,14 @@ with_block() {
         ' "$file"
         return 0
     fi
+    # Before testbed-up.sh's block, which that script keeps last.
+    if [ -f "$file" ] && grep -qxF -- "# BEGIN togather-testbed" "$file"; then
+        BLOCK=$block awk -v b="$MARK_BEGIN" -v e="$MARK_END" '
+            $0 == "# BEGIN togather-testbed" { print b; print ENVIRON["BLOCK"]; print e; print "" }
+            { print }
+        ' "$file"
+        return 0
+    fi
     body=$( [ -f "$file" ] && awk '
         /^[[:space:]]*$/ { blank = blank $0 "\n"; next }
         { printf "%s%s\n", blank, $0; blank = "" }
