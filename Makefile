@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= $(CURDIR)/.demo
 
-.PHONY: install testbed testbed-down demo test test-unit test-e2e bench lint clean
+.PHONY: install testbed testbed-down testbed-fleet testbed-fleet-down demo test test-unit test-e2e bench lint clean
 
 $(BIN)/inv: setup.cfg pyproject.toml constraints.txt
 	@# A fresh Debian has python3 without venv/ensurepip: install them when missing.
@@ -25,6 +25,14 @@ testbed:
 
 testbed-down:
 	bash scripts/testbed-down.sh
+
+# The fleet test bed of issue 9 (three namespace hosts, registry, load balancer on
+# 127.0.0.1:10080) on top of the local one. Not yet part of `make testbed`.
+testbed-fleet: testbed
+	bash scripts/testbed-fleet.sh
+
+testbed-fleet-down:
+	bash scripts/testbed-down.sh --fleet-only
 
 demo: testbed install
 	bash scripts/demo.sh "$(DEMO_DIR)"
