@@ -283,7 +283,7 @@ CASES: dict[str, Case] = {
     "cli-cleanup-keep-images-1": Case(("cleanup", "{env}", "--keep-images=1"), 2,
                                       "--keep-images must be >= 2"),
     "cli-cleanup-keep-images-abc": Case(("cleanup", "{env}", "--keep-images=abc"), 2,
-                                        "take numbers"),
+                                        "takes a whole number"),
     "cli-lock-acquire-without-message": Case(("lock.acquire", "{env}"), 2,
                                              "--message is required"),
     "cli-rollback-without-deployment": Case(("rollback", "{env}"), 1, "nothing to roll back"),
