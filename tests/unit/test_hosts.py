@@ -192,7 +192,7 @@ class _RecordingSFTP(paramiko.SFTPClient):
         pass
 
 
-@pytest.mark.parametrize("mode", [0o600, 0o644])
+@pytest.mark.parametrize("mode", [0o600, 0o644], ids=oct)
 def test_a_file_is_created_over_sftp_with_its_mode_in_the_open_request(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int) -> None:
     config = _ssh_config(tmp_path, f"Host *\n  UserKnownHostsFile {tmp_path}/known_hosts\n")
