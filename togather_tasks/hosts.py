@@ -485,7 +485,7 @@ class RemoteHost(Host):
 
     def _write(self, path: str, data: bytes, mode: int) -> None:
         try:
-            with create_exclusive(self._sftp_client(), path, mode) as fh:
+            with _create_exclusive(self._sftp_client(), path, mode) as fh:
                 # The server masks the requested mode with its umask: set it exactly, which
                 # can only add bits the caller asked for (0644 after a umask of 027).
                 fh.chmod(mode)
@@ -562,7 +562,7 @@ class RemoteHost(Host):
             pass
 
 
-def create_exclusive(sftp: paramiko.SFTPClient, path: str, mode: int) -> paramiko.SFTPFile:
+def _create_exclusive(sftp: paramiko.SFTPClient, path: str, mode: int) -> paramiko.SFTPFile:
     """Create `path` for writing (it must not exist) with `mode` from its first byte.
 
     `SFTPClient.open` sends no attributes, so the server creates the file with its default

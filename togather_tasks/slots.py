@@ -61,7 +61,7 @@ def ensure_proxy_image(settings: Settings, host: Host, timeout: float) -> bool:
     image = cmd.proxy_image_ref()
     if host.run(f"docker image inspect {q(image)} > /dev/null 2>&1", check=False).ok:
         return False
-    host.run(f"docker build --quiet -t {q(image)} {q(settings.remote_dir + '/proxy')}",
+    host.run(f"docker build --quiet -t {q(image)} {q(cmd.Layout(settings.remote_dir).proxy_dir)}",
              timeout=timeout, what="building the nginx proxy image")
     return True
 
