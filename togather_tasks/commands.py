@@ -86,11 +86,31 @@ class Layout:
         return f"{self.upstream_dir}/previous.conf.bak"
 
     @property
+    def proxy_dir(self) -> str:
+        return f"{self.root}/proxy"
+
+    @property
     def releases(self) -> str:
         return f"{self.root}/releases"
 
     def release(self, sha7: str) -> str:
         return f"{self.releases}/{sha7}"
+
+
+def private_directories(root: str, *inside: str) -> str:
+    """Create the remote directory (and its parents, and `inside` it) closed to other local
+    users, and close it when an older version left it 0755: with no access for others to the
+    root, nothing under it is reachable whatever its own mode. The group keeps read access
+    (an operator's group on the host); Docker's daemon, the proxy's root master and pg_dump
+    (run as the deploy user) need none."""
+    directories = " ".join(q(d) for d in (root, *inside))
+    return f"umask 027 && mkdir -p {directories} && chmod o-rwx {q(root)}"
+
+
+def host_directories(layout: Layout) -> str:
+    """Every directory a deploy writes into on a host."""
+    return private_directories(layout.root, layout.upstream_dir, layout.releases,
+                               layout.proxy_dir)
 
 
 def image_ref(settings: Settings, sha7: str) -> str:

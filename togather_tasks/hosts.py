@@ -33,6 +33,7 @@ import fabric
 import invoke
 import paramiko
 from invoke.exceptions import CommandTimedOut, ThreadException
+from paramiko import sftp as sftp_proto
 
 from .errors import (
     CommandError,
@@ -185,12 +186,14 @@ class LocalHost(Host):
         return Result(command, r.exited, r.stdout, r.stderr, 0.0)
 
     def _write(self, path: str, data: bytes, mode: int) -> None:
+        # Created with `mode` (masked by the umask, so never wider), then set exactly through
+        # the descriptor before any byte is written.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fd, mode)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(path, mode)
 
     def _rename(self, src: str, dst: str) -> None:
         os.replace(src, dst)
@@ -482,8 +485,9 @@ class RemoteHost(Host):
 
     def _write(self, path: str, data: bytes, mode: int) -> None:
         try:
-            sftp = self._sftp_client()
-            with sftp.open(path, "wbx") as fh:
+            with _create_exclusive(self._sftp_client(), path, mode) as fh:
+                # The server masks the requested mode with its umask: set it exactly, which
+                # can only add bits the caller asked for (0644 after a umask of 027).
                 fh.chmod(mode)
                 fh.set_pipelined(True)
                 fh.write(data)
@@ -556,6 +560,22 @@ class RemoteHost(Host):
             self._conn.close()
         except (OSError, paramiko.SSHException, EOFError):
             pass
+
+
+def _create_exclusive(sftp: paramiko.SFTPClient, path: str, mode: int) -> paramiko.SFTPFile:
+    """Create `path` for writing (it must not exist) with `mode` from its first byte.
+
+    `SFTPClient.open` sends no attributes, so the server creates the file with its default
+    0666 & ~umask and a later chmod leaves a window in which another local user can open a
+    secret. Here the mode travels in the SSH_FXP_OPEN request itself; OpenSSH's sftp-server
+    passes it to open(2), which masks it with the umask: never wider than `mode`."""
+    attrs = paramiko.SFTPAttributes()
+    attrs.st_mode = mode
+    flags = sftp_proto.SFTP_FLAG_WRITE | sftp_proto.SFTP_FLAG_CREATE | sftp_proto.SFTP_FLAG_EXCL
+    kind, msg = sftp._request(sftp_proto.CMD_OPEN, sftp._adjust_cwd(path), flags, attrs)
+    if kind != sftp_proto.CMD_HANDLE:
+        raise paramiko.SFTPError("Expected handle")
+    return paramiko.SFTPFile(sftp, msg.get_binary(), "wb")
 
 
 def connect(name: str, observer: CommandObserver | None = None, *,

@@ -213,7 +213,7 @@ class Deploy(SlotOperation):
         lines = [f"[{primary}] lock {st.state_path} (compare-and-swap under flock)"]
         for host in st.hosts:
             lines += [
-                f"[{host}] mkdir -p {layout.upstream_dir} {layout.releases}",
+                f"[{host}] {cmd.host_directories(layout)}",
                 f"[{host}] upload {layout.compose_file} (mode 644), {layout.app_env} "
                 f"(secrets, mode 600)",
                 f"[{host}] upload git archive of {self.sha7} to {layout.release(self.sha7)}",

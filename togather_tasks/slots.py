@@ -35,8 +35,7 @@ def prepare_host(settings: Settings, host: Host, *, primary: bool) -> None:
     """Directories, compose.yml, app.env (mode 600) and, on the primary, the PGPASSFILE.
     Idempotent: every deploy rewrites them, so a changed secret takes effect."""
     layout = cmd.Layout(settings.remote_dir)
-    host.run(f"mkdir -p {q(layout.upstream_dir)} {q(layout.releases)} {q(layout.root)}/proxy",
-             timeout=30, what="creating the remote directories")
+    host.run(cmd.host_directories(layout), timeout=30, what="creating the remote directories")
     host.write_file(layout.compose_file, (cmd.DOCKER_DIR / "compose.yml").read_bytes(),
                     mode=0o644)
     host.write_file(layout.app_env, cmd.app_env_file(app_environment(settings.secrets))
@@ -44,14 +43,15 @@ def prepare_host(settings: Settings, host: Host, *, primary: bool) -> None:
     if primary:
         write_pgpass(settings, host)
     for name in ("Dockerfile", "nginx.conf"):
-        host.write_file(f"{layout.root}/proxy/{name}",
+        host.write_file(f"{layout.proxy_dir}/{name}",
                         (cmd.DOCKER_DIR / "nginx" / name).read_bytes(), mode=0o644)
 
 
 def write_pgpass(settings: Settings, host: Host) -> None:
     """The database password for pg_dump, psql and the migration tools, mode 600."""
     layout = cmd.Layout(settings.remote_dir)
-    host.run(f"mkdir -p {q(layout.root)}", timeout=30, what="creating the remote directory")
+    host.run(cmd.private_directories(layout.root), timeout=30,
+             what="creating the remote directory")
     host.write_file(layout.pgpass, cmd.pgpass_line(settings.migrate_database_url).encode(),
                     mode=0o600)
 
@@ -61,7 +61,7 @@ def ensure_proxy_image(settings: Settings, host: Host, timeout: float) -> bool:
     image = cmd.proxy_image_ref()
     if host.run(f"docker image inspect {q(image)} > /dev/null 2>&1", check=False).ok:
         return False
-    host.run(f"docker build --quiet -t {q(image)} {q(settings.remote_dir + '/proxy')}",
+    host.run(f"docker build --quiet -t {q(image)} {q(cmd.Layout(settings.remote_dir).proxy_dir)}",
              timeout=timeout, what="building the nginx proxy image")
     return True
 

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import lock as lockrules
+from .commands import private_directories
 from .errors import CommandError, LockHeldError, StateError
 from .hosts import Host
 from .state import State, iso, utc_now
@@ -118,7 +119,7 @@ class StateStore:
     def write(self, new: State, expected_token: str) -> str:
         """CAS-write `new`; returns the new token. Raises StateConflict if the file changed."""
         data = new.to_json().encode()
-        self.host.run(f"mkdir -p {shlex.quote(self.directory)}", timeout=30,
+        self.host.run(private_directories(self.directory), timeout=30,
                       what="creating the remote directory")
         tmp = self.host.write_temp(self.directory, data, mode=0o640)
         result = self.host.run(cas_script(self.directory, self.path, tmp, expected_token),
@@ -244,7 +245,8 @@ class StateConflict(Exception):
 def audit_line_command(directory: str, line: str) -> str:
     """Append one (already redacted) JSON line to the host's audit log."""
     q = shlex.quote
-    return f"mkdir -p {q(directory)} && printf '%s\\n' {q(line)} >> {q(directory + '/audit.log')}"
+    return (f"{private_directories(directory)} && "
+            f"printf '%s\\n' {q(line)} >> {q(directory + '/audit.log')}")
 
 
 def now_iso() -> str:

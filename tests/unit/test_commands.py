@@ -123,6 +123,17 @@ def test_parse_env_lines(text: str, expected: dict[str, str]) -> None:
     assert cmd.parse_env_lines(text) == expected
 
 
+# --- the remote directory ---------------------------------------------------------------------
+
+
+def test_the_remote_directories_are_created_closed_to_others_and_the_root_is_closed() -> None:
+    layout = cmd.Layout("/srv/togather/my app")
+    assert cmd.host_directories(layout) == (
+        "umask 027 && mkdir -p '/srv/togather/my app' '/srv/togather/my app/nginx/upstream' "
+        "'/srv/togather/my app/releases' '/srv/togather/my app/proxy' && "
+        "chmod o-rwx '/srv/togather/my app'")
+
+
 # --- snapshots ---------------------------------------------------------------------------------
 
 

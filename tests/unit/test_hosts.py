@@ -12,7 +12,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import paramiko
 import pytest
+from paramiko import sftp as sftp_proto
 
 from togather_tasks.errors import CommandTimeoutError
 from togather_tasks.hosts import LocalHost, RemoteHost
@@ -155,3 +157,62 @@ def test_a_normal_http_answer_is_read_whole(http_server) -> None:
     resp = LocalHost().http_get("127.0.0.1", port, "/health", timeout=5)
     assert (resp.status, resp.headers["content-type"]) == (200, "application/json")
     assert resp.json() == {"status": "ok"}
+
+
+# --- issue 8 item 11: a secret file is never readable by others, not even for a moment ------
+
+
+class _RecordingSFTP(paramiko.SFTPClient):
+    """The client side of an SFTP session that records every request it would send, in order,
+    and answers each as a server would that accepts it (no connection behind it)."""
+
+    def __init__(self) -> None:  # no super().__init__: it would open a channel
+        self.requests: list[tuple[int, tuple]] = []
+
+    def _adjust_cwd(self, path: str) -> str:
+        return path
+
+    def _log(self, level: int, message: str) -> None:
+        pass
+
+    def _request(self, kind: int, *args: object) -> tuple[int, paramiko.Message | None]:
+        self.requests.append((kind, args))
+        if kind != sftp_proto.CMD_OPEN:
+            return sftp_proto.CMD_STATUS, None
+        handle = paramiko.Message()
+        handle.add_string(b"handle-1")
+        handle.rewind()
+        return sftp_proto.CMD_HANDLE, handle
+
+    def _async_request(self, fileobj: object, kind: int, *args: object) -> int:
+        self.requests.append((kind, args))
+        return len(self.requests)
+
+    def _finish_responses(self, fileobj: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o644], ids=oct)
+def test_a_file_is_created_over_sftp_with_its_mode_in_the_open_request(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int) -> None:
+    config = _ssh_config(tmp_path, f"Host *\n  UserKnownHostsFile {tmp_path}/known_hosts\n")
+    host = RemoteHost("deploy@192.0.2.1", ssh_config_path=config)
+    sftp = _RecordingSFTP()
+    monkeypatch.setattr(host, "_sftp_client", lambda: sftp)
+
+    host.write_file("/srv/togather/staging/app.env", b"SECRET_KEY=x\n", mode=mode)
+
+    (open_kind, (path, flags, attrs)), *then = sftp.requests
+    assert open_kind == sftp_proto.CMD_OPEN and path.endswith(".tmp")
+    assert attrs.st_mode == mode, "the mode must be asked for when the file is created"
+    assert flags & sftp_proto.SFTP_FLAG_EXCL and flags & sftp_proto.SFTP_FLAG_CREATE
+    kinds = [kind for kind, _ in then]
+    assert kinds == [sftp_proto.CMD_FSETSTAT, sftp_proto.CMD_WRITE, sftp_proto.CMD_CLOSE,
+                     sftp_proto.CMD_EXTENDED]
+    assert then[0][1][1].st_mode == mode
+
+
+def test_a_local_file_is_created_with_its_mode(tmp_path: Path) -> None:
+    path = tmp_path / "app.env"
+    LocalHost().write_file(str(path), b"SECRET_KEY=x\n", mode=0o600)
+    assert path.stat().st_mode & 0o777 == 0o600

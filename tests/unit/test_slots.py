@@ -14,6 +14,7 @@ from togather_tasks import commands as cmd
 from togather_tasks import slots
 from togather_tasks.config import Settings
 from togather_tasks.errors import CommandError, HealthCheckError
+from togather_tasks.hosts import Result
 from togather_tasks.output import Console
 from togather_tasks.redact import Redactor
 
@@ -153,3 +154,40 @@ def test_an_image_removed_meanwhile_is_a_clear_error(settings: Settings) -> None
     host.on(" up --detach", failed("Error response from daemon: No such image: x:abc1234"))
     with pytest.raises(CommandError, match="is not on fake, so the green slot cannot start"):
         slots.start_slot(settings, host, TARGET)
+
+
+# --- issue 8 item 11: the remote directory is closed to other local users --------------------
+
+
+class OrderedHost(FakeHost):
+    """A FakeHost that records commands and file writes in one sequence, with their modes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+        self.modes: dict[str, int] = {}
+
+    def _run(self, command: str, timeout: float | None) -> Result:
+        self.events.append(command)
+        return super()._run(command, timeout)
+
+    def _write(self, path: str, data: bytes, mode: int) -> None:
+        self.modes[path] = mode
+        super()._write(path, data, mode)
+
+    def _rename(self, src: str, dst: str) -> None:
+        self.events.append(f"write {dst.rsplit('/', 1)[1]} {self.modes.pop(src):o}")
+        super()._rename(src, dst)
+
+
+def test_prepare_host_closes_the_directories_before_writing_any_file(
+        settings: Settings) -> None:
+    host = OrderedHost()
+
+    slots.prepare_host(settings, host, primary=True)
+
+    layout = cmd.Layout(settings.remote_dir)
+    assert host.events[0] == cmd.host_directories(layout)
+    assert host.events[1:] == [
+        "write compose.yml 644", "write app.env 600", cmd.private_directories(layout.root),
+        "write .pgpass 600", "write Dockerfile 644", "write nginx.conf 644"]

@@ -123,6 +123,20 @@ def test_written_file_is_not_world_readable(state_dir: Path) -> None:
     assert (state_dir / "deployment-state.json").stat().st_mode & 0o007 == 0
 
 
+def test_write_creates_the_directory_and_its_parent_closed_to_others(state_dir: Path) -> None:
+    make_store(state_dir).write(State.empty("staging"), ABSENT)
+    assert [oct(d.stat().st_mode & 0o777) for d in (state_dir.parent, state_dir)] == [
+        "0o750", "0o750"]
+
+
+def test_an_existing_world_readable_directory_is_closed_by_the_next_write(
+        state_dir: Path) -> None:
+    state_dir.mkdir(parents=True, mode=0o755)
+    state_dir.chmod(0o755)
+    make_store(state_dir).write(State.empty("staging"), ABSENT)
+    assert state_dir.stat().st_mode & 0o777 == 0o750
+
+
 def test_update_applies_the_change(state_dir: Path) -> None:
     store = make_store(state_dir)
     store.update(lambda s: s.with_lock({"locked": False, "n": 1}))
