@@ -1,6 +1,6 @@
 # togather-tasks: the two commands a newcomer runs on a fresh Debian machine, as root:
-#   make demo   - install, start the test bed, deploy the example app to the local Docker engine
-#   make test   - install, start the test bed, run the whole suite (unit + end to end)
+#   make demo   - install, start the local test bed, deploy the example app to the local Docker engine
+#   make test   - install, start the test bed (local + fleet), run the whole suite (unit + e2e)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
