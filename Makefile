@@ -1,13 +1,13 @@
 # togather-tasks: the two commands a newcomer runs on a fresh Debian machine, as root:
-#   make demo   - install, start the test bed, deploy the example app to the local Docker engine
-#   make test   - install, start the test bed, run the whole suite (unit + end to end)
+#   make demo   - install, start the local test bed, deploy the example app to the local Docker engine
+#   make test   - install, start the test bed (local + fleet), run the whole suite (unit + e2e)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= $(CURDIR)/.demo
 
-.PHONY: install testbed testbed-down testbed-fleet testbed-fleet-down demo test test-unit test-e2e bench lint clean
+.PHONY: install testbed testbed-local testbed-down testbed-fleet testbed-fleet-down demo test test-unit test-e2e bench lint clean
 
 $(BIN)/inv: setup.cfg pyproject.toml constraints.txt
 	@# A fresh Debian has python3 without venv/ensurepip: install them when missing.
@@ -20,21 +20,25 @@ $(BIN)/inv: setup.cfg pyproject.toml constraints.txt
 
 install: $(BIN)/inv
 
-testbed:
+# The whole test bed: the local one (Docker, sshd alias togather-testbed, PostgreSQL, dbmate) and
+# the fleet of issue 9 (three namespace hosts, registry, load balancer on 127.0.0.1:10080).
+testbed: testbed-local
+	bash scripts/testbed-fleet.sh
+
+# Only the local parts: what `make demo` needs (it must not wait for the fleet).
+testbed-local:
 	bash scripts/testbed-up.sh
 
 testbed-down:
 	bash scripts/testbed-down.sh
 
-# The fleet test bed of issue 9 (three namespace hosts, registry, load balancer on
-# 127.0.0.1:10080) on top of the local one. Not yet part of `make testbed`.
+# Kept for habit: the fleet is part of `make testbed` now.
 testbed-fleet: testbed
-	bash scripts/testbed-fleet.sh
 
 testbed-fleet-down:
 	bash scripts/testbed-down.sh --fleet-only
 
-demo: testbed install
+demo: testbed-local install
 	bash scripts/demo.sh "$(DEMO_DIR)"
 
 lint: install

@@ -33,7 +33,6 @@ cd /
 
 RUN_DIR=/run/togather-testbed
 LOG_DIR=/var/log/togather-testbed
-CONF_DIR=/etc/togather-testbed
 DEPLOY_USER=deploy
 PG_VERSION=15
 PG_CLUSTER=main
@@ -164,14 +163,18 @@ KNOWN_HOSTS=$ROOT_HOME/.ssh/togather_fleet_known_hosts
 SSH_CONFIG=$ROOT_HOME/.ssh/config
 id -u "$DEPLOY_USER" >/dev/null 2>&1 || die "no $DEPLOY_USER user: run scripts/testbed-up.sh first"
 DEPLOY_HOME=$(getent passwd "$DEPLOY_USER" | cut -d: -f6)
-[ -s "$OP_KEY.pub" ] && [ -s "$DEPLOY_HOME/.ssh/authorized_keys" ] ||
+if [ ! -s "$OP_KEY.pub" ] || [ ! -s "$DEPLOY_HOME/.ssh/authorized_keys" ]; then
     die "no operator key / authorized_keys: run scripts/testbed-up.sh first"
+fi
 timeout 15 docker info >/dev/null 2>&1 || die "the root dockerd does not answer: run scripts/testbed-up.sh first"
 docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 || die "no $BASE_IMAGE image: run scripts/testbed-up.sh first"
 iptables -w 10 -L DOCKER-USER -n >/dev/null 2>&1 || die "no iptables chain DOCKER-USER (the root dockerd makes it)"
 
 # ---------- 1. packages ----------
-APT_PKGS=(docker-registry haproxy iproute2 iptables util-linux curl openssh-server)
+# Everything this script (and the fleet's e2e tests) run beyond testbed-up.sh's packages:
+# nsenter/unshare/flock/runuser (util-linux), ip/ss (iproute2), iptables, sysctl (procps),
+# hostname, curl, sshd, the registry, HAProxy.
+APT_PKGS=(docker-registry haproxy iproute2 iptables procps hostname util-linux curl openssh-server)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
@@ -179,11 +182,20 @@ done
 if [ "${#missing[@]}" -eq 0 ]; then
     status "fleet packages" "ok"
 else
-    # Without systemd (and with no rc links for a runlevel) their postinst starts no service.
+    # Their postinst must start no service: Debian's own docker-registry would take *:5000
+    # (ours listens on 10.77.0.1:5000, HAProxy on 127.0.0.1:5000). Without systemd and a runlevel invoke-rc.d starts nothing anyway;
+    # a policy-rc.d that denies every start makes sure (one already there is left alone).
+    policy=/usr/sbin/policy-rc.d
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\n# togather testbed-fleet.sh: no service starts during apt-get install\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        TMP_PATHS+=("$policy")
+    fi
     {
         timeout 900 apt-get update &&
         timeout 1800 apt-get install -y -o Dpkg::Options::=--force-confold "${missing[@]}"
     } >>"$LOG_DIR/apt.log" 2>&1 9>&- || { tail -n 30 "$LOG_DIR/apt.log" >&2; die "apt-get failed (see $LOG_DIR/apt.log)"; }
+    if [[ " ${TMP_PATHS[*]} " == *" $policy "* ]]; then rm -f "$policy"; fi
     status "fleet packages" "ok (installed ${missing[*]})"
 fi
 
@@ -235,7 +247,7 @@ HOLDER_SPEC="srv,home,tmp,hosts,etc-docker"
 # holder_pid HOST: the live holder of HOST (current layout), in HOST's network namespace.
 holder_pid() {
     local h=$1 pid
-    pid=$(live_pid "$FLEET_RUN/$h-holder.pid" sleep "togather-fleet-$h[$HOLDER_SPEC] ") || return 1
+    pid=$(live_pid "$FLEET_RUN/$h-holder.pid" sleep "togather-fleet-${h}[$HOLDER_SPEC] ") || return 1
     [ "$(stat -L -c %i "/proc/$pid/ns/net")" = "$(stat -L -c %i "/run/netns/$(fleet_netns "$h")")" ] || return 1
     printf '%s' "$pid"
 }

@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # variables for the scripts that source this file
 # Shared by testbed-up.sh and testbed-down.sh (sourced, not run).
 
 # Echo the pid in PIDFILE if it is alive, named COMM, and (optionally) its command line has

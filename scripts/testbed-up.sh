@@ -2,7 +2,9 @@
 # Bring up the real local test bed (run as root on Debian 12, no systemd needed):
 #   Docker Engine + Compose v2 plugin, dbmate, a local debian:bookworm-slim base image,
 #   a dedicated sshd on 127.0.0.1:2222 for the `deploy` user (alias `togather-testbed` in
-#   root's ~/.ssh/config), and PostgreSQL 15 with one role/database per demo environment.
+#   root's ~/.ssh/config), and PostgreSQL 15 with one role/database per demo environment
+#   (development, staging, production; production's env file points at 10.77.0.1, the fleet
+#   bridge of scripts/testbed-fleet.sh, which `make testbed` starts next).
 #
 # Idempotent: every step checks first and only acts when something is missing or wrong, so a
 # second run only prints "ok" lines. Every wait is bounded. Secrets are never printed and never
@@ -34,7 +36,13 @@ COMPOSE_PLUGIN=/usr/local/lib/docker/cli-plugins/docker-compose
 DBMATE_BIN=/usr/local/bin/dbmate
 BASE_IMAGE=debian:bookworm-slim
 DEBIAN_MIRROR=${TOGATHER_TESTBED_MIRROR:-http://deb.debian.org/debian}
-ENVIRONMENTS=(development staging)
+ENVIRONMENTS=(development staging production)
+# Where PostgreSQL is, per environment: as the app containers see it, and as the deploy (pg_dump,
+# migrations: on the primary host itself) sees it. production runs on the fleet hosts
+# (scripts/testbed-fleet.sh): there host.docker.internal would be the fleet host's own bridge,
+# so both use the fleet bridge's root address (the fleet's pg_hba block admits 10.77.0.0/24).
+declare -A DB_APP_HOST=([development]=host.docker.internal [staging]=host.docker.internal [production]=10.77.0.1)
+declare -A DB_DEPLOY_HOST=([development]=127.0.0.1 [staging]=127.0.0.1 [production]=10.77.0.1)
 MARK_BEGIN="# BEGIN togather-testbed"
 MARK_END="# END togather-testbed"
 
@@ -511,8 +519,8 @@ for env in "${ENVIRONMENTS[@]}"; do
         apikey=$(random_alnum 48)
         (umask 077; write_file "$envfile" 600 root:root <<EOF
 ENVIRONMENT=$env
-DATABASE_URL=postgres://$role:$password@host.docker.internal:$PG_PORT/$role?sslmode=disable
-DEPLOY_DATABASE_URL=postgres://$role:$password@127.0.0.1:$PG_PORT/$role?sslmode=disable
+DATABASE_URL=postgres://$role:$password@${DB_APP_HOST[$env]}:$PG_PORT/$role?sslmode=disable
+DEPLOY_DATABASE_URL=postgres://$role:$password@${DB_DEPLOY_HOST[$env]}:$PG_PORT/$role?sslmode=disable
 JWT_SECRET=$jwt
 ADMIN_API_KEY=$apikey
 EOF

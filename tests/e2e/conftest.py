@@ -880,3 +880,433 @@ def receiver(request: pytest.FixtureRequest) -> Iterator[WebhookReceiver]:
     r = WebhookReceiver(getattr(request, "param", 200))
     yield r
     r.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the fleet (scripts/testbed-fleet.sh): fleet_app / fleet_app_factory
+#
+# Three real hosts on this machine, host1..host3: each a network namespace on the bridge tbbr0
+# (10.77.0.11-13; the root namespace is 10.77.0.1) with a private /srv, its own dockerd and sshd
+# (ssh aliases togather-host1..3, user deploy). HAProxy on 127.0.0.1:10080 spreads requests over
+# the hosts' port 80. From here (root, root namespace) a host's /srv is
+# /var/lib/togather-fleet/<host>/srv and its daemon is unix:///run/togather-fleet/<host>/docker.sock,
+# so the fixtures read state files and list containers directly, like DemoApp does for staging.
+#
+# `fleet_app_factory(hosts=("host1",), through_lb=False, strategy="remote", env="production")`
+# -> a FleetApp (a DemoApp whose environment targets those hosts; the first is the primary,
+# which holds the state file and the lock). through_lb=True gives it proxy port 80, the port the
+# load balancer forwards to: only one app can own it per host, so such apps hold a machine-wide
+# lock (/run/togather-testbed/fleet-port80.lock, bounded wait) for the test's duration and
+# require port 80 free on every fleet host. Otherwise the ports are unique (free here and in every
+# host's namespace). Skipped when the fleet is down; FAILS under CI=true with TOGATHER_FLEET=1.
+# Teardown on every fleet host: compose down, leftover containers/networks of the project, the
+# remote directory; the databases. Images stay.
+
+FLEET_HOSTS = ("host1", "host2", "host3")
+FLEET_GATEWAY = "10.77.0.1"
+FLEET_LB = ("127.0.0.1", 10080)
+FLEET_LB_URL = f"http://{FLEET_LB[0]}:{FLEET_LB[1]}"
+FLEET_REGISTRY = "registry.togather.test:5000"
+FLEET_STATE_ROOT = Path("/var/lib/togather-fleet")
+FLEET_SOCK_ROOT = Path("/run/togather-fleet")
+FLEET_PORT80_LOCK = Path("/run/togather-testbed/fleet-port80.lock")
+FLEET_PORT80_WAIT = 900
+FLEET_SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10")
+
+
+def fleet_alias(host: str) -> str:
+    """host2 -> togather-host2 (the ssh alias in ~/.ssh/config)."""
+    return f"togather-{host}"
+
+
+def fleet_addr(host: str) -> str:
+    """host2 -> 10.77.0.12."""
+    return f"10.77.0.{10 + int(host.removeprefix('host'))}"
+
+
+def fleet_root_path(host: str, path: str | Path) -> Path:
+    """Where `path` (under /srv) on fleet `host` is, seen from the root namespace."""
+    path = Path(path)
+    assert path.is_relative_to("/srv"), f"{path}: only /srv is private per fleet host"
+    return FLEET_STATE_ROOT / host / path.relative_to("/")
+
+
+def fleet_docker(host: str, *args: str, check: bool = True, timeout: float = 120
+                 ) -> subprocess.CompletedProcess:
+    """`docker ARGS` against fleet `host`'s own daemon (as root, through its socket)."""
+    return run(["docker", "-H", f"unix://{FLEET_SOCK_ROOT / host / 'docker.sock'}", *args],
+               check=check, timeout=timeout)
+
+
+def fleet_ssh(host: str, command: str, *, input: str | None = None, check: bool = True,
+              timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `command` on fleet `host` over SSH as deploy (plain `docker` is the host's daemon).
+    Secrets go through `input` (stdin), never into `command`."""
+    return run(["ssh", *FLEET_SSH_OPTIONS, fleet_alias(host), command], input=input,
+               check=check, timeout=timeout)
+
+
+def fleet_listening_ports(host: str) -> set[int]:
+    """TCP ports something listens on in fleet `host`'s network namespace."""
+    out = run(["nsenter", f"--net=/run/netns/{fleet_alias(host)}", "ss", "-Hltn"]).stdout
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
+
+
+def http_get(address: str, port: int, path: str = "/", *, timeout: float = 5
+             ) -> tuple[int, dict[str, str], str]:
+    """GET http://ADDRESS:PORT/PATH on a fresh connection: (status, lower-case headers, body)."""
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        resp = conn.getresponse()
+        return (resp.status, {k.lower(): v for k, v in resp.getheaders()},
+                resp.read().decode("utf-8", "replace"))
+    finally:
+        conn.close()
+
+
+@functools.cache
+def fleet_problems() -> tuple[str, ...]:
+    """Everything missing for the fleet tests (empty when the fleet is usable)."""
+    # Without the bridge, 10.77.0.x is not on this machine: never send it anything then.
+    if not Path("/sys/class/net/tbbr0").exists():
+        return ("no bridge tbbr0",)
+    problems = []
+    for host in FLEET_HOSTS:
+        if problem := _probe(["ssh", *FLEET_SSH_OPTIONS, fleet_alias(host), "docker info -f ."],
+                             timeout=30):
+            problems.append(problem)
+    if problem := _probe(["curl", "-sS", "-m", "5", "-o", "/dev/null",
+                          f"http://{FLEET_REGISTRY}/v2/"]):
+        problems.append(problem)
+    env_file = TESTBED_ENV_DIR / ".env.production"
+    if not env_file.is_file():
+        problems.append(f"{env_file} is missing")
+    return tuple(problems)
+
+
+def require_fleet() -> None:
+    """Skip the calling test when the fleet is down; fail it under CI=true + TOGATHER_FLEET=1
+    (`.ci/run` sets it: `make test` starts the fleet, so CI must never pass by skipping)."""
+    problems = fleet_problems()
+    if not problems:
+        return
+    reason = "the fleet test bed is not up (`make testbed` starts it): " + "; ".join(problems)
+    if (os.environ.get("CI", "").lower() == "true"
+            and os.environ.get("TOGATHER_FLEET") == "1"):
+        pytest.fail("CI=true, TOGATHER_FLEET=1 and " + reason, pytrace=False)
+    pytest.skip(reason)
+
+
+@dataclass
+class FleetApp(DemoApp):
+    """A DemoApp deployed to fleet hosts (`hosts`, short names; the first is the primary).
+
+    Extra: `aliases`, `primary`, `through_lb`, `ssh(host, cmd)`, `docker(host, ...)`,
+    `root_path(host, path)`, `lb_get(path)`, `host_get(host, path)`, `served_by(host)`,
+    `served_by_hosts()`, `served_through_lb(n)`, `url(host=None)`, `rollback(...)`. `deploy`
+    and `rollback` pass --yes on production. `state()`, `tree()`, `audit_log()`, `snapshots()`,
+    `containers(host=None)`, `compose(..., host=None)` look at the primary unless told."""
+
+    hosts: tuple[str, ...] = ("host1",)
+    through_lb: bool = False
+    port80_lock: Any = None
+
+    @property
+    def primary(self) -> str:
+        return self.hosts[0]
+
+    @property
+    def aliases(self) -> list[str]:
+        return [fleet_alias(h) for h in self.hosts]
+
+    @property
+    def host(self) -> str:
+        return fleet_alias(self.primary)
+
+    def root_path(self, host: str, path: str | Path | None = None) -> Path:
+        return fleet_root_path(host, path or self.remote_dir)
+
+    @property
+    def state_path(self) -> Path:
+        return self.root_path(self.primary) / "deployment-state.json"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.root_path(self.primary) / "snapshots"
+
+    def state_bytes_on(self, host: str) -> bytes | None:
+        with contextlib.suppress(FileNotFoundError):
+            return (self.root_path(host) / "deployment-state.json").read_bytes()
+        return None
+
+    # --- the CLI ----------------------------------------------------------------------------
+
+    def deploy(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+        yes = ("--yes",) if self.env == "production" and "--yes" not in args else ()
+        return self.inv("deploy", self.env_flag, *yes, *args, **kwargs)
+
+    def rollback(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+        yes = ("--yes",) if self.env == "production" and "--yes" not in args else ()
+        return self.inv("rollback", self.env_flag, *yes, *args, **kwargs)
+
+    # --- the hosts --------------------------------------------------------------------------
+
+    def ssh(self, host: str, command: str, **kwargs: Any) -> subprocess.CompletedProcess:
+        """`command` on fleet `host` over SSH as deploy (see fleet_ssh)."""
+        return fleet_ssh(host, command, **kwargs)
+
+    def docker(self, host: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+        """`docker ARGS` against `host`'s daemon, as root (see fleet_docker)."""
+        return fleet_docker(host, *args, **kwargs)
+
+    def put_state(self, doc: dict[str, Any], host: str | None = None) -> None:
+        validate_state(doc, where="the hand-made state")
+        path = f"{self.remote_dir}/deployment-state.json"
+        self.ssh(host or self.primary,
+                 f"mkdir -p {self.remote_dir} && cat > {path}.tmp && mv {path}.tmp {path}",
+                 input=json.dumps(doc, indent=2) + "\n")
+
+    def audit_log(self) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            return (self.root_path(self.primary) / "audit.log").read_text()
+        return ""
+
+    def tree(self, host: str | None = None) -> dict[str, tuple[int, int, int]] | None:
+        root = self.root_path(host or self.primary)
+        if not root.exists():
+            return None
+        return {str(p.relative_to(root)): (p.lstat().st_mode, p.lstat().st_size,
+                                           p.lstat().st_mtime_ns)
+                for p in sorted([root, *root.rglob("*")])}
+
+    def compose_files_exist(self, host: str | None = None) -> bool:
+        root = self.root_path(host or self.primary)
+        return (root / "compose.yml").is_file() and (root / "slots.env").is_file()
+
+    def compose(self, *args: str, check: bool = False, host: str | None = None
+                ) -> subprocess.CompletedProcess:
+        """`docker compose -p PROJECT [files] ARGS` on `host` (primary), over SSH as deploy."""
+        import shlex
+
+        host = host or self.primary
+        root = self.remote_dir
+        files = (f"--project-directory {root} -f {root}/compose.yml --env-file {root}/slots.env"
+                 if self.compose_files_exist(host) else "")
+        words = " ".join(shlex.quote(a) for a in args)
+        return self.ssh(host, f"docker compose -p {self.project} {files} {words}", check=check,
+                        timeout=180)
+
+    def containers(self, host: str | None = None) -> list[dict[str, str]]:
+        out = self.docker(host or self.primary, "ps", "-a", "--no-trunc", "--filter",
+                          f"label=com.docker.compose.project={self.project}", "--format",
+                          '{{.ID}}\t{{.Label "com.docker.compose.service"}}\t{{.State}}\t'
+                          '{{.Image}}').stdout
+        rows = [dict(zip(("id", "service", "state", "image"), line.split("\t"), strict=True))
+                for line in out.splitlines()]
+        return sorted(rows, key=lambda r: r["service"])
+
+    def container_state(self, slot_or_service: str, host: str | None = None) -> str | None:
+        service = (f"app-{slot_or_service}" if slot_or_service in ("blue", "green")
+                   else slot_or_service)
+        states = [c["state"] for c in self.containers(host) if c["service"] == service]
+        return states[0] if states else None
+
+    # --- HTTP -------------------------------------------------------------------------------
+
+    def url(self, host: str | None = None) -> str:
+        """The load balancer's URL (host None and through_lb), else `host`'s (primary's) proxy
+        from the root namespace."""
+        if host is None and self.through_lb:
+            return FLEET_LB_URL
+        return f"http://{fleet_addr(host or self.primary)}:{self.ports['proxy']}"
+
+    def lb_get(self, path: str = "/", timeout: float = 5) -> tuple[int, dict[str, str], str]:
+        """GET through the load balancer (127.0.0.1:10080)."""
+        return http_get(*FLEET_LB, path, timeout=timeout)
+
+    def host_get(self, host: str, path: str = "/", port: int | None = None,
+                 timeout: float = 5) -> tuple[int, dict[str, str], str]:
+        """GET http://10.77.0.1N:PORT/PATH (the host's proxy by default)."""
+        return http_get(fleet_addr(host), port or self.ports["proxy"], path, timeout=timeout)
+
+    def get(self, path: str, port: int | None = None,
+            timeout: float = 5) -> tuple[int, dict[str, str], str]:
+        """Through the load balancer when through_lb (and no port), else the primary's proxy."""
+        if self.through_lb and port is None:
+            return self.lb_get(path, timeout)
+        return self.host_get(self.primary, path, port, timeout)
+
+    def served_by(self, host: str) -> tuple[str | None, dict[str, Any]]:
+        """(X-Togather-Slot, /version body) as `host`'s own proxy answers."""
+        status, headers, body = self.host_get(host, "/version")
+        assert status == 200, f"{host}: GET /version -> {status}: {body}"
+        return headers.get("x-togather-slot"), json.loads(body)
+
+    def served_by_hosts(self) -> dict[str, tuple[str | None, dict[str, Any]]]:
+        """served_by(host) for each of the app's hosts."""
+        return {host: self.served_by(host) for host in self.hosts}
+
+    def served_through_lb(self, requests: int = 12) -> list[tuple[int, str | None, str]]:
+        """`requests` GET /version through the load balancer (fresh connections, so they spread):
+        [(status, X-Togather-Slot, body)]."""
+        out = []
+        for _ in range(requests):
+            status, headers, body = self.lb_get("/version")
+            out.append((status, headers.get("x-togather-slot"), body))
+        return out
+
+    # --- teardown ---------------------------------------------------------------------------
+
+    def teardown(self) -> list[str]:
+        problems: list[str] = []
+
+        def attempt(what: str, action: Callable[[], Any]) -> None:
+            try:
+                action()
+            except Exception as exc:  # noqa: BLE001 - teardown goes on whatever fails
+                problems.append(f"{what}: {exc}")
+
+        for running in self.spawned:
+            attempt(f"stop process {running.pid}", running.ensure_gone)
+        for host in FLEET_HOSTS:  # every host: a test may have widened the environment
+            if self.compose_files_exist(host):
+                attempt(f"{host}: compose down", functools.partial(
+                    self.compose, "down", "--remove-orphans", "--timeout", "2", check=True,
+                    host=host))
+
+            def remove_leftovers(host: str = host) -> None:
+                ids = [c["id"] for c in self.containers(host)]
+                if ids:
+                    self.docker(host, "rm", "-f", *ids)
+                networks = self.docker(host, "network", "ls", "-q", "--filter",
+                                       f"label=com.docker.compose.project={self.project}"
+                                       ).stdout.split()
+                for network in networks:
+                    self.docker(host, "network", "rm", network, check=False)
+
+            attempt(f"{host}: remove containers", remove_leftovers)
+            top = self.root_path(host, Path(self.remote_dir).parent)
+            attempt(f"{host}: remove remote dir",
+                    lambda top=top: shutil.rmtree(top) if top.exists() else None)
+        for name in [self.database, *self.scratch_databases]:
+            attempt(f"drop database {name}", functools.partial(drop_database, name))
+        if self.port80_lock is not None:
+            self.port80_lock.close()
+            self.port80_lock = None
+        return problems
+
+
+def _acquire_port80(hexid: str) -> Any:
+    """The machine-wide lock of the fleet hosts' port 80 (bounded wait), then port 80 must be
+    free on every fleet host (whatever holds it would answer through the load balancer)."""
+    import fcntl
+
+    FLEET_PORT80_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(FLEET_PORT80_LOCK, "a+")  # noqa: SIM115 - held until teardown
+    deadline = time.monotonic() + FLEET_PORT80_WAIT
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                handle.close()
+                raise AssertionError(f"{FLEET_PORT80_LOCK} still held after "
+                                     f"{FLEET_PORT80_WAIT} s (another through_lb fleet test)"
+                                     ) from None
+            time.sleep(1)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} e2e-{hexid}\n")
+    handle.flush()
+    busy = [h for h in FLEET_HOSTS if 80 in fleet_listening_ports(h)]
+    if busy:
+        handle.close()
+        raise AssertionError(f"port 80 is in use on {', '.join(busy)} (a fleet deploy left "
+                             "running, e.g. examples/demo's production? `docker ps` over ssh "
+                             "togather-hostN shows it)")
+    return handle
+
+
+def new_fleet_app(tmp: Path, hosts: tuple[str, ...], *, through_lb: bool, strategy: str,
+                  env: str) -> FleetApp:
+    """A FleetApp in `tmp`, not set up yet (the port-80 lock, when through_lb, is taken here:
+    register the app for teardown at once)."""
+    assert env in config_environments(), env
+    assert hosts and set(hosts) <= set(FLEET_HOSTS), hosts
+    hexid = secrets.token_hex(4)
+    used = set().union(*(fleet_listening_ports(h) for h in FLEET_HOSTS))
+    if through_lb:
+        ports = {"proxy": 80, **dict(zip(("blue", "green"), free_ports(2, exclude=used | {80}),
+                                         strict=True))}
+    else:
+        ports = dict(zip(("proxy", "blue", "green"), free_ports(3, exclude=used), strict=True))
+    remote_dir = f"{REMOTE_BASE}/e2e-{hexid}/{env}"
+    testbed = _testbed_secrets("production")  # role togather_production, PostgreSQL at 10.77.0.1
+    database = f"e2e_{hexid}"
+    role = unquote(urlsplit(testbed["DATABASE_URL"]).username or "")
+    assert role, "the test bed's .env.production names no role"
+    secrets_ = {**testbed, "ENVIRONMENT": env}
+    for key in ("DATABASE_URL", "DEPLOY_DATABASE_URL"):
+        if secrets_.get(key):
+            secrets_[key] = _with_database(secrets_[key], database)
+    aliases = [fleet_alias(h) for h in hosts]
+    config = _base_config(f"e2e-{hexid}", "staging", remote_dir, ports)
+    config["environments"] = {env: {
+        "hosts": aliases,
+        "remote_dir": remote_dir,
+        "ports": dict(ports),
+        "public_url": FLEET_LB_URL if through_lb else f"http://{fleet_addr(hosts[0])}:"
+                                                      f"{ports['proxy']}",
+    }}
+    config["proxy"] = {**config.get("proxy", {}), "bind": "0.0.0.0"}
+    config["build"] = {**config.get("build", {}), "strategy": strategy}
+    if strategy == "registry":
+        config["build"]["registry"] = f"{FLEET_REGISTRY}/e2e-{hexid}"
+    app = FleetApp(path=tmp / "repo", env=env, hex=hexid, ports=ports, remote_dir=remote_dir,
+                   database=database, role=role, secrets=secrets_, log_dir=tmp / "logs",
+                   tmp=tmp, base_config=config, hosts=tuple(hosts), through_lb=through_lb)
+    return app
+
+
+def config_environments() -> tuple[str, ...]:
+    from togather_tasks.config import ENVIRONMENTS
+    return tuple(ENVIRONMENTS)
+
+
+@pytest.fixture
+def fleet_app_factory(tmp_path: Path) -> Iterator[Callable[..., FleetApp]]:
+    """`make(hosts=("host1",), through_lb=False, strategy="remote", env="production")` -> a new
+    FleetApp (see its docstring); every app made is torn down on every fleet host afterwards."""
+    require_fleet()
+    apps: list[FleetApp] = []
+
+    def make(hosts: tuple[str, ...] | list[str] = ("host1",), *, through_lb: bool = False,
+             strategy: str = "remote", env: str = "production") -> FleetApp:
+        tmp = tmp_path / f"fleet{len(apps)}"
+        tmp.mkdir()
+        app = new_fleet_app(tmp, tuple(hosts), through_lb=through_lb, strategy=strategy,
+                            env=env)
+        apps.append(app)  # before any side effect: a half-made app is cleaned up too
+        if through_lb:
+            app.port80_lock = _acquire_port80(app.hex)
+        setup_demo_app(app)
+        return app
+
+    yield make
+    problems = []
+    for app in apps:
+        problems += app.teardown()
+    if problems:
+        raise AssertionError("fleet e2e teardown problems: " + "; ".join(problems))
+
+
+@pytest.fixture
+def fleet_app(request: pytest.FixtureRequest, fleet_app_factory: Callable[..., FleetApp]
+              ) -> FleetApp:
+    """A FleetApp on host1 alone with unique ports, or the factory's keyword arguments given by
+    indirect parametrization:
+        @pytest.mark.parametrize("fleet_app", [{"hosts": FLEET_HOSTS, "through_lb": True}],
+                                 indirect=True)"""
+    return fleet_app_factory(**(getattr(request, "param", None) or {}))

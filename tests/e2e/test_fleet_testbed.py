@@ -5,7 +5,7 @@ as the ssh aliases togather-host1..3; a registry (registry.togather.test:5000: 1
 root namespace, 10.77.0.1 on the hosts); HAProxy on 127.0.0.1:10080 over the hosts' port 80.
 
 Skipped when the fleet is not up. With CI=true it fails instead, but only when TOGATHER_FLEET=1
-(the fleet is not yet part of `make testbed`).
+(.ci/run sets it: `make testbed` starts the fleet).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def fleet() -> None:
     problems = fleet_problems()
     if not problems:
         return
-    reason = ("the fleet test bed is not up (`make testbed-fleet` starts it): "
+    reason = ("the fleet test bed is not up (`make testbed` starts it): "
               + "; ".join(problems))
     if os.environ.get("CI", "").lower() == "true" and os.environ.get("TOGATHER_FLEET") == "1":
         pytest.fail("CI=true, TOGATHER_FLEET=1 and " + reason, pytrace=False)
