@@ -110,6 +110,11 @@ class Published:
     image: str
     digest: str | None = None
 
+    @property
+    def label(self) -> str:
+        """For progress lines: the tag and, when pulled by digest, the digest's start."""
+        return f"{self.image} ({self.digest.split('@')[1][:19]})" if self.digest else self.image
+
 
 def publish(build: Build, session: Session) -> Published:
     """Once per deploy: for `registry`, the image in the registry (reused, or built and

@@ -283,8 +283,8 @@ class Deploy(SlotOperation):
                 slots.ensure_proxy_image(self.settings, host, self.settings.build["timeout"])
             self.release_dir = build.release_dir()
             self.image_digest = published.digest
-            note(f"{published.digest or self.image} "
-                 + (f"made on {', '.join(built)}" if built else "reused"))
+            made = "pulled on" if published.digest else "built on"
+            note(f"{published.label} " + (f"{made} {', '.join(built)}" if built else "reused"))
 
     def snapshot(self) -> None:
         """Step: find the pending migrations (read-only, under the lock, so no other deploy or
