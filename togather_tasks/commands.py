@@ -147,14 +147,18 @@ def docker_login_command(config_dir: str, registry: str) -> str:
             f"--password-stdin {q(registry)}")
 
 
+def docker_tag_command(source: str, target: str) -> str:
+    return f"docker tag {q(source)} {q(target)}"
+
+
 def docker_push_command(image: str, remote: str, config_dir: str | None) -> str:
-    return f"docker tag {q(image)} {q(remote)} && {docker_env(config_dir)}docker push {q(remote)}"
+    return f"{docker_tag_command(image, remote)} && {docker_env(config_dir)}docker push {q(remote)}"
 
 
 def docker_pull_command(by_digest: str, image: str, config_dir: str | None) -> str:
     """Pull exactly the pushed content, then give it the slot's local name for compose."""
     return (f"{docker_env(config_dir)}docker pull --quiet {q(by_digest)} && "
-            f"docker tag {q(by_digest)} {q(image)}")
+            f"{docker_tag_command(by_digest, image)}")
 
 
 def image_exists_command(image: str) -> str:

@@ -121,24 +121,28 @@ def publish(build: Build, session: Session) -> Published:
     pushed); the other strategies have nothing to do before the hosts."""
     if build.settings.build["strategy"] != "registry":
         return Published(build.image)
-    first_host = build.settings.build["registry_build"] == "first-host"
-    return publish_from(build, session.primary if first_host else session.local,
-                        build.settings.remote_dir if first_host else None)
+    if build.settings.build["registry_build"] == "first-host":
+        return publish_from(build, session.primary, on_host=True)
+    return publish_from(build, session.local, on_host=False)
 
 
-def publish_from(build: Build, builder: Host, config_parent: str | None) -> Published:
+def publish_from(build: Build, builder: Host, *, on_host: bool) -> Published:
+    """The registry's digest for the commit's tag: the one it has, else built on `builder`
+    (a deploy host when `on_host`, else this machine) and pushed from there."""
     remote = cmd.registry_ref(build.settings, build.sha7)
     digest = registry.remote_digest(build.settings, remote)
     if digest is None:
-        build_on(build, builder, config_parent is not None)
-        digest = push(build, builder, remote, config_parent)
+        build_on(build, builder, on_host=on_host)
+        digest = push(build, builder, remote, build.settings.remote_dir if on_host else None)
     return Published(build.image, cmd.digest_ref(remote, digest))
 
 
-def build_on(build: Build, builder: Host, on_host: bool) -> None:
+def build_on(build: Build, builder: Host, *, on_host: bool) -> None:
     if image_present(builder, build.image, build.commit):
         return
     if on_host:
+        # Before the hosts are prepared: the releases directory may not exist yet.
+        builder.run(f"mkdir -p {q(cmd.Layout(build.settings.remote_dir).releases)}", timeout=30)
         upload_release(build, builder)
         builder.run(build.command(), timeout=build.settings.build["timeout"],
                     what=f"docker build of {build.image}")
@@ -179,15 +183,16 @@ def ensure_on_host(build: Build, host: Host, published: Published) -> bool:
 
 def ensure_image(build: Build, host: Host) -> bool:
     """Both phases for one host, publishing from this machine (a rollback's rebuild)."""
-    return ensure_on_host(build, host, publish_from(build, LocalHost(redact=host.redact), None)
-                          if build.settings.build["strategy"] == "registry"
-                          else Published(build.image))
+    published = Published(build.image)
+    if build.settings.build["strategy"] == "registry":
+        published = publish_from(build, LocalHost(redact=host.redact), on_host=False)
+    return ensure_on_host(build, host, published)
 
 
 def pull_by_digest(build: Build, host: Host, by_digest: str) -> bool:
     """Tag the pushed content as the slot image; pull it first unless the host has it."""
     if host.run(cmd.image_exists_command(by_digest), timeout=60, check=False).ok:
-        host.run(f"docker tag {q(by_digest)} {q(build.image)}", timeout=60,
+        host.run(cmd.docker_tag_command(by_digest, build.image), timeout=60,
                  what=f"tagging {build.image}")
         return False
     settings = build.settings

@@ -17,6 +17,7 @@ import ipaddress
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import requests
 
@@ -90,6 +91,8 @@ def remote_digest(settings: Settings, ref: str) -> str | None:
     tell (unreachable, a token-based login): then the image is built and pushed, and the push
     says what is wrong if anything is."""
     registry = cmd.registry_host(ref)
+    if not ref.startswith(registry + "/"):
+        return None  # Docker Hub: a token login that this check does not speak
     repository, _, tag = ref[len(registry) + 1:].rpartition(":")
     url = f"{scheme(registry)}://{registry}/v2/{repository}/manifests/{tag}"
     creds = credentials(settings)
@@ -106,9 +109,9 @@ def scheme(registry: str) -> str:
     """Plain HTTP only for a registry on this machine's loopback (Docker's own default
     exception); anything else must speak HTTPS, so credentials never cross a network in
     clear text."""
-    host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
+    host = urlsplit(f"//{registry}").hostname or ""
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host.strip("[]"), None)}
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
     except (socket.gaierror, UnicodeError):
         return "https"
     loopback = addresses and all(ipaddress.ip_address(a.split("%")[0]).is_loopback

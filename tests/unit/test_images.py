@@ -205,4 +205,24 @@ def test_remote_digest_is_unknown_when_the_registry_does_not_say(
 def test_plain_http_only_for_a_loopback_registry() -> None:
     assert registry.scheme("127.0.0.1:5000") == "http"
     assert registry.scheme("localhost:5000") == "http"
+    assert registry.scheme("[::1]:5000") == "http"
     assert registry.scheme("registry.invalid:5000") == "https"
+
+
+@pytest.mark.usefixtures("no_registry_answer")
+def test_first_host_builds_from_the_release_before_the_hosts_are_prepared(
+        settings: Settings) -> None:
+    primary = StdinHost("web1")
+    primary.on("docker push", ok(f"abc1234: digest: {DIGEST} size: 1570\n"))
+    settings = registry_settings(settings, registry_build="first-host")
+    images.publish(make_build(settings), SimpleNamespace(primary=primary, local=FakeHost()))
+    mkdir, build, push = (primary.commands.index(primary.ran(fragment)[0]) for fragment in
+                          ("mkdir -p /srv/togather/staging/releases", "docker build",
+                           "docker push"))
+    assert mkdir < build < push
+
+
+def test_docker_hub_is_not_asked_directly(settings: Settings,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(requests, "head", lambda *a, **k: pytest.fail("no HEAD expected"))
+    assert registry.remote_digest(registry_settings(settings), "team/app:abc1234") is None
