@@ -226,3 +226,24 @@ def test_docker_hub_is_not_asked_directly(settings: Settings,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(requests, "head", lambda *a, **k: pytest.fail("no HEAD expected"))
     assert registry.remote_digest(registry_settings(settings), "team/app:abc1234") is None
+
+
+@pytest.mark.usefixtures("no_registry_answer")
+def test_a_refused_push_names_the_registry_and_the_builder(settings: Settings) -> None:
+    local = builder_with_image()
+    local.on("docker push", failed("Get \"https://registry.example.com:5000/v2/\": dial tcp: "
+                                   "connect: connection refused"))
+    session = SimpleNamespace(primary=FakeHost("web1"), local=local)
+    with pytest.raises(registry.RegistryError, match=(
+            f"pushing {REMOTE} to the registry registry.example.com:5000 from local failed: "
+            ".*connection refused")):
+        images.publish(make_build(registry_settings(settings)), session)
+
+
+def test_the_dry_run_shows_one_push_and_a_pull_by_digest_per_host(settings: Settings) -> None:
+    build = make_build(registry_settings(settings))
+    assert images.publish_plan(build)[1] == (
+        f"[local] docker tag togather-server:abc1234 {REMOTE} && docker push {REMOTE}")
+    by_digest = REMOTE.replace(":abc1234", "@<pushed digest>")
+    assert images.host_plan(build) == (f"docker pull --quiet '{by_digest}' && "
+                                       f"docker tag '{by_digest}' togather-server:abc1234")
