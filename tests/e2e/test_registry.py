@@ -91,8 +91,9 @@ class FleetApp:
                                  for k in ("DATABASE_URL", "DEPLOY_DATABASE_URL")})
         self.configure(self.repository)
 
-    def configure(self, registry: str) -> None:
-        self.app.write_config(build={"strategy": "registry", "registry": registry},
+    def configure(self, registry: str, registry_build: str = "local") -> None:
+        self.app.write_config(build={"strategy": "registry", "registry": registry,
+                                     "registry_build": registry_build},
                               environments={"staging": {"hosts": list(FLEET)}})
 
     def state(self, validate: Callable[[Any], None]) -> dict[str, Any]:
@@ -139,11 +140,16 @@ def fleet_app(fleet: None, demo_app_factory: Callable[..., Any]) -> Iterator[Fle
     app.teardown()
 
 
+def command_events_by_host(app: Any, run_index: int) -> list[tuple[str, str]]:
+    """(host, command) of every command the `run_index`-th deploy's run log recorded."""
+    logs = sorted(app.log_dir.rglob("*.log"))
+    return [(event["host"], event["command"]) for line in logs[run_index].read_text().splitlines()
+            if (event := json.loads(line)).get("event") == "command"]
+
+
 def command_events(app: Any, run_index: int) -> list[str]:
     """The commands the run log of the `run_index`-th deploy recorded (in start order)."""
-    logs = sorted(app.log_dir.rglob("*.log"))
-    return [event["command"] for line in logs[run_index].read_text().splitlines()
-            if (event := json.loads(line)).get("event") == "command"]
+    return [command for _, command in command_events_by_host(app, run_index)]
 
 
 def test_two_hosts_run_the_pushed_digest_and_a_second_deploy_reuses_it(
@@ -172,6 +178,24 @@ def test_two_hosts_run_the_pushed_digest_and_a_second_deploy_reuses_it(
         assert fleet_app.slot_image_id(alias, again["active_slot"]) == \
             fleet_app.image_id(alias, digest)
     app.assert_no_secrets(first.stdout, second.stdout)
+
+
+def test_first_host_builds_and_pushes_and_the_others_pull_its_digest(
+        fleet_app: FleetApp, assert_state_valid: Callable[[Any], None]) -> None:
+    app = fleet_app.app
+    fleet_app.configure(fleet_app.repository, registry_build="first-host")
+    app.deploy(check=True)
+    current = fleet_app.state(assert_state_valid)["current_deployment"]
+    by_host: dict[str, list[str]] = {}
+    for command in command_events_by_host(app, 0):
+        by_host.setdefault(command[0], []).append(command[1])
+    assert any(c.startswith("docker build") for c in by_host[FLEET[0]])
+    assert any("docker push" in c for c in by_host[FLEET[0]])
+    assert any("docker pull" in c for c in by_host[FLEET[1]])
+    assert not any("docker build --quiet --tag" in c for c in by_host.get("local", []))
+    for alias in FLEET:
+        assert fleet_app.slot_image_id(alias, current["active_slot"]) == \
+            fleet_app.image_id(alias, current["image_digest"]), alias
 
 
 def test_the_registry_out_of_reach_during_the_pull_fails_cleanly_on_the_old_version(
