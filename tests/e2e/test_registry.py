@@ -227,6 +227,11 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def bcrypt_hash(password: str) -> str:
     """The only format the registry's htpasswd accepts, made by the system's crypt(3)
     (libxcrypt): no apache2-utils or bcrypt package needed. `crypt` leaves Python in 3.13."""
@@ -258,7 +263,10 @@ def auth_registry(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
                                 stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
-        while socket.socket().connect_ex(("127.0.0.1", port)) and time.monotonic() < deadline:
+        while not listening(port):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail("the auth registry did not start: "
+                            + (tmp_path / "registry.log").read_text()[-500:], pytrace=False)
             time.sleep(0.1)
         yield f"127.0.0.1:{port}", user, password
     finally:
