@@ -119,18 +119,22 @@ class FleetApp:
 
     def teardown(self) -> None:
         label = f"label=com.docker.compose.project={self.app.project}"
+        images = "; ".join(remove_images_command(f"{registry}/{self.app.name}/")
+                           for registry in (REGISTRY, REGISTRY_UNREACHABLE_FROM_HOSTS))
         for alias in FLEET:
             ssh(alias, f"docker ps -aq --filter {label} | xargs -r docker rm -f > /dev/null; "
                        f"docker network ls -q --filter {label} | xargs -r docker network rm "
-                       "> /dev/null; docker images --format '{{.Repository}}:{{.Tag}}' | "
-                       f"grep -E '^({REGISTRY}|{REGISTRY_UNREACHABLE_FROM_HOSTS})/"
-                       f"{self.app.name}/' | xargs -r docker rmi > /dev/null; "
-                       f"rm -rf {Path(self.app.remote_dir).parent}", check=False)
-        local = subprocess.run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"],
-                               capture_output=True, text=True, check=False).stdout.split()
-        ours = [r for r in local if f"/{self.app.name}/" in r]
-        if ours:
-            subprocess.run(["docker", "rmi", *ours], capture_output=True, check=False)
+                       f"> /dev/null; {images}; rm -rf {Path(self.app.remote_dir).parent}",
+                check=False)
+        subprocess.run(["bash", "-c", images], capture_output=True, check=False)
+
+
+def remove_images_command(prefix: str) -> str:
+    """Remove every image known under a repository starting with `prefix` (by id: pulled by
+    digest, they have no tag of that name, and the commit's local tag goes with them)."""
+    return ("docker images --format '{{.Repository}} {{.ID}}' | "
+            f"awk -v p={shlex.quote(prefix)} 'index($1, p) == 1 {{print $2}}' | sort -u | "
+            "xargs -r docker rmi -f > /dev/null")
 
 
 @pytest.fixture
@@ -307,8 +311,6 @@ def test_a_registry_with_a_login_gets_the_credentials_on_stdin_only(
         assert user not in " ".join(command_events(demo_app, 1) + [second.stdout])
         demo_app.assert_no_secrets()
     finally:
-        local = subprocess.run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"],
-                               capture_output=True, text=True, check=False).stdout.split()
-        ours = [r for r in local if r.startswith(repository + "/")]
-        if ours:
-            subprocess.run(["docker", "rmi", *ours], capture_output=True, check=False)
+        demo_app.compose("down", "--timeout", "2")  # its containers use the image removed next
+        subprocess.run(["bash", "-c", remove_images_command(repository + "/")],
+                       capture_output=True, check=False)
