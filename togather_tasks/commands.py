@@ -117,6 +117,74 @@ def image_ref(settings: Settings, sha7: str) -> str:
     return f"{settings.image}:{sha7}"
 
 
+def registry_ref(settings: Settings, sha7: str) -> str:
+    """Where the registry strategy pushes the image: `build.registry` + the image's name."""
+    return f"{settings.build['registry'].rstrip('/')}/{image_ref(settings, sha7)}"
+
+
+def registry_host(ref: str) -> str:
+    """The registry an image reference names, by Docker's rule: a first component holding a
+    `.` or a `:` (or `localhost`) is a registry; anything else lives on Docker Hub."""
+    first, sep, _ = ref.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return "docker.io"
+
+
+def digest_ref(ref: str, digest: str) -> str:
+    """`registry/repo:tag` + `sha256:...` -> `registry/repo@sha256:...` (the tag dropped: a
+    pull by digest gets exactly the pushed content, whatever the tag points to now)."""
+    repository = ref.rsplit(":", 1)[0] if ":" in ref.rsplit("/", 1)[-1] else ref
+    return f"{repository}@{digest}"
+
+
+def parse_push_digest(output: str) -> str | None:
+    """The digest `docker push` reports last (`<tag>: digest: sha256:<hex> size: <n>`)."""
+    found = re.findall(r"digest: (sha256:[0-9a-f]{64})", output)
+    return found[-1] if found else None
+
+
+def docker_env(config_dir: str | None) -> str:
+    """The prefix that points docker at a per-operation config directory (its credentials)."""
+    return f"DOCKER_CONFIG={q(config_dir)} " if config_dir else ""
+
+
+def docker_config_dir_command(parent: str | None) -> str:
+    """A new private (mode 700, mktemp's own) directory for one operation's docker
+    credentials: under the environment's directory on a host (where a directory left by a
+    killed run is removed first: the lock makes this run the only one), else in $TMPDIR."""
+    if parent is None:
+        return "mktemp -d -t togather-docker-config.XXXXXXXX"
+    pattern = f"{parent}/.docker-config."
+    return (f"mkdir -p {q(parent)} && rm -rf {q(pattern)}* && "
+            f"mktemp -d {q(pattern + 'XXXXXXXX')}")
+
+
+def docker_login_command(config_dir: str, registry: str) -> str:
+    """`docker login` with the user name on the first line of standard input and the password
+    on the rest: neither is ever part of a command line we build or log."""
+    return (f"IFS= read -r user && {docker_env(config_dir)}docker login --username \"$user\" "
+            f"--password-stdin {q(registry)}")
+
+
+def docker_tag_command(source: str, target: str) -> str:
+    return f"docker tag {q(source)} {q(target)}"
+
+
+def docker_push_command(image: str, remote: str, config_dir: str | None) -> str:
+    return f"{docker_tag_command(image, remote)} && {docker_env(config_dir)}docker push {q(remote)}"
+
+
+def docker_pull_command(by_digest: str, image: str, config_dir: str | None) -> str:
+    """Pull exactly the pushed content, then give it the slot's local name for compose."""
+    return (f"{docker_env(config_dir)}docker pull --quiet {q(by_digest)} && "
+            f"{docker_tag_command(by_digest, image)}")
+
+
+def image_exists_command(image: str) -> str:
+    return f"docker image inspect --format '{{{{.Id}}}}' {q(image)} > /dev/null"
+
+
 def proxy_image_ref() -> str:
     """Tagged by content so a changed nginx.conf or Dockerfile builds a new proxy image."""
     digest = hashlib.sha256()

@@ -31,6 +31,9 @@ ENVIRONMENTS = ("development", "staging", "production")
 NON_SECRET_KEYS = frozenset({"ENVIRONMENT"})
 REQUIRED_SECRETS = ("ENVIRONMENT", "DATABASE_URL", "JWT_SECRET", "ADMIN_API_KEY")
 PLACEHOLDER = "CHANGE_ME"
+# The registry strategy's `docker login`; DEPLOY_ keeps them out of the app's containers.
+REGISTRY_USERNAME = "DEPLOY_REGISTRY_USERNAME"
+REGISTRY_PASSWORD = "DEPLOY_REGISTRY_PASSWORD"  # noqa: S105 - a variable's name
 MIN_SECRET_CHARS = 8
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 CONFIG_FILE = Path("config") / "deployment.yml"
@@ -45,7 +48,7 @@ DEFAULTS: dict[str, Any] = {
         "version_endpoint": "/version",
     },
     "build": {"context": ".", "dockerfile": "Dockerfile", "strategy": "remote", "args": {},
-              "timeout": 1800},
+              "timeout": 1800, "registry_build": "local"},
     "database": {
         "migration_tool": "dbmate",
         "migrations_path": "db/migrations",
@@ -264,6 +267,9 @@ def secrets_problems(env: str, path: Path, values: dict[str, str]) -> list[str]:
     if values.get("ENVIRONMENT") and values["ENVIRONMENT"] != env:
         problems.append(f"{path}: ENVIRONMENT={values['ENVIRONMENT']!r} but --env={env}: "
                         "this file belongs to another environment")
+    if bool(values.get(REGISTRY_USERNAME)) != bool(values.get(REGISTRY_PASSWORD)):
+        problems.append(f"{path}: {REGISTRY_USERNAME} and {REGISTRY_PASSWORD} go together: "
+                        "set both (a registry that needs a login) or neither")
     bad_urls = set()
     for key in ("DATABASE_URL", "DEPLOY_DATABASE_URL"):
         if values.get(key) and PLACEHOLDER not in values[key]:

@@ -73,6 +73,7 @@ class Deploy(SlotOperation):
         self.migrations_run = 0
         self.pending: list[str] | None = None
         self.release_dir = ""
+        self.image_digest: str | None = None
 
     @property
     def migrations_enabled(self) -> bool:
@@ -210,14 +211,16 @@ class Deploy(SlotOperation):
         """Every remote command the deploy would run (secrets are never in them)."""
         st, layout = self.settings, cmd.Layout(self.settings.remote_dir)
         primary = st.primary_host
-        lines = [f"[{primary}] lock {st.state_path} (compare-and-swap under flock)"]
+        build = images.Build(st, self.commit, self.started_at)
+        lines = [f"[{primary}] lock {st.state_path} (compare-and-swap under flock)",
+                 *images.publish_plan(build)]
         for host in st.hosts:
             lines += [
                 f"[{host}] {cmd.host_directories(layout)}",
                 f"[{host}] upload {layout.compose_file} (mode 644), {layout.app_env} "
                 f"(secrets, mode 600)",
                 f"[{host}] upload git archive of {self.sha7} to {layout.release(self.sha7)}",
-                f"[{host}] " + images.Build(st, self.commit, self.started_at).command(),
+                f"[{host}] " + images.host_plan(build),
             ]
         if self.migrations_enabled:
             lines += self.migration_plan(primary, layout)
@@ -271,14 +274,17 @@ class Deploy(SlotOperation):
     def build(self) -> None:
         with self.progress.step("build", f"image {self.image}") as note:
             build = images.Build(self.settings, self.commit, self.started_at)
+            published = images.publish(build, self.s)
             built = []
             for host in self.s.all_hosts:
                 slots.prepare_host(self.settings, host, primary=host is self.s.primary)
-                if images.ensure_image(build, host):
+                if images.ensure_on_host(build, host, published):
                     built.append(host.name)
                 slots.ensure_proxy_image(self.settings, host, self.settings.build["timeout"])
             self.release_dir = build.release_dir()
-            note(f"{self.image} " + (f"built on {', '.join(built)}" if built else "reused"))
+            self.image_digest = published.digest
+            made = "pulled on" if published.digest else "built on"
+            note(f"{published.label} " + (f"{made} {', '.join(built)}" if built else "reused"))
 
     def snapshot(self) -> None:
         """Step: find the pending migrations (read-only, under the lock, so no other deploy or
@@ -396,6 +402,8 @@ class Deploy(SlotOperation):
                       duration_seconds=self.elapsed())
         if self.snapshot_path:
             record["snapshot"] = self.snapshot_path
+        if self.image_digest:
+            record["image_digest"] = self.image_digest
         return record
 
     def on_failure(self, step: str, message: str) -> None:

@@ -7,7 +7,7 @@ import json
 from functools import cached_property
 
 from .config import Settings
-from .hosts import Host, Result, connect
+from .hosts import Host, LocalHost, Result, connect
 from .lock import Operator
 from .output import Console, RunLog
 from .store import StateStore, audit_line_command, now_iso
@@ -39,6 +39,12 @@ class Session:
     @property
     def all_hosts(self) -> list[Host]:
         return [self.host(name) for name in self.settings.hosts]
+
+    @cached_property
+    def local(self) -> Host:
+        """This machine (the operator's), for work done here, e.g. building and pushing an
+        image; its commands are logged like the hosts'."""
+        return LocalHost(self._observe, self.redact)
 
     @cached_property
     def store(self) -> StateStore:

@@ -78,21 +78,17 @@ def read_slot_images(settings: Settings, host: Host) -> dict[str, str]:
     return images
 
 
-def pull_policy(settings: Settings) -> str:
-    """Only the registry strategy pulls: otherwise the tool built or loaded the image on the
-    host itself, and a missing image must be an error, never a pull of whatever a public
-    registry has under that name."""
-    return "missing" if settings.build["strategy"] == "registry" else "never"
-
-
 def start_slot(settings: Settings, host: Host, target: SlotTarget) -> None:
     """Point the slot at its image in slots.env and (re)create it with Compose."""
     layout = cmd.Layout(settings.remote_dir)
     images = read_slot_images(settings, host)
     images[target.slot] = target.image
     host.write_file(layout.slots_env, cmd.slots_env(settings, images).encode(), mode=0o644)
+    # Never pull: every strategy has put the image on the host under this local name (the
+    # registry one pulls by digest first); a pull here would fetch whatever a public registry
+    # holds under that name.
     result = host.run(cmd.compose(settings, "up", "--detach", "--no-deps", "--pull",
-                                  pull_policy(settings), cmd.service(target.slot)),
+                                  "never", cmd.service(target.slot)),
                       timeout=300, check=False)
     if not result.ok:
         text = (result.stderr + result.stdout).lower()

@@ -418,3 +418,59 @@ def test_app_env_file_is_sorted_and_quoted() -> None:
 def test_app_env_file_has_one_line_per_variable_even_for_multiline_values() -> None:
     text = cmd.app_env_file({"KEY": "-----BEGIN-----\nabc\n-----END-----", "N": "1"})
     assert text.count("\n") == 2
+
+
+# --- the registry strategy --------------------------------------------------------------------
+
+REMOTE = "registry.example.com:5000/team/togather-server:abc1234"
+BY_DIGEST = "registry.example.com:5000/team/togather-server@sha256:" + "ab" * 32
+
+
+def test_registry_ref_appends_the_image_to_build_registry(settings: Settings) -> None:
+    settings = dataclasses.replace(settings, build={**settings.build,
+                                                    "registry": "registry.example.com:5000/team/"})
+    assert cmd.registry_ref(settings, "abc1234") == REMOTE
+
+
+@pytest.mark.parametrize(("ref", "registry"), [
+    (REMOTE, "registry.example.com:5000"), ("localhost/app:1", "localhost"),
+    ("127.0.0.1:5000/app:1", "127.0.0.1:5000"), ("team/app:1", "docker.io"),
+    ("app:1", "docker.io")])
+def test_registry_host_follows_dockers_rule(ref: str, registry: str) -> None:
+    assert cmd.registry_host(ref) == registry
+
+
+def test_digest_ref_drops_the_tag_but_keeps_the_registry_port() -> None:
+    assert cmd.digest_ref(REMOTE, "sha256:" + "ab" * 32) == BY_DIGEST
+    assert cmd.digest_ref("127.0.0.1:5000/app", "sha256:1") == "127.0.0.1:5000/app@sha256:1"
+
+
+def test_parse_push_digest_takes_the_last_digest_line() -> None:
+    output = ("The push refers to repository [registry.example.com:5000/team/togather-server]\n"
+              "5f70bf18a086: Layer already exists\n"
+              f"abc1234: digest: sha256:{'cd' * 32} size: 1570\n")
+    assert cmd.parse_push_digest(output) == "sha256:" + "cd" * 32
+    assert cmd.parse_push_digest("denied: requested access to the resource is denied") is None
+
+
+def test_docker_config_dir_commands_are_exact() -> None:
+    assert cmd.docker_config_dir_command("/srv/togather/my app") == (
+        "mkdir -p '/srv/togather/my app' && rm -rf '/srv/togather/my app/.docker-config.'* && "
+        "mktemp -d '/srv/togather/my app/.docker-config.XXXXXXXX'")
+    assert cmd.docker_config_dir_command(None) == "mktemp -d -t togather-docker-config.XXXXXXXX"
+
+
+def test_docker_login_reads_user_and_password_from_stdin() -> None:
+    assert cmd.docker_login_command("/srv/x/.docker-config.Ab12", "registry.example.com:5000") \
+        == ("IFS= read -r user && DOCKER_CONFIG=/srv/x/.docker-config.Ab12 docker login "
+            '--username "$user" --password-stdin registry.example.com:5000')
+
+
+def test_docker_push_and_pull_commands_are_exact() -> None:
+    assert cmd.docker_push_command("togather-server:abc1234", REMOTE, None) == (
+        f"docker tag togather-server:abc1234 {REMOTE} && docker push {REMOTE}")
+    assert cmd.docker_pull_command(BY_DIGEST, "togather-server:abc1234", "/d") == (
+        f"DOCKER_CONFIG=/d docker pull --quiet {BY_DIGEST} && "
+        f"docker tag {BY_DIGEST} togather-server:abc1234")
+    assert cmd.image_exists_command(BY_DIGEST) == (
+        f"docker image inspect --format '{{{{.Id}}}}' {BY_DIGEST} > /dev/null")

@@ -531,3 +531,15 @@ def test_remote_and_snapshot_directories_stay_in_their_place(
     else:
         problems = problems_of(project)
         assert len(problems) == 1 and problem in problems[0], problems
+
+
+def test_the_registry_image_is_built_here_unless_told_otherwise(project: Project) -> None:
+    assert project.load().build["registry_build"] == "local"
+    project.write_config(BASE_CONFIG.replace("build:\n", "build:\n  registry_build: first-host\n"))
+    assert project.load().build["registry_build"] == "first-host"
+
+
+def test_registry_credentials_go_together(project: Project) -> None:
+    project.write_env("staging", DEPLOY_REGISTRY_USERNAME="ci-deployer")
+    problem = only_problem(project)
+    assert "DEPLOY_REGISTRY_USERNAME and DEPLOY_REGISTRY_PASSWORD go together" in problem
