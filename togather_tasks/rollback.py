@@ -178,13 +178,16 @@ class Rollback(SlotOperation):
         if self.safety_snapshot:
             console.print(f"  database restored from {self.snapshot}; the data as it was is in "
                           f"{self.safety_snapshot}")
-        else:
+        elif self.snapshot:
             console.warn("database migrations are NOT rolled back.")
-            if self.snapshot:
-                console.print(f"  snapshot taken before the migrations newer than "
-                              f"{self.chosen['version']}: {self.snapshot}")
-                console.print(f"  to restore it: inv db.restore --env={self.settings.env} "
-                              f"--snapshot={self.snapshot_name}")
+            console.print(f"  snapshot taken before the migrations newer than "
+                          f"{self.chosen['version']}: {self.snapshot}")
+            console.print(f"  to restore it: inv db.restore --env={self.settings.env} "
+                          f"--snapshot={self.snapshot_name}")
+        else:
+            # Deploys snapshot exactly when they migrate: none since means nothing to undo.
+            console.print(f"  no deployment since {self.chosen['version']} migrated the "
+                          "database: its schema is the one this version ran on")
         self.s.audit(operation="rollback", deployment_id=self.chosen["id"],
                      version=self.chosen["version"], result="succeeded", slot=self.new_slot)
         self.run_hook("post-rollback", "rolled_back")

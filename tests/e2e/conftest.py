@@ -83,6 +83,10 @@ PORT_RANGE = (20000, 29999)
 OPERATOR_EMAIL = "e2e@example.com"
 PAUSE_ENV = "TOGATHER_TEST_PAUSE_BEFORE"
 DEFAULT_TIMEOUT = 300
+# A migration to commit where a test needs one pending (a deploy without one takes no snapshot).
+PENDING_MIGRATION = {"db/migrations/20260301000001_add_notes.sql":
+                     "-- migrate:up\nCREATE TABLE notes (id int);\n"
+                     "-- migrate:down\nDROP TABLE notes;\n"}
 
 
 # ---------------------------------------------------------------------------------------------

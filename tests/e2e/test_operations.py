@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import DemoApp, WebhookReceiver, run
+from conftest import PENDING_MIGRATION, DemoApp, WebhookReceiver, run
 
 
 def deploy_ok(app: DemoApp, *args: str) -> subprocess.CompletedProcess:
@@ -30,7 +30,11 @@ def two_deploys(app: DemoApp) -> tuple[str, str]:
 
 
 def test_rollback_returns_traffic_to_the_previous_deployment(demo_app: DemoApp) -> None:
-    first, second = two_deploys(demo_app)
+    first = demo_app.head
+    deploy_ok(demo_app)
+    # The second deploy migrates, so it takes a snapshot the rollback can point at.
+    second = demo_app.commit("second", {"app/VERSION_NOTE": "2\n", **PENDING_MIGRATION})
+    deploy_ok(demo_app)
     assert demo_app.served()[1]["version"] == second[:7]
 
     result = demo_app.inv("rollback", demo_app.env_flag)
@@ -63,6 +67,9 @@ def test_rollback_to_an_older_version_by_sha(demo_app: DemoApp) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert demo_app.served()[1]["git_commit"] == first
     assert demo_app.state()["current_deployment"]["git_commit"] == first
+    # No deploy since `first` had a pending migration: nothing to restore, and it says so.
+    assert "NOT rolled back" not in result.stderr
+    assert f"no deployment since {first[:7]} migrated the database" in result.stdout
 
 
 def test_rollback_to_an_unknown_version_lists_the_available_ones(demo_app: DemoApp) -> None:

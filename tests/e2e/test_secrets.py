@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
-from conftest import DemoApp, WebhookReceiver, psql_admin, quote_ident, run
+from conftest import PENDING_MIGRATION, DemoApp, WebhookReceiver, psql_admin, quote_ident, run
 from dotenv import dotenv_values
 
 DEBUG = {"TOGATHER_DEBUG": "1"}
@@ -222,7 +222,7 @@ def test_canary_secrets_never_leak(canary_role: tuple[str, str], demo_app_factor
         assert_healthy(app, first)
         blue_env = container_env(app, "blue")
 
-        second = app.commit("second", {"app/VERSION_NOTE": "2\n"})
+        second = app.commit("second", {"app/VERSION_NOTE": "2\n", **PENDING_MIGRATION})
         ok(app.deploy(env=DEBUG))
         assert_healthy(app, second)
 
@@ -256,7 +256,7 @@ def test_canary_secrets_never_leak(canary_role: tuple[str, str], demo_app_factor
     owners = psql_admin("SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public';",
                         database=app.database).split()
     assert owners == [role], owners
-    assert sorted(app.tables()) == ["events", "jobs", "schema_migrations"]
+    assert sorted(app.tables()) == ["events", "jobs", "notes", "schema_migrations"]
     dumps = app.snapshots()
     assert len(dumps) >= 2, dumps
     for dump in dumps:
