@@ -46,6 +46,7 @@ class DeployOptions:
     dry_run: bool = False
     force: bool = False
     skip_migrations: bool = False
+    lock_wait: int = 0
 
 
 @dataclass
@@ -264,7 +265,8 @@ class Deploy(SlotOperation):
 
     def acquire_lock(self) -> None:
         with self.progress.step("lock", "taking the environment lock") as note:
-            self.take_lock(self.deployment_id, force=self.options.force)
+            self.take_lock(self.deployment_id, force=self.options.force,
+                           lock_wait=self.options.lock_wait)
             # Re-read under the lock: the slot choice must come from the state we now own.
             self.state = self.s.store.read().state
             self.choose_slots(self.state.active_slot)

@@ -107,6 +107,8 @@ def test_slots_env_content(settings: Settings) -> None:
         "PROXY_BIND": "0.0.0.0",
         "PROXY_IMAGE": cmd.proxy_image_ref(),
         "STOP_GRACE_PERIOD": "30s",
+        "LOG_MAX_SIZE": "10m",
+        "LOG_MAX_FILE": "5",
     }
 
 
