@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from . import cleanup, images, slots, snapshots, source
 from . import commands as cmd
-from . import images, slots, snapshots, source
 from .errors import CommandTimeoutError, ConfigError, MigrationError, TogatherError
 from .hosts import Result
 from .operation import SlotOperation
@@ -385,6 +385,7 @@ class Deploy(SlotOperation):
 
     def finish(self) -> None:
         with self.progress.step("finish", "drain and stop the old slot") as note:
+            cleanup.prune_after_deploy(self.s, self.state)
             if not self.old_slot:
                 note("first deployment: no old slot to stop")
                 return
