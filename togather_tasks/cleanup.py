@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 
 from . import commands as cmd
 from . import snapshots
+from .config import Settings
+from .errors import TogatherError
+from .hosts import Host
 from .session import Session
 from .state import State
 
@@ -36,34 +39,59 @@ def images_to_remove(tags_newest_first: list[str], *, keep: int,
 
 def run_cleanup(session: Session, *, keep_images: int, keep_snapshots: int,
                 dry_run: bool) -> CleanupReport:
-    st = session.settings
     state = session.store.read().state
-    protected = protected_versions(state)
     report = CleanupReport()
-    layout = cmd.Layout(st.remote_dir)
     for host in session.all_hosts:
-        listing = host.run(f"docker image ls --format '{{{{.Tag}}}}' {q(st.image)}", timeout=60,
-                           what="listing images").stdout.split()
-        doomed = images_to_remove(listing, keep=keep_images, protected=protected)
-        removed, in_use = [], []
-        for tag in doomed:
-            ref = f"{st.image}:{tag}"
-            if dry_run:
-                removed.append(ref)
-                continue
-            result = host.run(f"docker image rm {q(ref)}", timeout=120, check=False)
-            (removed if result.ok else in_use).append(ref)
-        report.images[host.name] = removed
-        report.kept_in_use[host.name] = in_use
-        kept_tags = set(listing) - {r.rsplit(":", 1)[1] for r in removed}
-        releases = host.run(f"ls -1 {q(layout.releases)} 2>/dev/null || true",
-                            timeout=60).stdout.split()
-        old_releases = [r for r in releases if r not in kept_tags and r not in protected
-                        and not r.startswith(".")]
-        if old_releases and not dry_run:
-            host.run("rm -rf " + " ".join(q(layout.release(r)) for r in old_releases),
-                     timeout=300, what="removing old releases")
-        report.releases[host.name] = old_releases
+        prune_host(session.settings, host, report, keep_images=keep_images,
+                   protected=protected_versions(state), dry_run=dry_run)
     report.snapshots = [s.name for s in snapshots.prune(session, state, keep=keep_snapshots,
                                                         dry_run=dry_run)]
     return report
+
+
+def prune_after_deploy(session: Session, state: State) -> CleanupReport:
+    """After a successful deploy, under its lock: images and release directories beyond
+    deployment.keep_images on every host (never the current or previous deployment's).
+    Snapshots are left to `inv cleanup` and their own retention. Never fails the deploy, which
+    has happened: a problem is a warning, and the next deploy or `inv cleanup` tries again."""
+    report = CleanupReport()
+    keep = int(session.settings.deployment["keep_images"])
+    for host in session.all_hosts:
+        try:
+            prune_host(session.settings, host, report, keep_images=keep,
+                       protected=protected_versions(state), dry_run=False)
+        except (TogatherError, OSError) as exc:
+            session.console.warn(f"{host.name}: could not prune old images ({exc}); "
+                                 f"`inv cleanup --env={session.settings.env}` retries")
+    session.log.event("pruned", images=report.images, releases=report.releases,
+                      kept_in_use=report.kept_in_use)
+    return report
+
+
+def prune_host(st: Settings, host: Host, report: CleanupReport, *, keep_images: int,
+               protected: set[str], dry_run: bool) -> None:
+    """One host's images beyond the newest `keep_images` and their release directories,
+    recorded in `report`. An image a container still uses is kept (docker refuses)."""
+    layout = cmd.Layout(st.remote_dir)
+    listing = host.run(f"docker image ls --format '{{{{.Tag}}}}' {q(st.image)}", timeout=60,
+                       what="listing images").stdout.split()
+    doomed = images_to_remove(listing, keep=keep_images, protected=protected)
+    removed, in_use = [], []
+    for tag in doomed:
+        ref = f"{st.image}:{tag}"
+        if dry_run:
+            removed.append(ref)
+            continue
+        result = host.run(f"docker image rm {q(ref)}", timeout=120, check=False)
+        (removed if result.ok else in_use).append(ref)
+    report.images[host.name] = removed
+    report.kept_in_use[host.name] = in_use
+    kept_tags = set(listing) - {r.rsplit(":", 1)[1] for r in removed}
+    releases = host.run(f"ls -1 {q(layout.releases)} 2>/dev/null || true",
+                        timeout=60).stdout.split()
+    old_releases = [r for r in releases if r not in kept_tags and r not in protected
+                    and not r.startswith(".")]
+    if old_releases and not dry_run:
+        host.run("rm -rf " + " ".join(q(layout.release(r)) for r in old_releases),
+                 timeout=300, what="removing old releases")
+    report.releases[host.name] = old_releases

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from .session import Session
 
 ENV_HELP = "environment: development, staging or production"
+LOCK_WAIT_HELP = ("seconds to wait for a lock held by someone else before giving up "
+                  "(exit 3); default 0: give up at once")
 
 # The only short flags, each with one meaning in every task (`-d` is Invoke's --debug and
 # `-R` its --dry, so neither names a task option).
@@ -91,7 +93,8 @@ def dry_under_invoke_dry(body: Callable[..., Any]) -> Callable[..., Any]:
 def refused_under_invoke_dry(body: Callable[..., Any]) -> Callable[..., Any]:
     """For a task that changes something and has no dry run: under Invoke's -R/--dry it refuses
     (exit 2) before doing anything, rather than act while the operator expects a rehearsal."""
-    command = body.__name__.replace("_", ".", 1)
+    # `exec_` is `exec` (a Python builtin otherwise), `lock_acquire` is `lock.acquire`.
+    command = body.__name__.rstrip("_").replace("_", ".", 1)
 
     @functools.wraps(body)
     def refusing_dry(c: Context, *args: Any, **kwargs: Any) -> Any:
@@ -181,6 +184,13 @@ def run_command(c: Context, env: str | None, operation: str,
         session.close()
 
 
+def checked_lock_wait(seconds: int) -> int:
+    # A day at most: a queue longer than that is a stuck pipeline, not a wait.
+    if not 0 <= seconds <= 86400:
+        raise UsageError("--lock-wait takes seconds from 0 to 86400")
+    return seconds
+
+
 def confirm(settings: configmod.Settings, yes: bool, what: str) -> None:
     """Production asks first; CI (no terminal) must say --yes explicitly."""
     if settings.env != "production" or yes:
@@ -197,10 +207,12 @@ def confirm(settings: configmod.Settings, yes: bool, what: str) -> None:
                      "dry_run": "validate and print the plan; change nothing anywhere",
                      "force": "break a lock held by someone else (prints the holder first)",
                      "skip_migrations": "no snapshot, no migrations",
-                     "yes": "do not ask for confirmation (production)"})
+                     "yes": "do not ask for confirmation (production)",
+                     "lock_wait": LOCK_WAIT_HELP},
+                ints=("lock_wait",))
 @dry_under_invoke_dry
 def deploy(c, env=None, ref="HEAD", dry_run=False, force=False, skip_migrations=False,
-           yes=False):
+           yes=False, lock_wait=0):
     """Deploy a commit with zero downtime (build, snapshot, migrate, switch slots).
 
     Steps: validate, lock, build, snapshot, migrate, start the idle slot, health-gate it,
@@ -213,7 +225,8 @@ def deploy(c, env=None, ref="HEAD", dry_run=False, force=False, skip_migrations=
         if not dry_run:
             confirm(session.settings, yes, "deploy")
         options = DeployOptions(ref=ref, dry_run=dry_run, force=force,
-                                skip_migrations=skip_migrations)
+                                skip_migrations=skip_migrations,
+                                lock_wait=checked_lock_wait(lock_wait))
         result = Deploy(session, options).run()
         console = session.console
         if dry_run:
@@ -311,19 +324,23 @@ def lock_status(c, env=None, json_=False):
 
 
 @togather_task(name="acquire",
-               help={"env": ENV_HELP, "message": "why (shown to whoever is blocked)"})
+               help={"env": ENV_HELP, "message": "why (shown to whoever is blocked)",
+                     "lock_wait": LOCK_WAIT_HELP}, ints=("lock_wait",))
 @refused_under_invoke_dry
-def lock_acquire(c, env=None, message=None):
+def lock_acquire(c, env=None, message=None, lock_wait=0):
     """Hold the lock by hand (e.g. during maintenance) until `lock.release` or expiry."""
 
     def body(session: Session) -> None:
+        from .lease import wait_for_lock
         from .ulid import new_id
         if not message:
             raise UsageError("--message is required: say why you hold the lock")
-        lock, decision = session.store.acquire(
-            session.operator, deployment_id=new_id("dep"), operation="manual",
-            timeout_minutes=session.settings.deployment["lock_timeout_minutes"],
-            message=message, with_pid=False)
+        lock, decision = wait_for_lock(
+            lambda: session.store.acquire(
+                session.operator, deployment_id=new_id("dep"), operation="manual",
+                timeout_minutes=session.settings.deployment["lock_timeout_minutes"],
+                message=message, with_pid=False),
+            wait_seconds=checked_lock_wait(lock_wait), console=session.console)
         if decision.replaced:
             session.console.warn(f"took over a lock: {decision.reason}")
         session.console.print(f"{session.settings.env} locked: {lock['lock_id']} by "
@@ -460,9 +477,10 @@ def _accept_host_key(unknown: UnknownHostKeyError, expected: set[str], yes: bool
     "env": ENV_HELP, "to": "version (short/full SHA) or deployment id from the history",
     "dry_run": "show the target and the plan; change nothing",
     "yes": "do not ask for confirmation (production, --restore-db)",
-    "restore_db": "also restore the snapshot taken before the rolled-back deployment"})
+    "restore_db": "also restore the snapshot taken before the rolled-back deployment",
+    "lock_wait": LOCK_WAIT_HELP}, ints=("lock_wait",))
 @dry_under_invoke_dry
-def rollback(c, env=None, to=None, dry_run=False, yes=False, restore_db=False):
+def rollback(c, env=None, to=None, dry_run=False, yes=False, restore_db=False, lock_wait=0):
     """Return traffic to the previous deployment (or --to one from the history)."""
     from .rollback import Rollback, RollbackOptions
 
@@ -470,7 +488,7 @@ def rollback(c, env=None, to=None, dry_run=False, yes=False, restore_db=False):
         if not dry_run:
             confirm(session.settings, yes, "rollback")
         rb = Rollback(session, RollbackOptions(to=to, dry_run=dry_run, restore_db=restore_db,
-                                               yes=yes))
+                                               yes=yes, lock_wait=checked_lock_wait(lock_wait)))
         target = rb.run()
         if dry_run:
             session.console.print(f"dry run: would roll back to {target['version']} "
@@ -643,6 +661,92 @@ def cleanup(c, env=None, keep_images=None, keep_snapshots=None, dry_run=False):
     run_command(c, env, "cleanup", body)
 
 
+@togather_task(help={
+    "env": ENV_HELP, "follow": "keep streaming new lines until Ctrl-C",
+    "lines": "lines per host to show first (default 100)",
+    "since": "only lines newer than this, e.g. 30s, 10m, 2h, 1d",
+    "grep": "only lines containing this text (case-sensitive)",
+    "slot": "active (default), blue, green or proxy",
+    "hosts": "comma-separated hosts of the environment (default: all)"})
+def logs(c, env=None, follow=False, lines=100, since=None, grep=None, slot="active",
+         hosts=None):
+    """The app's container logs from every host, secrets masked.
+
+    Each line is prefixed with its host when there are several. --follow streams until
+    Ctrl-C, which ends it with exit 0.
+    """
+    from .logs import LogRequest, check_request, show_logs
+
+    def body(session: Session) -> None:
+        request = LogRequest(slot=slot, lines=lines, since=since, grep=grep, follow=follow,
+                             hosts=hosts)
+        check_request(request)
+        show_logs(session, request)
+
+    run_command(c, env, "logs", body)
+
+
+@togather_task(name="exec", help={
+    "env": ENV_HELP, "command": "the shell command to run (in sh -c)",
+    "interactive": "attach a terminal (a console); output is not filtered then",
+    "slot": "new: a one-off container of the current image (default); active: inside the "
+            "running active slot",
+    "yes": "do not ask for confirmation (production)"})
+@refused_under_invoke_dry
+def exec_(c, env=None, command=None, interactive=False, slot="new", yes=False):
+    """Run a command with the app's image and environment (exit status: the command's).
+
+    On the primary host, in a one-off container of the current image by default, or inside
+    the running active slot with --slot=active.
+    """
+    from .execute import check_exec, run_in_app
+
+    def body(session: Session) -> int:
+        wanted = check_exec(command, slot)
+        confirm(session.settings, yes, "exec")
+        return run_in_app(session, wanted, slot=slot, interactive=interactive)
+
+    status = run_command(c, env, "exec", body)
+    if status:
+        raise Exit(code=status)
+
+
+@togather_task(help={"env": ENV_HELP, "lines": "how many records, newest last (default 50)",
+                     "json_": "machine-readable output"})
+def audit(c, env=None, lines=50, json_=False):
+    """The primary host's audit log: deploys, rollbacks, restores, lock breaks."""
+    from .audit import format_record, read_audit
+
+    def body(session: Session) -> None:
+        records = read_audit(session, lines)
+        if json_:
+            session.console.always(jsonlib.dumps(records, indent=2))
+            return
+        if not records:
+            session.console.print("no audit records yet")
+        for record in records:
+            session.console.print(format_record(record))
+
+    run_command(c, env, "audit", body, quiet=json_)
+
+
+@togather_task(help={"json_": "machine-readable output"})
+def version(c, json_=False):
+    """This package's version, with Invoke's and Fabric's (`inv --version` is Invoke's)."""
+    from importlib.metadata import version as installed
+    from platform import python_version
+
+    from . import __version__
+    versions = {"togather_tasks": __version__, "invoke": installed("invoke"),
+                "fabric": installed("fabric"), "python": python_version()}
+    console = make_console(c)
+    if json_:
+        console.always(jsonlib.dumps(versions, indent=2))
+        return
+    console.print(f"togather-tasks {versions['togather_tasks']} (invoke {versions['invoke']}, "
+                  f"fabric {versions['fabric']}, python {versions['python']})")
+
+
 def _parse_error_text(text: str) -> str:
     """Invoke's parser messages in the words of a command line."""
     needs = re.match(r"Flag <Argument: ([\w-]+)[^>]*> needed value", text)
@@ -740,7 +844,8 @@ def namespace(root: str | Path | None = None) -> Collection:
     """
     _argument_errors_exit_2()
     _debug_flag_reaches_tasks()
-    ns = Collection(deploy, rollback, health, status, history, cleanup)
+    ns = Collection(deploy, rollback, health, status, history, cleanup, logs, exec_, audit,
+                    version)
     for name, help_text, tasks in NAMESPACES:
         sub = Collection(name, *tasks)
         sub.__doc__ = help_text

@@ -226,8 +226,52 @@ def slots_env(settings: Settings, images: dict[str, str]) -> str:
         "PROXY_BIND": settings.proxy["bind"],
         "PROXY_IMAGE": proxy_image_ref(),
         "STOP_GRACE_PERIOD": f"{settings.deployment['stop_timeout']}s",
+        "LOG_MAX_SIZE": settings.deployment["log_rotation"]["max_size"],
+        "LOG_MAX_FILE": str(settings.deployment["log_rotation"]["max_files"]),
     }
     return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+
+def logs_command(settings: Settings, service_name: str, *, lines: int,
+                 since_seconds: int | None = None, follow: bool = False) -> str:
+    """One service's container logs, without compose's `name |` prefix (one service per call;
+    the caller prefixes hosts). A followed log ends when its caller goes away
+    (until_input_closes)."""
+    args = ["logs", "--no-color", "--no-log-prefix", "--tail", str(lines)]
+    if since_seconds is not None:
+        args += ["--since", f"{since_seconds}s"]
+    if follow:
+        args.append("--follow")
+    line = compose(settings, *args, q(service_name))
+    return until_input_closes(line) if follow else line
+
+
+def until_input_closes(command: str) -> str:
+    """Run `command` until it ends or this shell's standard input closes, whichever is first.
+    Closing an SSH channel without a terminal sends the remote side no signal: a followed log
+    of a quiet app would outlive the operator's Ctrl-C. A background job's standard input is
+    /dev/null unless redirected, hence the copy on descriptor 3."""
+    return (f"exec 3<&0; {command} & pid=$!; "
+            '{ cat <&3 > /dev/null; kill "$pid"; } > /dev/null 2>&1 & '
+            'wait "$pid"')
+
+
+def exec_command(settings: Settings, slot: str, command: str, *, one_off: bool,
+                 interactive: bool) -> str:
+    """The operator's command under `sh -c` in the slot's service: a one-off container of its
+    image with its environment (`run --rm --no-deps`: no published port, nothing else
+    started), or inside the running container (`exec`). Without a terminal (-T) it ends when
+    its caller goes away (until_input_closes) and its own standard input is empty."""
+    verb = ["run", "--rm", "--no-deps"] if one_off else ["exec"]
+    tty = [] if interactive else ["-T"]
+    line = compose(settings, *verb, *tty, service(slot), "sh", "-c", q(command))
+    return line if interactive else until_input_closes(line)
+
+
+def audit_tail_command(directory: str, lines: int) -> str:
+    """The last `lines` lines of the host's audit log; nothing when there is none yet."""
+    path = q(f"{directory}/audit.log")
+    return f"if [ -e {path} ]; then tail -n {int(lines)} {path}; fi"
 
 
 def parse_env_lines(text: str) -> dict[str, str]:

@@ -68,6 +68,9 @@ DEFAULTS: dict[str, Any] = {
         "history_limit": 20,
         "require_healthy": False,
         "keep_images": 5,
+        # Docker's json-file driver keeps a container's log forever by default: a chatty app
+        # fills the host's disk. Rotation bounds each container's log files.
+        "log_rotation": {"max_size": "10m", "max_files": 5},
     },
     "proxy": {"bind": "0.0.0.0", "verify_attempts": 20},  # noqa: S104 - the public entry point
     "notifications": {"retries": 3, "timeout": 5},

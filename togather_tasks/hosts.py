@@ -21,9 +21,14 @@ import logging
 import os
 import posixpath
 import secrets
+import selectors
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +89,41 @@ class HttpResponse:
 
 CommandObserver = Callable[["Host", Result], None]
 Redact = Callable[[str], str]
+# Receives each line of a streamed command's output as it comes: (line, from_stderr).
+LineSink = Callable[[str, bool], None]
+STREAM_POLL_SECONDS = 0.05
+STDERR_TAIL_LINES = 20
+
+
+class _Lines:
+    """Cuts a command's output into lines for a LineSink as bytes arrive (a line split across
+    two reads is handed over whole) and keeps the last stderr lines for error messages."""
+
+    def __init__(self, sink: LineSink) -> None:
+        self.sink = sink
+        self.pending = {False: b"", True: b""}
+        self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+
+    def feed(self, data: bytes, from_stderr: bool) -> None:
+        *complete, self.pending[from_stderr] = (self.pending[from_stderr] + data).split(b"\n")
+        for raw in complete:
+            self._hand_over(raw, from_stderr)
+
+    def flush(self) -> None:
+        for from_stderr, raw in self.pending.items():
+            if raw:
+                self._hand_over(raw, from_stderr)
+        self.pending = {False: b"", True: b""}
+
+    def _hand_over(self, raw: bytes, from_stderr: bool) -> None:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        if from_stderr:
+            self.stderr_tail.append(line)
+        self.sink(line, from_stderr)
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.stderr_tail)
 
 
 def _unredacted(text: str) -> str:
@@ -141,6 +181,30 @@ class Host:
             self.observer(self, result)
         return result
 
+    def stream(self, command: str, sink: LineSink, *, stop: threading.Event,
+               timeout: float | None = None) -> Result:
+        """Run `command`, handing each output line to `sink` as it comes, until the command
+        ends or `stop` is set (then its standard input is closed and the command left to end:
+        see commands.until_input_closes). The Result's stdout is empty (it was streamed), its
+        stderr the last lines of stderr. `timeout` None: as long as it takes (a followed log)."""
+        start = time.monotonic()
+        lines = _Lines(sink)
+        status = self._stream(command, lines, stop, timeout)
+        lines.flush()
+        result = Result(command, status, "", lines.stderr, time.monotonic() - start)
+        if self.observer:
+            self.observer(self, result)
+        return result
+
+    def interact(self, command: str) -> int:
+        """Run `command` on a terminal attached to this process's own (an operator's console):
+        keystrokes go to it, its output straight to the screen. Returns its exit status."""
+        start = time.monotonic()
+        status = self._interact(command)
+        if self.observer:
+            self.observer(self, Result(command, status, "", "", time.monotonic() - start))
+        return status
+
     def http_get(self, address: str, port: int, path: str, *, timeout: float) -> HttpResponse:
         """GET http://address:port/path as seen from the host itself (a slot or the proxy on
         the host's loopback), without exposing anything: over SSH it is a direct-tcpip
@@ -158,6 +222,13 @@ class Host:
         raise NotImplementedError
 
     def _stream_into(self, command: str, source: IO[bytes], timeout: float) -> Result:
+        raise NotImplementedError
+
+    def _stream(self, command: str, lines: _Lines, stop: threading.Event,
+                timeout: float | None) -> int:
+        raise NotImplementedError
+
+    def _interact(self, command: str) -> int:
         raise NotImplementedError
 
     @property
@@ -209,6 +280,40 @@ class LocalHost(Host):
                 f"command timed out after {timeout:g} s on {self.name}") from None
         return Result(command, proc.returncode, proc.stdout.decode(errors="replace"),
                       proc.stderr.decode(errors="replace"), 0.0)
+
+    def _stream(self, command: str, lines: _Lines, stop: threading.Event,
+                timeout: float | None) -> int:
+        deadline = _Deadline(timeout) if timeout else None
+        # A session of its own: the operator's Ctrl-C reaches this process only, which then
+        # ends the command through `stop`.
+        proc = subprocess.Popen(["/bin/bash", "-c", command], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(proc.stdout, selectors.EVENT_READ, False)
+                selector.register(proc.stderr, selectors.EVENT_READ, True)
+                while selector.get_map() and not stop.is_set():
+                    if deadline is not None:
+                        deadline.remaining()
+                    for key, _ in selector.select(STREAM_POLL_SECONDS * 4):
+                        data = os.read(key.fd, 1 << 16)
+                        if data:
+                            lines.feed(data, key.data)
+                        else:
+                            selector.unregister(key.fileobj)
+        except TimeoutError:
+            _end_process_group(proc)
+            raise CommandTimeoutError(
+                f"command timed out after {timeout:g} s on {self.name}") from None
+        if stop.is_set():
+            _end_process_group(proc)
+        proc.stdin.close()
+        return proc.wait()
+
+    def _interact(self, command: str) -> int:
+        r = self._context.run(command, pty=True, warn=True, hide=False, in_stream=sys.stdin)
+        return r.exited
 
     def http_get(self, address: str, port: int, path: str, *, timeout: float) -> HttpResponse:
         deadline = _Deadline(timeout)
@@ -539,6 +644,46 @@ class RemoteHost(Host):
         return Result(command, status, stdout.getvalue().decode(errors="replace"),
                       stderr.getvalue().decode(errors="replace"), 0.0)
 
+    def _stream(self, command: str, lines: _Lines, stop: threading.Event,
+                timeout: float | None) -> int:
+        self._ensure_open()
+        deadline = _Deadline(timeout) if timeout else None
+        channel = self._conn.transport.open_session(timeout=CONNECT_TIMEOUT)
+        try:
+            channel.exec_command(command)
+            while not stop.is_set():
+                if deadline is not None:
+                    deadline.remaining()
+                if channel.recv_ready():
+                    lines.feed(channel.recv(1 << 16), False)
+                elif channel.recv_stderr_ready():
+                    lines.feed(channel.recv_stderr(1 << 16), True)
+                elif channel.exit_status_ready():
+                    break
+                else:
+                    time.sleep(STREAM_POLL_SECONDS)
+            # Stopped: closing the channel closes the command's standard input.
+            status = -1 if stop.is_set() else channel.recv_exit_status()
+        except TimeoutError:
+            raise CommandTimeoutError(
+                f"command timed out after {timeout:g} s on {self.name}") from None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise HostError(f"connection to {self.name} lost: {_one_line(exc)}") from None
+        finally:
+            channel.close()
+        if status < 0 and not stop.is_set():
+            raise HostError(f"connection to {self.name} lost while a command was running "
+                            f"({_summary(command)})")
+        return status
+
+    def _interact(self, command: str) -> int:
+        self._ensure_open()
+        try:
+            r = self._conn.run(command, pty=True, warn=True, hide=False, in_stream=sys.stdin)
+        except (OSError, paramiko.SSHException, EOFError, ThreadException) as exc:
+            raise HostError(f"connection to {self.name} lost: {_one_line(exc)}") from None
+        return r.exited
+
     def http_get(self, address: str, port: int, path: str, *, timeout: float) -> HttpResponse:
         self._ensure_open()
         try:
@@ -643,6 +788,12 @@ def _http_exchange(conn: Any, address: str, port: int, path: str,
     resp = http.client.HTTPResponse(_ReaderSocket(_BoundedReader(conn, deadline)))  # type: ignore[arg-type]
     resp.begin()
     return HttpResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+
+
+def _end_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to a local command started in a session of its own, and all it started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
 
 
 def _summary(command: str) -> str:

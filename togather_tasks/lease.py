@@ -15,17 +15,56 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import LockLostError, TogatherError
+from .errors import LockHeldError, LockLostError, TogatherError
 from .lock import Decision
 from .signals import shielded
 
 if TYPE_CHECKING:
+    from .output import Console
     from .session import Session
     from .store import StateStore
 
 RENEWALS_PER_LEASE = 3
+# Waiting for a held lock (--lock-wait): ask again soon at first (a deploy that is just
+# finishing), then every few seconds; each ask is one SSH round trip under the state's flock.
+LOCK_POLL_FIRST = 0.5
+LOCK_POLL_MAX = 2.0
+LOCK_WAIT_REPORT_EVERY = 10.0
+T = TypeVar("T")
+
+
+def wait_for_lock(attempt: Callable[[], T], *, wait_seconds: float, console: Console,
+                  clock: Callable[[], float] = time.monotonic,
+                  sleep: Callable[[float], None] = time.sleep) -> T:
+    """`attempt()` (a lock acquisition) again while it raises LockHeldError, for up to
+    `wait_seconds`: CI pipelines queue their deploys instead of failing on each other. The
+    holder is named once, then a line every LOCK_WAIT_REPORT_EVERY seconds shows the wait is
+    alive; still held at the end -> LockHeldError (exit 3)."""
+    start = clock()
+    poll = LOCK_POLL_FIRST
+    reported: float | None = None
+    while True:
+        try:
+            return attempt()
+        except LockHeldError as held:
+            now = clock()
+            left = start + wait_seconds - now
+            if left <= 0:
+                if reported is None:
+                    raise
+                raise LockHeldError(f"{held.message}; still held after waiting "
+                                    f"{wait_seconds:g} s", hint=held.hint) from None
+            if reported is None:
+                console.warn(f"{held.message}; waiting up to {wait_seconds:g} s for it")
+                reported = now
+            elif now - reported >= LOCK_WAIT_REPORT_EVERY:
+                console.note(f"still waiting for the lock ({now - start:.0f} s of "
+                             f"{wait_seconds:g} s)")
+                reported = now
+            sleep(min(poll, left))
+            poll = min(poll * 2, LOCK_POLL_MAX)
 
 
 class Lease:
@@ -35,7 +74,8 @@ class Lease:
     def __init__(self, session: Session, *, deployment_id: str, operation: str,
                  force: bool = False, message: str | None = None, with_pid: bool = True,
                  heartbeat: bool = True,
-                 heartbeat_store: Callable[[], StateStore] | None = None) -> None:
+                 heartbeat_store: Callable[[], StateStore] | None = None,
+                 lock_wait: float = 0) -> None:
         self.session = session
         self.deployment_id = deployment_id
         self.operation = operation
@@ -43,6 +83,7 @@ class Lease:
         self.message = message
         self.with_pid = with_pid
         self.timeout_minutes = int(session.settings.deployment["lock_timeout_minutes"])
+        self.lock_wait = lock_wait
         self.lock: dict[str, Any] | None = None
         self.decision: Decision | None = None
         self._heartbeat_enabled = heartbeat
@@ -64,16 +105,21 @@ class Lease:
     # --- life cycle -------------------------------------------------------------------------
 
     def acquire(self) -> Lease:
-        self.lock, self.decision = self.session.store.acquire(
-            self.session.operator, deployment_id=self.deployment_id, operation=self.operation,
-            timeout_minutes=self.timeout_minutes, force=self.force, message=self.message,
-            with_pid=self.with_pid)
+        """Take the lock, waiting up to `lock_wait` seconds while someone else holds it."""
+        self.lock, self.decision = wait_for_lock(
+            self._take, wait_seconds=self.lock_wait, console=self.session.console)
         self._confirmed = time.monotonic()
         if self._heartbeat_enabled:
             self._thread = threading.Thread(target=self._beat, name="togather-lock-heartbeat",
                                             daemon=True)
             self._thread.start()
         return self
+
+    def _take(self) -> tuple[dict[str, Any], Decision]:
+        return self.session.store.acquire(
+            self.session.operator, deployment_id=self.deployment_id, operation=self.operation,
+            timeout_minutes=self.timeout_minutes, force=self.force, message=self.message,
+            with_pid=self.with_pid)
 
     def release(self) -> dict[str, Any] | None:
         """Stop the heartbeat and release the lock if it is still ours. Never raises: a lock

@@ -85,9 +85,10 @@ class SlotOperation:
     def lock(self) -> dict[str, Any] | None:
         return self.lease.lock if self.lease else None
 
-    def take_lock(self, deployment_id: str, *, force: bool = False) -> None:
+    def take_lock(self, deployment_id: str, *, force: bool = False,
+                  lock_wait: float = 0) -> None:
         lease = Lease(self.s, deployment_id=deployment_id, operation=self.operation,
-                      force=force)
+                      force=force, lock_wait=lock_wait)
         lease.acquire()
         self.lease = lease
         decision = lease.decision

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from . import cleanup, images, slots, snapshots, source
 from . import commands as cmd
-from . import images, slots, snapshots, source
 from .errors import CommandTimeoutError, ConfigError, MigrationError, TogatherError
 from .hosts import Result
 from .operation import SlotOperation
@@ -46,6 +46,7 @@ class DeployOptions:
     dry_run: bool = False
     force: bool = False
     skip_migrations: bool = False
+    lock_wait: int = 0
 
 
 @dataclass
@@ -264,7 +265,8 @@ class Deploy(SlotOperation):
 
     def acquire_lock(self) -> None:
         with self.progress.step("lock", "taking the environment lock") as note:
-            self.take_lock(self.deployment_id, force=self.options.force)
+            self.take_lock(self.deployment_id, force=self.options.force,
+                           lock_wait=self.options.lock_wait)
             # Re-read under the lock: the slot choice must come from the state we now own.
             self.state = self.s.store.read().state
             self.choose_slots(self.state.active_slot)
@@ -383,6 +385,7 @@ class Deploy(SlotOperation):
 
     def finish(self) -> None:
         with self.progress.step("finish", "drain and stop the old slot") as note:
+            cleanup.prune_after_deploy(self.s, self.state)
             if not self.old_slot:
                 note("first deployment: no old slot to stop")
                 return

@@ -32,6 +32,7 @@ class RollbackOptions:
     dry_run: bool = False
     restore_db: bool = False
     yes: bool = False
+    lock_wait: int = 0
 
 
 def choose_target(state: State, to: str | None) -> dict[str, Any]:
@@ -119,7 +120,7 @@ class Rollback(SlotOperation):
 
     def acquire_lock(self) -> None:
         with self.progress.step("lock", "taking the environment lock") as note:
-            self.take_lock(self.chosen["id"])
+            self.take_lock(self.chosen["id"], lock_wait=self.options.lock_wait)
             fresh = self.s.store.read().state
             if fresh.current and self.state.current and \
                     fresh.current["id"] != self.state.current["id"]:

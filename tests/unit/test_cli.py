@@ -79,7 +79,7 @@ def assert_clean(result: subprocess.CompletedProcess[str]) -> None:
 
 @pytest.mark.parametrize("name", ["deploy", "status", "history", "lock.status", "lock.acquire",
                                   "lock.release", "config.validate", "config.show",
-                                  "hosts.trust"])
+                                  "hosts.trust", "logs", "exec", "audit", "version"])
 def test_namespace_exposes_the_task(name: str) -> None:
     assert name in namespace().task_names
 
@@ -93,7 +93,7 @@ def test_namespace_records_the_project_root(tmp_path: Path) -> None:
 
 def test_every_task_takes_env(tmp_path: Path) -> None:
     ns = namespace()
-    for name in ns.task_names:
+    for name in set(ns.task_names) - NO_ENV_TASKS:
         task = ns[name]
         assert "env" in [arg.name for arg in task.get_arguments()], name
 
@@ -211,15 +211,19 @@ def test_lock_commands_on_the_local_host(project: Project, capsys, tmp_path: Pat
 
 # What each task does under `inv -R`: its own dry run, a refusal, or simply run (read-only).
 DRY_RUN_TASKS = {"deploy", "rollback", "cleanup"}
-REFUSED_UNDER_DRY = {"lock.acquire", "lock.release", "db.snapshot", "db.restore", "hosts.trust"}
+REFUSED_UNDER_DRY = {"lock.acquire", "lock.release", "db.snapshot", "db.restore", "hosts.trust",
+                     "exec"}
 READ_ONLY_TASKS = {"status", "history", "health", "lock.status", "config.validate",
-                   "config.show", "db.snapshots"}
+                   "config.show", "db.snapshots", "logs", "audit"}
+# Reads nothing of any environment.
+NO_ENV_TASKS = {"version"}
 
 
 def test_every_task_has_a_meaning_under_invoke_dry() -> None:
     """A new task must be put in one of the three sets (and given a decorator if it changes
     anything), or `inv -R NEW-TASK` would silently run for real."""
-    assert set(namespace().task_names) == DRY_RUN_TASKS | REFUSED_UNDER_DRY | READ_ONLY_TASKS
+    assert set(namespace().task_names) == (DRY_RUN_TASKS | REFUSED_UNDER_DRY | READ_ONLY_TASKS
+                                           | NO_ENV_TASKS)
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED_UNDER_DRY))
@@ -352,3 +356,31 @@ def test_list_shows_namespace_help(project: Project, capsys) -> None:
              if "tasks]" in line}
     assert set(lines) == {"config", "db", "hosts", "lock"}
     assert all(len(line.split("]", 1)[1].strip()) > 10 for line in lines.values())
+
+
+def test_version_names_the_package_invoke_and_fabric(project: Project, capsys) -> None:
+    from togather_tasks import __version__
+    result = run_in_process(project, capsys, "version")
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"togather-tasks {__version__} (invoke ")
+    versions = json.loads(run_in_process(project, capsys, "version", "--json").stdout)
+    assert versions["togather_tasks"] == __version__ and "fabric" in versions
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["logs", "--slot=purple"], "--slot must be one of active, blue, green, proxy"),
+    (["logs", "--lines=0"], "--lines must be at least 1"),
+    (["logs", "--since=soon"], "--since takes a duration"),
+    (["exec", "--slot=old", "--command=ls"], "--slot must be new"),
+    (["exec"], "--command is required"),
+    (["audit", "--lines=0"], "--lines must be at least 1"),
+    (["deploy", "--lock-wait=-1"], "--lock-wait takes seconds"),
+    (["lock.acquire", "--message=m", "--lock-wait=99999999"], "--lock-wait takes seconds"),
+])
+def test_everyday_commands_refuse_bad_arguments_before_any_host_contact(
+        project: Project, capsys, args: list[str], problem: str) -> None:
+    """The staging host of the test project does not exist: reaching it would fail otherwise."""
+    result = run_in_process(project, capsys, *args, "--env=staging")
+    assert result.returncode == 2, result.stderr
+    assert problem in result.stderr
+    assert_clean(result)

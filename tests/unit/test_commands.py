@@ -107,6 +107,8 @@ def test_slots_env_content(settings: Settings) -> None:
         "PROXY_BIND": "0.0.0.0",
         "PROXY_IMAGE": cmd.proxy_image_ref(),
         "STOP_GRACE_PERIOD": "30s",
+        "LOG_MAX_SIZE": "10m",
+        "LOG_MAX_FILE": "5",
     }
 
 
@@ -474,3 +476,74 @@ def test_docker_push_and_pull_commands_are_exact() -> None:
         f"docker tag {BY_DIGEST} togather-server:abc1234")
     assert cmd.image_exists_command(BY_DIGEST) == (
         f"docker image inspect --format '{{{{.Id}}}}' {BY_DIGEST} > /dev/null")
+
+
+COMPOSE = ("docker compose --project-name togather-test-staging "
+           "--project-directory /srv/togather/staging "
+           "--file /srv/togather/staging/compose.yml "
+           "--env-file /srv/togather/staging/slots.env")
+UNTIL_INPUT_CLOSES = ('exec 3<&0; {} & pid=$!; { cat <&3 > /dev/null; kill "$pid"; } '
+                      '> /dev/null 2>&1 & wait "$pid"')
+
+
+def test_logs_command_is_exact(settings: Settings) -> None:
+    assert cmd.logs_command(settings, "app-blue", lines=100) == (
+        f"{COMPOSE} logs --no-color --no-log-prefix --tail 100 app-blue")
+    assert cmd.logs_command(settings, "proxy", lines=5, since_seconds=600) == (
+        f"{COMPOSE} logs --no-color --no-log-prefix --tail 5 --since 600s proxy")
+
+
+def test_a_followed_log_ends_when_its_caller_goes_away(settings: Settings) -> None:
+    followed = f"{COMPOSE} logs --no-color --no-log-prefix --tail 100 --follow app-green"
+    assert cmd.logs_command(settings, "app-green", lines=100, follow=True) == \
+        UNTIL_INPUT_CLOSES.replace("{}", followed)
+
+
+def test_until_input_closes_ends_a_quiet_command_when_stdin_closes() -> None:
+    import subprocess
+    import time
+    proc = subprocess.Popen(["sh", "-c", cmd.until_input_closes("sleep 30")],
+                            stdin=subprocess.PIPE)
+    start = time.monotonic()
+    proc.stdin.close()
+    assert proc.wait(timeout=10) != 0
+    assert time.monotonic() - start < 10
+
+
+def test_until_input_closes_keeps_the_commands_exit_status() -> None:
+    import subprocess
+    proc = subprocess.run(["sh", "-c", cmd.until_input_closes("exit 7")],
+                          stdin=subprocess.PIPE, timeout=10, check=False)
+    assert proc.returncode == 7
+
+
+def test_exec_commands_are_exact_and_quote_the_operators_command(settings: Settings) -> None:
+    operator = """echo "$HOME" 'it''s' && exit 3"""
+    quoted = shlex.quote(operator)
+    assert cmd.exec_command(settings, "blue", operator, one_off=True, interactive=False) == \
+        UNTIL_INPUT_CLOSES.replace(
+            "{}", f"{COMPOSE} run --rm --no-deps -T app-blue sh -c {quoted}")
+    assert cmd.exec_command(settings, "green", operator, one_off=False, interactive=True) == \
+        f"{COMPOSE} exec app-green sh -c {quoted}"
+    assert cmd.exec_command(settings, "blue", "id", one_off=True, interactive=True) == \
+        f"{COMPOSE} run --rm --no-deps app-blue sh -c id"
+
+
+def test_audit_tail_command_is_exact() -> None:
+    assert cmd.audit_tail_command("/srv/my app", 20) == (
+        "if [ -e '/srv/my app/audit.log' ]; then tail -n 20 '/srv/my app/audit.log'; fi")
+
+
+def test_log_rotation_reaches_slots_env(settings: Settings) -> None:
+    rotated = dataclasses.replace(settings, deployment={
+        **settings.deployment, "log_rotation": {"max_size": "50m", "max_files": 2}})
+    values = cmd.parse_env_lines(cmd.slots_env(rotated, {}))
+    assert (values["LOG_MAX_SIZE"], values["LOG_MAX_FILE"]) == ("50m", "2")
+
+
+def test_compose_file_rotates_the_logs_of_every_service() -> None:
+    import yaml
+    document = yaml.safe_load((cmd.DOCKER_DIR / "compose.yml").read_text())
+    for name, service in document["services"].items():
+        assert service["logging"] == {"driver": "json-file", "options": {
+            "max-size": "${LOG_MAX_SIZE:-10m}", "max-file": "${LOG_MAX_FILE:-5}"}}, name
