@@ -40,7 +40,7 @@ def prepare_host(settings: Settings, host: Host, *, primary: bool) -> None:
                     mode=0o644)
     host.write_file(layout.app_env, cmd.app_env_file(app_environment(settings.secrets))
                     .encode(), mode=0o600)
-    if primary:
+    if primary and settings.has_database:
         write_pgpass(settings, host)
     for name in ("Dockerfile", "nginx.conf"):
         host.write_file(f"{layout.proxy_dir}/{name}",

@@ -140,8 +140,8 @@ def test_missing_env_exits_2(real_cli) -> None:
     assert_clean(result)
 
 
-@pytest.mark.parametrize("args", [["config.validate", "--env=qa"], ["deploy"],
-                                  ["deploy", "--env=prod"], ["status"], ["history"],
+@pytest.mark.parametrize("args", [["config.validate", "--env=q_a"], ["deploy"],
+                                  ["deploy", "--env=../prod"], ["status"], ["history"],
                                   ["lock.status", "--env=Staging"], ["lock.acquire"],
                                   ["lock.release"], ["config.show"], ["hosts.trust"]])
 def test_missing_or_unknown_env_exits_2(project: Project, capsys, args: list[str]) -> None:
