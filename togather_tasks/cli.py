@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .lease import Lease
     from .session import Session
 
-ENV_HELP = "environment: development, staging or production"
+ENV_HELP = "environment, as named in config/deployment.yml (e.g. staging, production)"
 
 # The only short flags, each with one meaning in every task (`-d` is Invoke's --debug and
 # `-R` its --dry, so neither names a task option).
@@ -182,13 +182,15 @@ def run_command(c: Context, env: str | None, operation: str,
 
 
 def confirm(settings: configmod.Settings, yes: bool, what: str) -> None:
-    """Production asks first; CI (no terminal) must say --yes explicitly."""
-    if settings.env != "production" or yes:
+    """Production (any environment with `confirm: true`) asks first; CI (no terminal) must
+    say --yes explicitly."""
+    if not settings.confirm or yes:
         return
     if not sys.stdin.isatty():
         raise UsageError(f"{what} on production needs confirmation: pass --yes "
                          "(stdin is not a terminal)")
-    answer = input(f"{what} on PRODUCTION ({', '.join(settings.hosts)}). Type 'yes' to go on: ")
+    answer = input(f"{what} on {settings.env.upper()} ({', '.join(settings.hosts)}). "
+                   "Type 'yes' to go on: ")
     if answer.strip().lower() != "yes":
         raise UsageError("not confirmed; nothing was changed")
 
@@ -486,7 +488,7 @@ def rollback(c, env=None, to=None, dry_run=False, yes=False, restore_db=False):
                      "json_": "machine-readable output"})
 def health(c, env=None, slot="active", expected_version=None, json_=False):
     """Check the app's /health (through the proxy or one slot) against the contract."""
-    from .health import evaluate, unreachable
+    from .health import judge, unreachable
 
     def body(session: Session) -> None:
         st = session.settings
@@ -497,10 +499,15 @@ def health(c, env=None, slot="active", expected_version=None, json_=False):
         if slot == "active":
             import requests
             where = st.public_url.rstrip("/") + st.health_endpoint
+
+            def fetch(path: str) -> tuple[int, bytes]:
+                resp = requests.get(st.public_url.rstrip("/") + path, timeout=timeout)
+                return resp.status_code, resp.content
+
             try:
-                resp = requests.get(where, timeout=timeout)
-                verdict = evaluate(resp.status_code, resp.content,
-                                   expected_version=expected_version)
+                verdict = judge(fetch, mode=st.health_mode, health_endpoint=st.health_endpoint,
+                                version_endpoint=st.version_endpoint,
+                                expected_version=expected_version)
             except requests.RequestException as exc:
                 verdict = unreachable(f"no answer from {where}: {type(exc).__name__}")
         else:

@@ -212,9 +212,10 @@ def check_env_name(env: str | None) -> str:
         raise UsageError("--env is required: an environment of config/deployment.yml",
                          hint="Example: inv deploy --env=staging")
     if not ENV_NAME_RE.match(env):
-        raise UsageError(f"--env {env!r} is not a valid environment name: lowercase letters, digits "
-                         "and dashes, starting with a letter, at most 31 characters, not "
-                         "starting with x-", hint="Examples: staging, qa, eu-prod, preview-42")
+        raise UsageError(f"--env {env!r} is not a valid environment name: lowercase "
+                         "letters, digits and dashes, starting with a letter, at most 31 "
+                         "characters, not starting with x-",
+                         hint="Examples: staging, qa, eu-prod, preview-42")
     return env
 
 
