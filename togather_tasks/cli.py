@@ -650,6 +650,30 @@ def cleanup(c, env=None, keep_images=None, keep_snapshots=None, dry_run=False):
     run_command(c, env, "cleanup", body)
 
 
+@togather_task(help={"path": "the application repository (default: the current directory)"})
+@refused_under_invoke_dry
+def init(c, path=None):
+    """Start adopting the tool: write config/deployment.yml, .env.<env>.example files, sample
+    hooks, tasks.py and the .gitignore lines. Never overwrites a file (says which it kept)."""
+    from .scaffold import init as scaffold
+
+    console = make_console(c)
+    with guarded(console):
+        root = Path(path or Path.cwd()).resolve()
+        if not root.is_dir():
+            raise UsageError(f"--path {root} is not a directory")
+        report = scaffold(root)
+        for relative in report.written:
+            console.print(f"wrote {relative}")
+        for relative in report.kept:
+            console.print(f"kept  {relative} (it exists; not overwritten)")
+        if report.gitignore_added:
+            console.print(f"added to .gitignore: {', '.join(report.gitignore_added)}")
+        console.print("next: fill in the hosts in config/deployment.yml, copy each "
+                      ".env.<env>.example to .env.<env> (chmod 600) with real values, then "
+                      "`inv config.validate --env=staging` and `inv hosts.setup --env=staging`")
+
+
 def _parse_error_text(text: str) -> str:
     """Invoke's parser messages in the words of a command line."""
     needs = re.match(r"Flag <Argument: ([\w-]+)[^>]*> needed value", text)
@@ -747,7 +771,7 @@ def namespace(root: str | Path | None = None) -> Collection:
     """
     _argument_errors_exit_2()
     _debug_flag_reaches_tasks()
-    ns = Collection(deploy, rollback, health, status, history, cleanup)
+    ns = Collection(deploy, rollback, health, status, history, cleanup, init)
     for name, help_text, tasks in NAMESPACES:
         sub = Collection(name, *tasks)
         sub.__doc__ = help_text
@@ -756,3 +780,12 @@ def namespace(root: str | Path | None = None) -> Collection:
         path = Path(root).resolve()
         ns.configure({"togather": {"root": str(path.parent if path.is_file() else path)}})
     return ns
+
+
+def main() -> None:
+    """The `togather` command: these tasks without a tasks.py, for a repository that has none
+    yet (`togather init`); afterwards `inv` finds them through the tasks.py init wrote."""
+    from . import __version__
+
+    Program(namespace=namespace(), version=__version__, name="togather",
+            binary="togather").run()
