@@ -91,9 +91,13 @@ def test_namespace_records_the_project_root(tmp_path: Path) -> None:
     assert namespace(tmp_path).configuration()["togather"]["root"] == str(tmp_path)
 
 
+# Tasks about the repository, not an environment.
+ENVIRONMENT_FREE_TASKS = {"init"}
+
+
 def test_every_task_takes_env(tmp_path: Path) -> None:
     ns = namespace()
-    for name in ns.task_names:
+    for name in set(ns.task_names) - ENVIRONMENT_FREE_TASKS:
         task = ns[name]
         assert "env" in [arg.name for arg in task.get_arguments()], name
 
@@ -219,7 +223,17 @@ READ_ONLY_TASKS = {"status", "history", "health", "lock.status", "config.validat
 def test_every_task_has_a_meaning_under_invoke_dry() -> None:
     """A new task must be put in one of the three sets (and given a decorator if it changes
     anything), or `inv -R NEW-TASK` would silently run for real."""
-    assert set(namespace().task_names) == DRY_RUN_TASKS | REFUSED_UNDER_DRY | READ_ONLY_TASKS
+    assert set(namespace().task_names) == (DRY_RUN_TASKS | REFUSED_UNDER_DRY | READ_ONLY_TASKS
+                                           | {"init"})
+
+
+def test_invoke_dry_refuses_init(tmp_path: Path, project: Project, capsys) -> None:
+    target = tmp_path / "new-app"
+    target.mkdir()
+    result = run_in_process(project, capsys, "-R", "init", f"--path={target}")
+    assert result.returncode == 2
+    assert "init has no dry run" in result.stderr
+    assert list(target.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED_UNDER_DRY))
