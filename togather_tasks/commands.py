@@ -415,11 +415,13 @@ def migrate_in_image_command(settings: Settings, image: str, guard: str) -> str:
     host.docker.internal alias, the project's network) and the host needs no migration tool.
     The slot's image comes from the environment, which Compose prefers to any env file (and
     slots.env does not exist before a first deploy's start step); the ports are not published
-    by `run`, so a running slot is undisturbed."""
+    by `run`, so a running slot is undisturbed. Its standard input is /dev/null: `run`
+    attaches it otherwise, and over SSH that ended the session."""
     return (f"BLUE_IMAGE={q(image)} {guard} "
             + _compose_without_slots(settings, "run", "--rm", "--no-deps", "-T",
                                      service("blue"), "sh", "-c",
-                                     q(settings.database["migration_command"])))
+                                     q(settings.database["migration_command"]))
+            + " < /dev/null")
 
 
 def dbmate_status_command(settings: Settings, migrations_dir: str) -> str:

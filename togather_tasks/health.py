@@ -111,10 +111,11 @@ def running_version(body: bytes) -> str | None:
     try:
         document = json.loads(text)
     except json.JSONDecodeError:
-        return text.split()[0] if text else None
-    if isinstance(document, dict) and document.get("version") is not None:
-        return str(document["version"])
-    return None
+        document = None
+    if isinstance(document, dict):
+        return str(document["version"]) if document.get("version") is not None else None
+    # Plain text, also when it happens to parse as JSON: `1234567` or `12e4567` is a SHA.
+    return text.split()[0] if text and not text.startswith(("[", "{")) else None
 
 
 def with_version(verdict: Verdict, http_status: int, body: bytes, expected: str) -> Verdict:

@@ -93,7 +93,8 @@ def test_contract_mode_is_todays_contract() -> None:
 
 
 @pytest.mark.parametrize(("body", "version"), [(b'{"version": "abc"}', "abc"), (b"", None),
-                                               (b'{"v": 1}', None), (b"[1]", None)])
+                                               (b'{"v": 1}', None), (b"[1]", None),
+                                               (b"1234567\n", "1234567"), (b"12e4567", "12e4567")])
 def test_running_version(body: bytes, version: str | None) -> None:
     assert running_version(body) == version
 
@@ -304,7 +305,7 @@ def test_migration_command_runs_in_a_one_off_container_of_the_new_image(
         "BLUE_IMAGE=togather-server:abc1234 timeout --kill-after=10 90 docker compose "
         "--project-name togather-test-staging --project-directory /srv/togather/staging "
         "--file /srv/togather/staging/compose.yml run --rm --no-deps -T app-blue sh -c "
-        "'bin/migrate up --verbose'")
+        "'bin/migrate up --verbose' < /dev/null")
     assert cmd.migration_tool_binary("command") is None
 
 
