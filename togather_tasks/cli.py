@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .lease import Lease
     from .session import Session
 
-ENV_HELP = "environment: development, staging or production"
+ENV_HELP = "environment, as named in config/deployment.yml (e.g. staging, production)"
 LOCK_WAIT_HELP = ("seconds to wait for a lock held by someone else before giving up "
                   "(exit 3); default 0: give up at once")
 
@@ -192,13 +192,15 @@ def checked_lock_wait(seconds: int) -> int:
 
 
 def confirm(settings: configmod.Settings, yes: bool, what: str) -> None:
-    """Production asks first; CI (no terminal) must say --yes explicitly."""
-    if settings.env != "production" or yes:
+    """Production (any environment with `confirm: true`) asks first; CI (no terminal) must
+    say --yes explicitly."""
+    if not settings.confirm or yes:
         return
     if not sys.stdin.isatty():
         raise UsageError(f"{what} on production needs confirmation: pass --yes "
                          "(stdin is not a terminal)")
-    answer = input(f"{what} on PRODUCTION ({', '.join(settings.hosts)}). Type 'yes' to go on: ")
+    answer = input(f"{what} on {settings.env.upper()} ({', '.join(settings.hosts)}). "
+                   "Type 'yes' to go on: ")
     if answer.strip().lower() != "yes":
         raise UsageError("not confirmed; nothing was changed")
 
@@ -504,7 +506,7 @@ def rollback(c, env=None, to=None, dry_run=False, yes=False, restore_db=False, l
                      "json_": "machine-readable output"})
 def health(c, env=None, slot="active", expected_version=None, json_=False):
     """Check the app's /health (through the proxy or one slot) against the contract."""
-    from .health import evaluate, unreachable
+    from .health import judge, unreachable
 
     def body(session: Session) -> None:
         st = session.settings
@@ -515,10 +517,15 @@ def health(c, env=None, slot="active", expected_version=None, json_=False):
         if slot == "active":
             import requests
             where = st.public_url.rstrip("/") + st.health_endpoint
+
+            def fetch(path: str) -> tuple[int, bytes]:
+                resp = requests.get(st.public_url.rstrip("/") + path, timeout=timeout)
+                return resp.status_code, resp.content
+
             try:
-                resp = requests.get(where, timeout=timeout)
-                verdict = evaluate(resp.status_code, resp.content,
-                                   expected_version=expected_version)
+                verdict = judge(fetch, mode=st.health_mode, health_endpoint=st.health_endpoint,
+                                version_endpoint=st.version_endpoint,
+                                expected_version=expected_version)
             except requests.RequestException as exc:
                 verdict = unreachable(f"no answer from {where}: {type(exc).__name__}")
         else:
@@ -747,6 +754,30 @@ def version(c, json_=False):
                   f"fabric {versions['fabric']}, python {versions['python']})")
 
 
+@togather_task(help={"path": "the application repository (default: the current directory)"})
+@refused_under_invoke_dry
+def init(c, path=None):
+    """Start adopting the tool: write config/deployment.yml, .env.<env>.example files, sample
+    hooks, tasks.py and the .gitignore lines. Never overwrites a file (says which it kept)."""
+    from .scaffold import init as scaffold
+
+    console = make_console(c)
+    with guarded(console):
+        root = Path(path or Path.cwd()).resolve()
+        if not root.is_dir():
+            raise UsageError(f"--path {root} is not a directory")
+        report = scaffold(root)
+        for relative in report.written:
+            console.print(f"wrote {relative}")
+        for relative in report.kept:
+            console.print(f"kept  {relative} (it exists; not overwritten)")
+        if report.gitignore_added:
+            console.print(f"added to .gitignore: {', '.join(report.gitignore_added)}")
+        console.print("next: fill in the hosts in config/deployment.yml, copy each "
+                      ".env.<env>.example to .env.<env> (chmod 600) with real values, then "
+                      "`inv config.validate --env=staging` and `inv hosts.setup --env=staging`")
+
+
 def _parse_error_text(text: str) -> str:
     """Invoke's parser messages in the words of a command line."""
     needs = re.match(r"Flag <Argument: ([\w-]+)[^>]*> needed value", text)
@@ -845,7 +876,7 @@ def namespace(root: str | Path | None = None) -> Collection:
     _argument_errors_exit_2()
     _debug_flag_reaches_tasks()
     ns = Collection(deploy, rollback, health, status, history, cleanup, logs, exec_, audit,
-                    version)
+                    version, init)
     for name, help_text, tasks in NAMESPACES:
         sub = Collection(name, *tasks)
         sub.__doc__ = help_text
@@ -854,3 +885,12 @@ def namespace(root: str | Path | None = None) -> Collection:
         path = Path(root).resolve()
         ns.configure({"togather": {"root": str(path.parent if path.is_file() else path)}})
     return ns
+
+
+def main() -> None:
+    """The `togather` command: these tasks without a tasks.py, for a repository that has none
+    yet (`togather init`); afterwards `inv` finds them through the tasks.py init wrote."""
+    from . import __version__
+
+    Program(namespace=namespace(), version=__version__, name="togather",
+            binary="togather").run()

@@ -48,7 +48,9 @@ LIBPQ_QUERY_ENV = {
 # libpq's own default: without it the migration tools' driver (lib/pq) would assume `require`,
 # and pg_dump and the migration tool must agree on one rule.
 DEFAULT_SSLMODE = "prefer"
-SNAPSHOT_RE = re.compile(r"^(?P<env>[a-z]+)_(?P<ts>\d{8}T\d{6}Z)_(?P<sha>[0-9a-f]{7})\.dump$")
+# The environment's name (config.ENV_NAME_RE: no `_`), so the first `_` ends it.
+SNAPSHOT_RE = re.compile(
+    r"^(?P<env>[a-z][a-z0-9-]*)_(?P<ts>\d{8}T\d{6}Z)_(?P<sha>[0-9a-f]{7})\.dump$")
 
 
 @dataclass(frozen=True)
@@ -194,11 +196,15 @@ def proxy_image_ref() -> str:
 
 
 def compose(settings: Settings, *args: str) -> str:
+    return _compose_without_slots(settings, "--env-file", q(Layout(settings.remote_dir).slots_env),
+                                  *args)
+
+
+def _compose_without_slots(settings: Settings, *args: str) -> str:
     layout = Layout(settings.remote_dir)
     return " ".join([
         "docker", "compose", "--project-name", q(settings.compose_project),
-        "--project-directory", q(layout.root), "--file", q(layout.compose_file),
-        "--env-file", q(layout.slots_env), *args])
+        "--project-directory", q(layout.root), "--file", q(layout.compose_file), *args])
 
 
 def service(slot: str) -> str:
@@ -426,10 +432,13 @@ def restore_command(settings: Settings, path: str, dbname: str | None = None) ->
     return f"bash -o pipefail -c {q(script)}"
 
 
-def migrate_command(settings: Settings, migrations_dir: str) -> str:
+def migrate_command(settings: Settings, migrations_dir: str, image: str | None = None) -> str:
+    """`image`: the new release's image, where `command` runs (the host tools ignore it)."""
     tool = settings.database["migration_tool"]
     timeout = int(settings.database["migration_timeout"])
     guard = f"timeout --kill-after=10 {timeout}"
+    if tool == "command" and image:
+        return migrate_in_image_command(settings, image, guard)
     if tool == "dbmate":
         return (f"{pg_env(settings)} {guard} dbmate --url {q(passwordless_url(settings))} "
                 f"--migrations-dir {q(migrations_dir)} --no-dump-schema --wait "
@@ -442,6 +451,21 @@ def migrate_command(settings: Settings, migrations_dir: str) -> str:
         return (f"cd {q(migrations_dir)} && {pg_env(settings)} {guard} sh -c "
                 f"{q(settings.database['migration_command'])}")
     raise ValueError(f"no migration command for tool {tool!r}")
+
+
+def migrate_in_image_command(settings: Settings, image: str, guard: str) -> str:
+    """The app's own migration command in a one-off container of the new image, through
+    Compose so that it gets exactly what a slot gets (app.env parsed the Compose way, the
+    host.docker.internal alias, the project's network) and the host needs no migration tool.
+    The slot's image comes from the environment, which Compose prefers to any env file (and
+    slots.env does not exist before a first deploy's start step); the ports are not published
+    by `run`, so a running slot is undisturbed. Its standard input is /dev/null: `run`
+    attaches it otherwise, and over SSH that ended the session."""
+    return (f"BLUE_IMAGE={q(image)} {guard} "
+            + _compose_without_slots(settings, "run", "--rm", "--no-deps", "-T",
+                                     service("blue"), "sh", "-c",
+                                     q(settings.database["migration_command"]))
+            + " < /dev/null")
 
 
 def dbmate_status_command(settings: Settings, migrations_dir: str) -> str:

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import posixpath
+import re
 import stat
 from dataclasses import dataclass, field
 from functools import cache
@@ -27,9 +28,19 @@ from dotenv.parser import parse_stream
 from .errors import ConfigError, UsageError
 from .redact import Redactor, is_secret_key
 
-ENVIRONMENTS = ("development", "staging", "production")
+# An environment's name goes into file names (.env.<env>, snapshots, logs), the remote
+# directory, the Compose project and the state file: letters, digits and dashes only, and no
+# `x-` prefix (those keys are YAML-anchor scratch space, dropped before validation).
+ENV_NAME_RE = re.compile(r"^(?!x-)[a-z][a-z0-9-]{0,30}$")
 NON_SECRET_KEYS = frozenset({"ENVIRONMENT"})
+# Togather's own secrets: the default of `app.required_secrets`. ENVIRONMENT is always
+# required, whatever the app: it proves the file belongs to --env.
 REQUIRED_SECRETS = ("ENVIRONMENT", "DATABASE_URL", "JWT_SECRET", "ADMIN_API_KEY")
+# `x-` keys exist for YAML anchors (`x-common: &common ...`); like Compose, they are ignored.
+EXTENSION_PREFIX = "x-"
+# Migration tools that run on the host against DATABASE_URL (`command` runs in the app's image
+# with the app's own environment; `none` runs nothing).
+HOST_MIGRATION_TOOLS = ("dbmate", "golang-migrate", "custom")
 PLACEHOLDER = "CHANGE_ME"
 # The registry strategy's `docker login`; DEPLOY_ keeps them out of the app's containers.
 REGISTRY_USERNAME = "DEPLOY_REGISTRY_USERNAME"
@@ -45,7 +56,8 @@ DEFAULTS: dict[str, Any] = {
         "image": "togather-server",
         "port": 8080,
         "health_endpoint": "/health",
-        "version_endpoint": "/version",
+        "health": {"mode": "contract"},
+        "required_secrets": list(REQUIRED_SECRETS[1:]),
     },
     "build": {"context": ".", "dockerfile": "Dockerfile", "strategy": "remote", "args": {},
               "timeout": 1800, "registry_build": "local"},
@@ -78,8 +90,10 @@ DEFAULTS: dict[str, Any] = {
 ENVIRONMENT_DEFAULTS: dict[str, dict[str, Any]] = {
     "development": {"hosts": ["local"], "ports": {"proxy": 8080, "blue": 8081, "green": 8082}},
     "staging": {"ports": {"proxy": 8080, "blue": 8081, "green": 8082}},
-    "production": {"ports": {"proxy": 80, "blue": 8081, "green": 8082}},
+    "production": {"ports": {"proxy": 80, "blue": 8081, "green": 8082}, "confirm": True},
 }
+# Any other name (qa, eu-prod, preview-42) starts like staging: no confirmation, the slot ports.
+OTHER_ENVIRONMENT_DEFAULTS = ENVIRONMENT_DEFAULTS["staging"]
 OVERRIDABLE_SECTIONS = ("build", "database", "deployment", "proxy", "notifications")
 
 
@@ -102,7 +116,10 @@ class Settings:
     image: str
     app_port: int
     health_endpoint: str
-    version_endpoint: str
+    version_endpoint: str | None  # None: an `http`-mode app without one (no version check)
+    health_mode: str  # contract (Togather's /health body) | http (any 2xx)
+    source_root: Path  # the git work tree whose commits are built (app.source)
+    confirm: bool  # deploy, rollback and restore ask first (production by default)
     hosts: tuple[str, ...]
     remote_dir: str
     ports: dict[str, int]
@@ -115,6 +132,7 @@ class Settings:
     env_file: Path
     secrets: dict[str, str] = field(repr=False)
     warnings: tuple[str, ...] = ()
+    source_url: str | None = None  # app.source when it is a git URL (source.refresh)
 
     @property
     def primary_host(self) -> str:
@@ -138,9 +156,23 @@ class Settings:
         return str(PurePosixPath(self.remote_dir, self.database["snapshot_dir"]))
 
     @property
+    def has_database(self) -> bool:
+        """A PostgreSQL database the tool snapshots: an app may have none (no DATABASE_URL)."""
+        return bool(self.secrets.get("DEPLOY_DATABASE_URL") or self.secrets.get("DATABASE_URL"))
+
+    @property
+    def migrates_on_host(self) -> bool:
+        """The migration tool runs on the primary host over the release's migrations folder
+        (`command` runs inside the image, `none` runs nothing)."""
+        return self.database["migration_tool"] in HOST_MIGRATION_TOOLS
+
+    @property
     def migrate_database_url(self) -> str:
         """The database as the host sees it (pg_dump, migrations); the app may see another
         address (a container reaching the host through the bridge gateway)."""
+        if not self.has_database:
+            raise ConfigError(f"{self.env_file}: no DATABASE_URL: this app has no database to "
+                              "snapshot, restore or migrate from the host")
         return self.secrets.get("DEPLOY_DATABASE_URL") or self.secrets["DATABASE_URL"]
 
     def secret_values(self) -> list[str]:
@@ -157,11 +189,13 @@ class Settings:
             "environment": self.env,
             "app": {"name": self.app_name, "image": self.image, "port": self.app_port,
                     "health_endpoint": self.health_endpoint,
-                    "version_endpoint": self.version_endpoint},
+                    "version_endpoint": self.version_endpoint,
+                    "health_mode": self.health_mode, "source": str(self.source_root)},
             "hosts": list(self.hosts),
             "remote_dir": self.remote_dir,
             "ports": self.ports,
             "public_url": self.public_url,
+            "confirm": self.confirm,
             "build": self.build,
             "database": self.database,
             "deployment": self.deployment,
@@ -178,11 +212,25 @@ def _schema(name: str) -> dict[str, Any]:
 
 def check_env_name(env: str | None) -> str:
     if not env:
-        raise UsageError("--env is required: one of " + ", ".join(ENVIRONMENTS),
+        raise UsageError("--env is required: an environment of config/deployment.yml",
                          hint="Example: inv deploy --env=staging")
-    if env not in ENVIRONMENTS:
-        raise UsageError(f"unknown environment {env!r}: expected one of " + ", ".join(ENVIRONMENTS))
+    if not ENV_NAME_RE.match(env):
+        raise UsageError(f"--env {env!r} is not a valid environment name: lowercase "
+                         "letters, digits and dashes, starting with a letter, at most 31 "
+                         "characters, not starting with x-",
+                         hint="Examples: staging, qa, eu-prod, preview-42")
     return env
+
+
+def without_extensions(document: Any) -> Any:
+    """The document without its `x-` keys, at every level: they hold YAML anchors for reuse
+    elsewhere in the file and mean nothing themselves (as in Compose files)."""
+    if isinstance(document, dict):
+        return {k: without_extensions(v) for k, v in document.items()
+                if not (isinstance(k, str) and k.startswith(EXTENSION_PREFIX))}
+    if isinstance(document, list):
+        return [without_extensions(v) for v in document]
+    return document
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -258,9 +306,10 @@ def read_env_file(path: Path) -> tuple[dict[str, str], list[str]]:
     return {k: (v if v is not None else "") for k, v in values.items()}, problems
 
 
-def secrets_problems(env: str, path: Path, values: dict[str, str]) -> list[str]:
+def secrets_problems(env: str, path: Path, values: dict[str, str],
+                     required: tuple[str, ...] = REQUIRED_SECRETS) -> list[str]:
     problems = []
-    for key in REQUIRED_SECRETS:
+    for key in dict.fromkeys(("ENVIRONMENT", *required)):
         if not values.get(key):
             problems.append(f"{path}: {key} is missing or empty (required)")
     for key, value in values.items():
@@ -333,11 +382,14 @@ def _merge_environment(document: dict[str, Any], env: str, config_path: Path,
                        ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """The environment's block and the merged sections, with the rules a schema cannot say."""
     problems: list[str] = []
-    env_block = (document.get("environments") or {}).get(env)
+    defined = document.get("environments") or {}
+    env_block = defined.get(env)
     if env_block is None and env != "development":
-        problems.append(f"{config_path}: environments.{env} is not defined: add an "
+        problems.append(f"{config_path}: environments.{env} is not defined (defined: "
+                        f"{', '.join(defined) or 'none'}): fix --env or add an "
                         f"`environments: {env}:` block with its hosts")
-    env_block = deep_merge(ENVIRONMENT_DEFAULTS[env], env_block or {})
+    env_block = deep_merge(ENVIRONMENT_DEFAULTS.get(env, OTHER_ENVIRONMENT_DEFAULTS),
+                           env_block or {})
     merged = deep_merge(DEFAULTS, {k: v for k, v in document.items() if k != "environments"})
     for section in OVERRIDABLE_SECTIONS:
         if section in env_block:
@@ -349,9 +401,11 @@ def _merge_environment(document: dict[str, Any], env: str, config_path: Path,
         problems.append(f"{config_path}: environments.{env}.ports: proxy, blue and green "
                         "must be three different ports")
     database = merged["database"]
-    if database["migration_tool"] == "custom" and not database["migration_command"].strip():
+    if database["migration_tool"] in ("custom", "command") \
+            and not database["migration_command"].strip():
         problems.append(f"{config_path}: database.migration_command is required when "
-                        "migration_tool is custom")
+                        f"migration_tool is {database['migration_tool']}")
+    problems += [f"{config_path}: {problem}" for problem in app_problems(merged["app"])]
     build = merged["build"]
     if build["strategy"] == "registry" and not build.get("registry"):
         problems.append(f"{config_path}: build.registry is required when strategy is registry")
@@ -361,6 +415,37 @@ def _merge_environment(document: dict[str, Any], env: str, config_path: Path,
     problems += [f"{config_path}: {problem}" for problem in directory_problems(
         f"environments.{env}.remote_dir", _remote_dir(env_block, env), database["snapshot_dir"])]
     return env_block, merged, problems
+
+
+def app_problems(app: dict[str, Any]) -> list[str]:
+    problems = []
+    if app["health"]["mode"] == "contract" and app.get("version_endpoint", "") is None:
+        problems.append("app.version_endpoint: the contract health mode verifies the switch "
+                        "through the version endpoint: give one (e.g. /version) or use "
+                        "app.health.mode: http")
+    source = app.get("source")
+    if source and not is_git_url(source) and (source.startswith("/") or ".." in
+                                              PurePosixPath(source).parts):
+        problems.append(f"app.source: {source} must be a path inside this repository "
+                        "(relative to it) or a git URL")
+    return problems
+
+
+def is_git_url(source: str) -> bool:
+    """`https://...`, `ssh://...`, `file://...` or scp-like `git@host:path`."""
+    return "://" in source or bool(re.match(r"^[A-Za-z0-9._-]+@[A-Za-z0-9._-]+:", source))
+
+
+def database_problems(database: dict[str, Any], env_file: Path, secrets: dict[str, str],
+                      required: tuple[str, ...]) -> list[str]:
+    """Host-side migration tools and snapshots need the database's URL; an app without a
+    database says `migration_tool: none` (or `command`) and leaves DATABASE_URL out."""
+    tool = database["migration_tool"]
+    if tool in HOST_MIGRATION_TOOLS and not secrets.get("DATABASE_URL") \
+            and "DATABASE_URL" not in required:  # else already reported as missing
+        return [f"{env_file}: DATABASE_URL is required with database.migration_tool {tool} "
+                "(for an app without a database use migration_tool: none)"]
+    return []
 
 
 def directory_problems(where: str, remote_dir: str, snapshot_dir: str) -> list[str]:
@@ -397,6 +482,7 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
     document = load_yaml(config_path)
     if not isinstance(document, dict):
         raise ConfigError(f"{config_path}: expected a mapping at the top level")
+    document = without_extensions(document)
     problems = schema_problems(document, str(config_path))
     env_block: dict[str, Any] = {}
     merged: dict[str, Any] = {}
@@ -423,7 +509,10 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
                 problems.append(mode_problem)
             secrets, parse_problems = read_env_file(env_file)
             problems += parse_problems
-            problems += secrets_problems(env, env_file, secrets)
+            required = tuple(merged["app"]["required_secrets"]) if merged else REQUIRED_SECRETS
+            problems += secrets_problems(env, env_file, secrets, required)
+            if merged:
+                problems += database_problems(merged["database"], env_file, secrets, required)
     if problems:
         # Problems may quote values from the env file: redact before they reach the terminal.
         redactor = Redactor(v for k, v in secrets.items()
@@ -432,6 +521,7 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
 
     app = merged["app"]
     ports = env_block["ports"]
+    mode = app["health"]["mode"]
     return Settings(
         root=root,
         env=env,
@@ -439,7 +529,11 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
         image=app["image"],
         app_port=app["port"],
         health_endpoint=app["health_endpoint"],
-        version_endpoint=app["version_endpoint"],
+        # A Togather app always has /version; a plain HTTP app only when it says so.
+        version_endpoint=app.get("version_endpoint", "/version" if mode == "contract" else None),
+        health_mode=mode,
+        source_root=source_root(root, app.get("source")),
+        confirm=env_block.get("confirm", False),
         hosts=tuple(env_block["hosts"]),
         remote_dir=_remote_dir(env_block, env),
         ports=dict(ports),
@@ -452,7 +546,20 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
         env_file=env_file,
         secrets=secrets,
         warnings=tuple(warnings),
+        source_url=app["source"] if is_git_url(app.get("source") or "") else None,
     )
+
+
+def source_root(root: Path, source: str | None) -> Path:
+    """Where the app's git work tree is: this repository (default), a folder inside it
+    (a subdirectory of the same git repository works: its commits are the repository's), or
+    for a git URL the local copy kept by source.refresh."""
+    if not source:
+        return root
+    if is_git_url(source):
+        from .source import remote_cache
+        return remote_cache(source)
+    return root / source
 
 
 def database_parts(url: str) -> dict[str, str]:

@@ -55,7 +55,7 @@ class Build:
 
     @cached_property
     def archive(self) -> bytes:
-        return source.archive(self.settings.root, self.commit)
+        return source.archive(self.settings.source_root, self.commit)
 
     def release_dir(self) -> str:
         return cmd.Layout(self.settings.remote_dir).release(self.sha7)

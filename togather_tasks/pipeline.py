@@ -105,11 +105,12 @@ class Deploy(SlotOperation):
         with self.progress.step("validate", "configuration, git ref and hosts") as note:
             for warning in self.settings.warnings:
                 self.s.console.warn(warning)
-            self.commit = source.resolve_ref(self.settings.root, self.options.ref)
+            source.refresh(self.settings.source_url)
+            self.commit = source.resolve_ref(self.settings.source_root, self.options.ref)
             self.sha7 = self.commit[:7]
             self.image = cmd.image_ref(self.settings, self.sha7)
             self.check_tree()
-            if source.uncommitted_changes(self.settings.root):
+            if source.uncommitted_changes(self.settings.source_root):
                 self.s.console.warn("the working tree has uncommitted changes; they are not "
                                     f"deployed (building commit {self.sha7})")
             for host in self.s.all_hosts:
@@ -124,14 +125,14 @@ class Deploy(SlotOperation):
                  f"slot {self.new_slot}")
 
     def check_tree(self) -> None:
-        root, build = self.settings.root, self.settings.build
+        root, build = self.settings.source_root, self.settings.build
         dockerfile = f"{build['context'].rstrip('/')}/{build['dockerfile']}" \
             if build["context"] not in (".", "./") else build["dockerfile"]
         problems = []
         if not source.has_path(root, self.commit, dockerfile):
             problems.append(f"commit {self.sha7} has no {dockerfile} (build.dockerfile, "
                             "relative to build.context)")
-        if self.migrations_enabled and not source.has_path(
+        if self.migrations_enabled and self.settings.migrates_on_host and not source.has_path(
                 root, self.commit, self.settings.database["migrations_path"]):
             problems.append(f"commit {self.sha7} has no "
                             f"{self.settings.database['migrations_path']} "
@@ -141,7 +142,7 @@ class Deploy(SlotOperation):
 
     def check_host(self, host, *, primary: bool) -> None:
         tools = ["flock", "timeout", "sha256sum", "tar"]
-        if primary and self.migrations_enabled:
+        if primary and self.migrations_enabled and self.settings.has_database:
             tools += ["pg_dump", "pg_restore", "psql"]
             binary = cmd.migration_tool_binary(self.settings.database["migration_tool"])
             if binary:
@@ -251,17 +252,18 @@ class Deploy(SlotOperation):
         known = st.database["migration_tool"] in ("dbmate", "golang-migrate")
         pending = "if a migration is pending: " if known else ""
         when = pending if st.database["snapshot"] == "when-migrating" else ""
-        lines = [f"[{primary}] upload {layout.pgpass} (database password, mode 600)"]
+        lines = [f"[{primary}] upload {layout.pgpass} (database password, mode 600)"
+                 ] if st.has_database else []
         if st.database["migration_tool"] == "dbmate":
             lines.append(f"[{primary}] pending migrations (read-only): "
                          + cmd.dbmate_status_command(st, directory))
         elif st.database["migration_tool"] == "golang-migrate":
             lines.append(f"[{primary}] pending migrations (read-only): schema_migrations "
                          f"version vs {st.database['migrations_path']}/*.up.sql of {self.sha7}")
-        return lines + [
-            f"[{primary}] {when}" + cmd.snapshot_command(st, f"{st.snapshot_dir}/{snap}"),
-            f"[{primary}] {pending}" + cmd.migrate_command(st, directory),
-        ]
+        if st.has_database:
+            lines.append(f"[{primary}] {when}"
+                         + cmd.snapshot_command(st, f"{st.snapshot_dir}/{snap}"))
+        return [*lines, f"[{primary}] {pending}" + cmd.migrate_command(st, directory, self.image)]
 
     def acquire_lock(self) -> None:
         with self.progress.step("lock", "taking the environment lock") as note:
@@ -297,6 +299,9 @@ class Deploy(SlotOperation):
                 note("skipped (--skip-migrations)" if self.options.skip_migrations
                      else "skipped (no migration tool)")
                 return
+            if not self.settings.has_database:
+                note("skipped (no DATABASE_URL: nothing to dump)")
+                return
             self.pending = self.find_pending()
             if self.pending == [] and self.settings.database["snapshot"] == "when-migrating":
                 note("skipped (no pending migration)")
@@ -311,7 +316,7 @@ class Deploy(SlotOperation):
         tool = self.settings.database["migration_tool"]
         if tool == "golang-migrate":
             version = self.golang_migrate_row().partition("|")[0].strip()
-            files = source.list_dir(self.settings.root, self.commit,
+            files = source.list_dir(self.settings.source_root, self.commit,
                                     self.settings.database["migrations_path"])
             return cmd.golang_migrate_pending(files, int(version) if version else None)
         if tool != "dbmate":
@@ -351,7 +356,7 @@ class Deploy(SlotOperation):
     def run_migrations(self) -> Result:
         st = self.settings
         try:
-            result = self.s.primary.run(cmd.migrate_command(st, self.migrations_dir),
+            result = self.s.primary.run(cmd.migrate_command(st, self.migrations_dir, self.image),
                                         timeout=st.database["migration_timeout"] + 30,
                                         check=False)
         except CommandTimeoutError:

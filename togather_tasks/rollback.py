@@ -146,7 +146,8 @@ class Rollback(SlotOperation):
                     continue
                 self.s.console.warn(f"{self.image_ref()} is gone on {host.name}; rebuilding it "
                                     f"from commit {build.sha7}")
-                source.resolve_ref(self.settings.root, self.chosen["git_commit"])
+                source.refresh(self.settings.source_url)
+                source.resolve_ref(self.settings.source_root, self.chosen["git_commit"])
                 slots.prepare_host(self.settings, host, primary=host is self.s.primary)
                 images.ensure_image(build, host)
                 rebuilt.append(host.name)

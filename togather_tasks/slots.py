@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from . import commands as cmd
 from .config import Settings, app_environment
 from .errors import CommandError, HealthCheckError, HostError, TogatherError
-from .health import Verdict, evaluate, unreachable
+from .health import Verdict, judge, running_version, unreachable
 from .hosts import Host
 from .output import Console
 from .signals import shielded
@@ -40,7 +40,7 @@ def prepare_host(settings: Settings, host: Host, *, primary: bool) -> None:
                     mode=0o644)
     host.write_file(layout.app_env, cmd.app_env_file(app_environment(settings.secrets))
                     .encode(), mode=0o600)
-    if primary:
+    if primary and settings.has_database:
         write_pgpass(settings, host)
     for name in ("Dockerfile", "nginx.conf"):
         host.write_file(f"{layout.proxy_dir}/{name}",
@@ -125,14 +125,19 @@ def slot_container_state(settings: Settings, host: Host, slot: str) -> str:
 
 def check_health(settings: Settings, host: Host, port: int, *, expected_version: str | None,
                  timeout: float, address: str = "127.0.0.1") -> Verdict:
+    def fetch(path: str) -> tuple[int, bytes]:
+        resp = host.http_get(address, port, path, timeout=timeout)
+        return resp.status, resp.body
+
     try:
-        resp = host.http_get(address, port, settings.health_endpoint, timeout=timeout)
+        return judge(fetch, mode=settings.health_mode, health_endpoint=settings.health_endpoint,
+                     version_endpoint=settings.version_endpoint,
+                     expected_version=expected_version)
     except (OSError, ConnectionError, HostError) as exc:
         return unreachable(f"no answer from {address}:{port}: {exc}")
     except Exception as exc:  # noqa: BLE001 - malformed HTTP (http.client errors) and friends
         return unreachable(f"malformed HTTP answer from {address}:{port}: "
                            f"{type(exc).__name__}")
-    return evaluate(resp.status, resp.body, expected_version=expected_version)
 
 
 def health_gate(settings: Settings, host: Host, target: SlotTarget, console: Console) -> Verdict:
@@ -246,7 +251,7 @@ def serving_slot(settings: Settings, host: Host) -> str | None:
     switch and the record step; building into the slot that is serving would be an outage."""
     try:
         resp = host.http_get(proxy_address(settings), settings.ports["proxy"],
-                             settings.version_endpoint, timeout=5)
+                             settings.version_endpoint or settings.health_endpoint, timeout=5)
     except (OSError, ConnectionError, HostError):
         return None
     except Exception:  # noqa: BLE001 - a proxy answering garbage tells us nothing
@@ -262,13 +267,11 @@ def verify_proxy(settings: Settings, host: Host, target: SlotTarget) -> str | No
     for _ in range(settings.proxy["verify_attempts"]):
         try:
             resp = host.http_get(proxy_address(settings), settings.ports["proxy"],
-                                 settings.version_endpoint, timeout=5)
+                                 settings.version_endpoint or settings.health_endpoint,
+                                 timeout=5)
             slot = resp.headers.get("x-togather-slot")
-            version = None
-            try:
-                version = str(resp.json().get("version", ""))
-            except (ValueError, AttributeError):
-                version = None
+            # Without a version endpoint (an http-mode app) the slot header alone tells.
+            version = running_version(resp.body) if settings.version_endpoint else target.sha7
             if resp.status == 200 and slot == target.slot and version == target.sha7:
                 return None
             last = f"HTTP {resp.status}, slot {slot}, version {version}"

@@ -1,8 +1,13 @@
 """The application's git repository: resolve a ref to a commit and export that commit (never
-the working tree, so uncommitted files are never deployed)."""
+the working tree, so uncommitted files are never deployed).
+
+`root` is the app's source (config `app.source`): the top of a repository or a folder inside
+one, whose commits are the repository's and whose files are read relative to the folder; or
+the local copy of a remote repository (a git URL), refreshed by refresh()."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
 from pathlib import Path
@@ -10,6 +15,8 @@ from pathlib import Path
 from .errors import UsageError
 
 SAFE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/@{}~^+-]{0,199}$")
+REMOTE_CACHE = Path.home() / ".togather" / "sources"
+FETCH_TIMEOUT = 600
 
 
 def _git(root: Path, *args: str, timeout: float = 60, binary: bool = False):
@@ -38,19 +45,53 @@ def resolve_ref(root: Path, ref: str) -> str:
     return sha
 
 
+def _tree_path(commit: str, path: str) -> str:
+    """`COMMIT:./path`: relative to `root`, also when root is a folder inside the repository."""
+    return f"{commit}:./{path.strip('/')}"
+
+
 def has_path(root: Path, commit: str, path: str) -> bool:
-    return _git(root, "cat-file", "-e", f"{commit}:{path.strip('/') or '.'}").returncode == 0
+    return _git(root, "cat-file", "-e", _tree_path(commit, path)).returncode == 0
 
 
 def list_dir(root: Path, commit: str, path: str) -> list[str]:
     """File names directly under `path` in the commit (empty when there is no such folder)."""
-    result = _git(root, "ls-tree", "--name-only", f"{commit}:{path.strip('/') or '.'}")
+    result = _git(root, "ls-tree", "--full-tree", "--name-only", _tree_path(commit, path))
     return result.stdout.splitlines() if result.returncode == 0 else []
 
 
 def uncommitted_changes(root: Path) -> bool:
-    result = _git(root, "status", "--porcelain", "--untracked-files=no")
+    """Changes to tracked files of the app's source (not of the rest of the repository)."""
+    result = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".")
     return result.returncode == 0 and bool(result.stdout.strip())
+
+
+def remote_cache(url: str) -> Path:
+    """The local copy of a remote source: one per URL, kept between runs so a deploy fetches
+    only what is new."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", url.rstrip("/").rsplit("/", 1)[-1])[:40]
+    return REMOTE_CACHE / f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+
+
+def refresh(url: str | None) -> None:
+    """For a git URL source (None: a local one, nothing to do), bring the remote's branches
+    and tags into its local copy (branches under their own names, so `--ref=main` means the
+    remote's main as of now). The copy has an empty work tree: `COMMIT:./path` needs one,
+    and nothing is ever checked out into it."""
+    if url is None:
+        return
+    cache = remote_cache(url)
+    if not (cache / ".git").is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        _git(cache, "init", "--quiet")
+    result = _git(cache, "fetch", "--quiet", "--prune", "--force", "--update-head-ok", "--tags",
+                  "--end-of-options", url, "+refs/heads/*:refs/heads/*",
+                  timeout=FETCH_TIMEOUT)
+    if result.returncode != 0:
+        raise UsageError(f"cannot fetch the app's source {url}: "
+                         f"{(result.stderr.strip().splitlines() or ['no output'])[-1][:200]}",
+                         hint="Check app.source in config/deployment.yml and that this "
+                              "machine can read the repository (git fetch).")
 
 
 def archive(root: Path, commit: str) -> bytes:

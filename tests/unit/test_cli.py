@@ -91,6 +91,10 @@ def test_namespace_records_the_project_root(tmp_path: Path) -> None:
     assert namespace(tmp_path).configuration()["togather"]["root"] == str(tmp_path)
 
 
+# Tasks about the repository or the package, not an environment.
+NO_ENV_TASKS = {"init", "version"}
+
+
 def test_every_task_takes_env(tmp_path: Path) -> None:
     ns = namespace()
     for name in set(ns.task_names) - NO_ENV_TASKS:
@@ -140,8 +144,8 @@ def test_missing_env_exits_2(real_cli) -> None:
     assert_clean(result)
 
 
-@pytest.mark.parametrize("args", [["config.validate", "--env=qa"], ["deploy"],
-                                  ["deploy", "--env=prod"], ["status"], ["history"],
+@pytest.mark.parametrize("args", [["config.validate", "--env=q_a"], ["deploy"],
+                                  ["deploy", "--env=../prod"], ["status"], ["history"],
                                   ["lock.status", "--env=Staging"], ["lock.acquire"],
                                   ["lock.release"], ["config.show"], ["hosts.trust"]])
 def test_missing_or_unknown_env_exits_2(project: Project, capsys, args: list[str]) -> None:
@@ -215,15 +219,23 @@ REFUSED_UNDER_DRY = {"lock.acquire", "lock.release", "db.snapshot", "db.restore"
                      "exec"}
 READ_ONLY_TASKS = {"status", "history", "health", "lock.status", "config.validate",
                    "config.show", "db.snapshots", "logs", "audit"}
-# Reads nothing of any environment.
-NO_ENV_TASKS = {"version"}
+# Reads nothing and changes nothing. (init, refused under -R too, takes no --env: tested alone.)
+INERT_TASKS = {"version"}
 
 
 def test_every_task_has_a_meaning_under_invoke_dry() -> None:
     """A new task must be put in one of the three sets (and given a decorator if it changes
     anything), or `inv -R NEW-TASK` would silently run for real."""
     assert set(namespace().task_names) == (DRY_RUN_TASKS | REFUSED_UNDER_DRY | READ_ONLY_TASKS
-                                           | NO_ENV_TASKS)
+                                           | INERT_TASKS | {"init"})
+
+def test_invoke_dry_refuses_init(tmp_path: Path, project: Project, capsys) -> None:
+    target = tmp_path / "new-app"
+    target.mkdir()
+    result = run_in_process(project, capsys, "-R", "init", f"--path={target}")
+    assert result.returncode == 2
+    assert "init has no dry run" in result.stderr
+    assert list(target.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED_UNDER_DRY))

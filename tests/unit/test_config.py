@@ -194,12 +194,12 @@ def test_yaml_syntax_error_names_the_line(project: Project) -> None:
 
 def test_unknown_keys_at_every_level_are_all_reported_at_once(project: Project) -> None:
     project.write_config(BASE_CONFIG.replace("app:\n", "colour: blue\napp:\n  nmae: typo\n")
-                         + "    host: typo\n  qa:\n    hosts: [local]\n"
+                         + "    host: typo\n  Q_A:\n    hosts: [local]\n"
                          + "deployment:\n  health_check: {retry: 3}\n")
     problems = problems_of(project)
     assert len(problems) == 5, problems
     text = "\n".join(problems)
-    for key in ("'colour'", "'nmae'", "'host'", "'qa'", "'retry'"):
+    for key in ("'colour'", "'nmae'", "'host'", "'Q_A'", "'retry'"):
         assert key in text
     assert all(p.startswith(str(project.config_path)) for p in problems)
 
@@ -468,22 +468,24 @@ def test_missing_env_is_a_usage_error(env: str | None) -> None:
     assert "--env is required" in info.value.message
 
 
-@pytest.mark.parametrize("env", ["prod", "Staging", "qa", "../staging"])
-def test_unknown_env_is_a_usage_error(env: str) -> None:
+@pytest.mark.parametrize("env", ["Staging", "q_a", "../staging", "x-anchor", "9lives",
+                                 "a" * 32, "eu prod"])
+def test_unsafe_env_name_is_a_usage_error(env: str) -> None:
     with pytest.raises(UsageError) as info:
         check_env_name(env)
     assert info.value.exit_code == 2
     assert repr(env) in info.value.message
 
 
-@pytest.mark.parametrize("env", ["development", "staging", "production"])
-def test_known_env_names_pass(env: str) -> None:
+@pytest.mark.parametrize("env", ["development", "staging", "production", "qa", "eu-prod",
+                                 "preview-42", "a" * 31])
+def test_safe_env_names_pass(env: str) -> None:
     assert check_env_name(env) == env
 
 
 def test_load_settings_checks_the_env_name_first(project: Project) -> None:
     with pytest.raises(UsageError):
-        project.load("qa")
+        project.load("../qa")
 
 
 

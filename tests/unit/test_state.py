@@ -316,7 +316,7 @@ def test_non_json_is_a_state_error(text: str) -> None:
     (lambda d: d["deployment_history"][0].update(status="exploded"),
      "deployment_history.0.status"),
     (lambda d: d.pop("lock"), "(top level)"),
-    (lambda d: d.update(environment="qa"), "environment"),
+    (lambda d: d.update(environment="Q_A"), "environment"),
 ], ids=["current not an object", "locked not boolean", "history not a list", "bad version",
         "bad history status", "lock missing", "unknown environment"])
 def test_schema_violations_are_state_errors_naming_the_field(populated, change, path) -> None:
