@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= $(CURDIR)/.demo
 
-.PHONY: install testbed testbed-local testbed-down testbed-fleet testbed-fleet-down demo test test-unit test-e2e bench lint clean
+.PHONY: install testbed testbed-local testbed-down testbed-fleet testbed-fleet-down demo test test-unit test-e2e bench bench-fleet lint clean
 
 $(BIN)/inv: setup.cfg pyproject.toml constraints.txt
 	@# A fresh Debian has python3 without venv/ensurepip: install them when missing.
@@ -56,6 +56,12 @@ test: testbed install
 
 bench: testbed install
 	$(BIN)/python bench/zero_downtime.py
+
+# The fleet (issue 9): load through the load balancer during a 3-host deploy and rollback, then
+# deploy wall time for 1, 2 and 3 hosts, SSH connections, one host's overhead and rollback time.
+bench-fleet: testbed install
+	$(BIN)/python bench/fleet_zero_downtime.py
+	$(BIN)/python bench/fleet_timing.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache *.egg-info

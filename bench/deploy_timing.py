@@ -13,8 +13,6 @@ Prints figures; asserts nothing (it is a benchmark). Cleans up after itself.
 
 from __future__ import annotations
 
-import json
-import re
 import sys
 import tempfile
 import time
@@ -22,31 +20,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zero_downtime import ENV, BenchApp, must, preflight, run  # noqa: E402
+import runlog  # noqa: E402
+from zero_downtime import BenchApp, must, preflight, run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def step_seconds(log_dir: Path, before: set[Path]) -> tuple[dict[str, float], Path]:
-    """Step durations from the newest run log written since `before`."""
-    new = sorted(set(log_dir.glob(f"{ENV}_*.log")) - before)
-    log = new[-1]
-    steps = {}
-    for line in log.read_text().splitlines():
-        event = json.loads(line)
-        if event["event"] == "step_done":
-            steps[event["step"]] = float(event["seconds"])
-    return steps, log
 
 
 def timed_deploy(app: BenchApp, label: str, drain_seconds: float
                  ) -> dict[str, float | int | str]:
     before = set(app.log_dir.glob("*.log"))
     start = time.monotonic()
-    out = must(app.inv("deploy", f"--env={ENV}", timeout=900), f"inv deploy ({label})")
+    out = must(app.inv("deploy", f"--env={app.env}", timeout=900), f"inv deploy ({label})")
     wall = time.monotonic() - start
-    steps, _ = step_seconds(app.log_dir, before)
-    connections = int(re.search(r"ssh connections: (\d+)", out.output)[1])
+    steps, _ = runlog.step_seconds(app.log_dir, app.env, before)
+    connections = runlog.ssh_connections(out.output) or 0
     drain = drain_seconds if label != "first" else 0.0  # a first deploy has no old slot
     build = steps.get("build", 0.0)
     health = steps.get("health", 0.0)

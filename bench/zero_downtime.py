@@ -169,6 +169,8 @@ class BenchApp:
     (`bench-<hex>`), compose project, ports, remote directory and database."""
 
     workdir: Path
+    env: str = ENV
+    secrets_file: Path = TESTBED_ENV_FILE  # the test bed's env file, copied with our database
     tag: str = field(default_factory=lambda: secrets.token_hex(4))
     ports: dict[str, int] = field(default_factory=dict)
     commits: list[str] = field(default_factory=list)
@@ -180,7 +182,7 @@ class BenchApp:
 
     @property
     def project(self) -> str:
-        return f"{self.name}-{ENV}"
+        return f"{self.name}-{self.env}"
 
     @property
     def database(self) -> str:
@@ -192,7 +194,20 @@ class BenchApp:
 
     @property
     def remote_dir(self) -> str:
-        return f"{REMOTE_BASE}/{self.name}/{ENV}"
+        return f"{REMOTE_BASE}/{self.name}/{self.env}"
+
+    @property
+    def load_port(self) -> int:
+        """The loopback port the load goes through (the app's proxy here)."""
+        return self.ports["proxy"]
+
+    def pick_ports(self) -> dict[str, int]:
+        return dict(zip(("proxy", "blue", "green"), free_ports(3), strict=True))
+
+    def environment(self) -> dict:
+        """The one environment of the throwaway deployment.yml."""
+        return {"hosts": [SSH_ALIAS], "remote_dir": self.remote_dir, "ports": dict(self.ports),
+                "public_url": f"http://127.0.0.1:{self.ports['proxy']}"}
 
     @property
     def log_dir(self) -> Path:
@@ -203,7 +218,7 @@ class BenchApp:
     def setup(self) -> None:
         import yaml
 
-        self.ports = dict(zip(("proxy", "blue", "green"), free_ports(3), strict=True))
+        self.ports = self.pick_ports()
         shutil.copytree(DEMO, self.repo, ignore=shutil.ignore_patterns(
             "__pycache__", ".git", ".env.development", ".env.staging", ".env.production"))
         self.log_dir.mkdir()
@@ -211,20 +226,18 @@ class BenchApp:
         document = yaml.safe_load(config_path.read_text())
         document["app"]["name"] = self.name
         document["proxy"] = {**(document.get("proxy") or {}), "bind": "127.0.0.1"}
-        document["environments"] = {ENV: {
-            "hosts": [SSH_ALIAS], "remote_dir": self.remote_dir, "ports": dict(self.ports),
-            "public_url": f"http://127.0.0.1:{self.ports['proxy']}"}}
-        config_path.write_text("# written by bench/zero_downtime.py\n"
+        document["environments"] = {self.env: self.environment()}
+        config_path.write_text("# written by a bench/ script (throwaway)\n"
                                + yaml.safe_dump(document, sort_keys=False))
-        values = read_env_file(TESTBED_ENV_FILE)
+        values = read_env_file(self.secrets_file)
         role = unquote(urlsplit(values.get("DATABASE_URL", "")).username or "")
         if not role:
-            raise SetupError(f"{TESTBED_ENV_FILE}: DATABASE_URL names no role")
+            raise SetupError(f"{self.secrets_file}: DATABASE_URL names no role")
         for key in ("DATABASE_URL", "DEPLOY_DATABASE_URL"):
             if values.get(key):
                 values[key] = urlunsplit(urlsplit(values[key])._replace(
                     path=f"/{self.database}"))
-        env_file = self.repo / "config" / "environments" / f".env.{ENV}"
+        env_file = self.repo / "config" / "environments" / f".env.{self.env}"
         fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write("".join(env_line(k, v) + "\n" for k, v in values.items()))
@@ -271,7 +284,8 @@ class BenchApp:
         return run(self.compose_argv(*args), timeout=timeout)
 
     def status(self) -> dict:
-        out = must(self.inv("status", f"--env={ENV}", "--json", timeout=120), "inv status")
+        out = must(self.inv("status", f"--env={self.env}", "--json", timeout=120),
+                   "inv status")
         return json.loads(out.output[out.output.index("{"):])
 
     def container_ip(self, slot: str) -> str:
@@ -295,6 +309,19 @@ class BenchApp:
 
     # -- cleanup ---------------------------------------------------------------------------
 
+    def drop_database(self) -> list[str]:
+        """Drop the run's database (if it made one); the by-hand command when that failed."""
+        drop = f"DROP DATABASE IF EXISTS {quote_ident(self.database)} WITH (FORCE);"
+        if not self.created_db:
+            return []
+        try:
+            ok = run(["runuser", "-u", "postgres", "--", "psql", "-X", "-q", "-v",
+                      "ON_ERROR_STOP=1", "-d", "postgres"], stdin=drop, timeout=300
+                     ).returncode == 0
+        except (SetupError, OSError):
+            ok = False
+        return [] if ok else [f"echo '{drop}' | runuser -u postgres -- psql -d postgres"]
+
     def cleanup(self, *, keep_workdir: bool = False) -> list[str]:
         """Remove everything the run created (its images included). Returns, for whatever
         could not be removed, the command that finishes the job by hand."""
@@ -311,11 +338,7 @@ class BenchApp:
                 else ["docker", "compose", "-p", self.project, *down])
         if not attempt(argv):
             leftovers.append(f"docker compose -p {self.project} down --remove-orphans")
-        drop = f"DROP DATABASE IF EXISTS {quote_ident(self.database)} WITH (FORCE);"
-        if self.created_db and not attempt(["runuser", "-u", "postgres", "--", "psql", "-X",
-                                            "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres"],
-                                           stdin=drop):
-            leftovers.append(f"echo '{drop}' | runuser -u postgres -- psql -d postgres")
+        leftovers += self.drop_database()
         images = [f"togather-server:{sha}" for sha in self.commits]
         if images:
             attempt(["docker", "image", "rm", *images])  # one in use elsewhere stays: fine
@@ -349,7 +372,7 @@ def under_load(app: BenchApp, label: str, argv: tuple[str, ...], args: argparse.
 
     load, command, wall = run_during(
         action, args.min_requests if min_requests is None else min_requests,
-        port=app.ports["proxy"], workers=workers or args.workers,
+        port=app.load_port, workers=workers or args.workers,
         max_seconds=max_seconds or args.max_seconds)
     return Phase(label, load, command, wall)
 
