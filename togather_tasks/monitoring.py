@@ -171,7 +171,9 @@ def annotation(settings: Settings, event: str, *, operation: str, version: str |
 def record(session: Session, event: str, *, operation: str, by: str,
            duration_seconds: float, version: str | None = None, step: str | None = None,
            **_webhook_fields: object) -> None:
-    """Export `event` of a deploy or rollback; never raises (a warning says what failed)."""
+    """Export `event` of a deploy or rollback; never raises (a warning says what failed).
+    Takes the webhook's fields as they are; those it does not export (ids, slot, message)
+    are ignored."""
     now = time.time()
     path = textfile_path(session.settings)
     if path:
