@@ -187,8 +187,9 @@ PY
 }
 
 # ---------- 1. packages ----------
+# prometheus-node-exporter: tests/e2e/test_monitoring.py reads the metrics textfile with it.
 APT_PKGS=(docker.io openssh-server openssh-client debootstrap wrk postgresql util-linux iproute2
-          curl git python3-venv)
+          curl git python3-venv prometheus-node-exporter)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")

@@ -542,3 +542,12 @@ def dirty_check_command(settings: Settings) -> str:
     return ("f=$(mktemp) && trap 'rm -f \"$f\"' EXIT && cat > \"$f\" && "
             f"exists=$({psql} {exists}) && "
             f"if [ \"$exists\" = t ]; then {psql} {select}; fi")
+
+
+def read_if_exists_command(path: str) -> str:
+    """The file's content; nothing (and success) when there is none yet."""
+    return f"if [ -e {q(path)} ]; then cat -- {q(path)}; fi"
+
+
+def make_directory_command(path: str) -> str:
+    return f"mkdir -p -- {q(path)}"

@@ -45,6 +45,8 @@ PLACEHOLDER = "CHANGE_ME"
 # The registry strategy's `docker login`; DEPLOY_ keeps them out of the app's containers.
 REGISTRY_USERNAME = "DEPLOY_REGISTRY_USERNAME"
 REGISTRY_PASSWORD = "DEPLOY_REGISTRY_PASSWORD"  # noqa: S105 - a variable's name
+# The Grafana API token (monitoring.grafana_url); DEPLOY_ keeps it out of the app's containers.
+GRAFANA_TOKEN = "DEPLOY_GRAFANA_TOKEN"  # noqa: S105 - a variable's name
 MIN_SECRET_CHARS = 8
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 CONFIG_FILE = Path("config") / "deployment.yml"
@@ -86,6 +88,9 @@ DEFAULTS: dict[str, Any] = {
     },
     "proxy": {"bind": "0.0.0.0", "verify_attempts": 20},  # noqa: S104 - the public entry point
     "notifications": {"retries": 3, "timeout": 5},
+    # Off unless configured: node exporter's textfile directory is not on every host, and the
+    # deploy user needs write access to it (see the README's Monitoring section).
+    "monitoring": {},
 }
 ENVIRONMENT_DEFAULTS: dict[str, dict[str, Any]] = {
     "development": {"hosts": ["local"], "ports": {"proxy": 8080, "blue": 8081, "green": 8082}},
@@ -94,7 +99,8 @@ ENVIRONMENT_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # Any other name (qa, eu-prod, preview-42) starts like staging: no confirmation, the slot ports.
 OTHER_ENVIRONMENT_DEFAULTS = ENVIRONMENT_DEFAULTS["staging"]
-OVERRIDABLE_SECTIONS = ("build", "database", "deployment", "proxy", "notifications")
+OVERRIDABLE_SECTIONS = ("build", "database", "deployment", "proxy", "notifications",
+                        "monitoring")
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,7 @@ class Settings:
     deployment: dict[str, Any]
     proxy: dict[str, Any]
     notifications: dict[str, Any]
+    monitoring: dict[str, Any]
     env_file: Path
     secrets: dict[str, str] = field(repr=False)
     warnings: tuple[str, ...] = ()
@@ -201,6 +208,7 @@ class Settings:
             "deployment": self.deployment,
             "proxy": self.proxy,
             "notifications": self.notifications,
+            "monitoring": self.monitoring,
             "env_file": str(self.env_file),
         }
 
@@ -448,6 +456,15 @@ def database_problems(database: dict[str, Any], env_file: Path, secrets: dict[st
     return []
 
 
+def monitoring_problems(monitoring: dict[str, Any], env_file: Path,
+                        secrets: dict[str, str]) -> list[str]:
+    """Grafana refuses an annotation without a token: say so before the deploy, not after."""
+    if monitoring.get("grafana_url") and not secrets.get(GRAFANA_TOKEN):
+        return [f"{env_file}: {GRAFANA_TOKEN} is required with monitoring.grafana_url (a "
+                "Grafana service account token with the annotations:write permission)"]
+    return []
+
+
 def directory_problems(where: str, remote_dir: str, snapshot_dir: str) -> list[str]:
     """The deploy writes, prunes and `rm -rf`s under these directories: they must name one
     place of their own, never the root, never a way out through `..`."""
@@ -513,6 +530,7 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
             problems += secrets_problems(env, env_file, secrets, required)
             if merged:
                 problems += database_problems(merged["database"], env_file, secrets, required)
+                problems += monitoring_problems(merged["monitoring"], env_file, secrets)
     if problems:
         # Problems may quote values from the env file: redact before they reach the terminal.
         redactor = Redactor(v for k, v in secrets.items()
@@ -543,6 +561,7 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
         deployment=merged["deployment"],
         proxy=merged["proxy"],
         notifications=merged["notifications"],
+        monitoring=merged["monitoring"],
         env_file=env_file,
         secrets=secrets,
         warnings=tuple(warnings),

@@ -37,15 +37,27 @@ def notify(settings: Settings, console: Console, redactor: Redactor, event: str,
         "ts": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         **fields,
     })
-    retries = int(settings.notifications["retries"])
-    timeout = float(settings.notifications["timeout"])
+    failure = post_json(url, payload, retries=int(settings.notifications["retries"]),
+                        timeout=float(settings.notifications["timeout"]))
+    if failure is None:
+        return True
+    console.warn(f"webhook notification '{event}' failed ({failure}); the operation is not "
+                 "affected")
+    return False
+
+
+def post_json(url: str, payload: Any, *, retries: int, timeout: float,
+              headers: dict[str, str] | None = None) -> str | None:
+    """POST `payload` with bounded retries and backoff (also for Grafana's annotations).
+    Returns None once delivered, else why not (never the URL or a header: they may hold a
+    token)."""
     last = ""
     for attempt in range(retries + 1):
         try:
             resp = requests.post(url, json=payload, timeout=timeout,
-                                 headers={"User-Agent": "togather-tasks"})
+                                 headers={"User-Agent": "togather-tasks", **(headers or {})})
             if resp.status_code < 300:
-                return True
+                return None
             last = f"HTTP {resp.status_code}"
             if 400 <= resp.status_code < 500 and resp.status_code != 429:
                 break  # the receiver rejects it; retrying will not help
@@ -53,5 +65,4 @@ def notify(settings: Settings, console: Console, redactor: Redactor, event: str,
             last = type(exc).__name__
         if attempt < retries:
             time.sleep(min(0.5 * 2 ** attempt, 4.0))
-    console.warn(f"webhook notification '{event}' failed ({last}); the operation is not affected")
-    return False
+    return last

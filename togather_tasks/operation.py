@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import hooks, notify, slots
+from . import hooks, monitoring, notify, slots
 from .errors import Interrupted, LockLostError, TogatherError
 from .health import Verdict
 from .hosts import Host
@@ -256,3 +256,5 @@ class SlotOperation:
         except Exception as exc:  # noqa: BLE001 - a notification never fails an operation
             self.s.console.warn(f"webhook notification '{event}' failed ({type(exc).__name__})"
                                 "; the operation is not affected")
+        monitoring.record(self.s, event, operation=self.operation, by=self.s.operator.email,
+                          duration_seconds=self.elapsed(), **self.notify_fields(), **fields)

@@ -848,18 +848,20 @@ def free_port() -> Callable[[], int]:
 
 
 class WebhookReceiver:
-    """A webhook receiver on loopback: keeps every POST body (`raw`, bytes) and its JSON
-    (`events`), and answers `status`."""
+    """A webhook receiver on loopback: keeps every POST body (`raw`, bytes), its JSON
+    (`events`), its path and headers (`requests`), and answers `status`."""
 
     def __init__(self, status: int = 200) -> None:
         self.raw: list[bytes] = []
         self.events: list[dict[str, Any]] = []
+        self.requests: list[tuple[str, dict[str, str]]] = []
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.raw.append(body)
+                receiver.requests.append((self.path, dict(self.headers)))
                 receiver.events.append(json.loads(body))
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
