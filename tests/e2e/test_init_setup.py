@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -26,8 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from .conftest import assert_clean_failure, free_ports, run
+from conftest import assert_clean_failure, free_ports, run
 
 pytestmark = pytest.mark.e2e
 
@@ -187,11 +187,11 @@ def app_repository(tmp_path: Path, host: str) -> Path:
 
 
 def set_host(repo: Path, host: str) -> None:
+    """Every environment but development (`local`) on `host`: the config validates only
+    with hosts in each."""
     config = repo / "config" / "deployment.yml"
-    text = config.read_text()
-    start = text.index("  staging:\n    hosts: ") + len("  staging:\n    hosts: ")
-    end = text.index("\n", start)
-    config.write_text(text[:start] + f"[{host}]" + text[end:])
+    config.write_text(re.sub(r"hosts: \[(?!local\])[^\]]*\]", f"hosts: [{host}]",
+                             config.read_text()))
 
 
 def item_lines(stdout: str, host: str) -> list[str]:
