@@ -113,13 +113,14 @@ def show_plan(console: Console, plans: list[HostPlan]) -> None:
             if item not in p.missing:
                 console.print(f"{p.host.name}: ok       {item.name}")
                 continue
-            console.print(f"{p.host.name}: missing  {item.name}")
+            console.print(f"{p.host.name}: missing  {item.name}"
+                          + (f" (from {item.via})" if item.via else ""))
             if item.action is None:
                 console.print(f"    cannot install it: {item.why}")
                 continue
             if item.upload is not None:
                 size = item.upload.stat().st_size // (1 << 20)
-                console.print(f"    upload {item.upload} ({size} MiB) into:")
+                console.print(f"    upload {item.upload} ({size} MiB) as standard input of:")
             console.print(f"    $ {as_root(item.action, p.facts)}")
 
 
@@ -151,7 +152,8 @@ def apply(console: Console, p: HostPlan) -> int:
         if not present(p.host, p.facts, item):
             raise HostError(f"{p.host.name}: {item.name} is still missing after installing it",
                             hint=f"its check was: {item.probe}")
-        console.print(f"{p.host.name}: changed  {item.name}")
+        console.print(f"{p.host.name}: changed  {item.name}"
+                      + (f" ({item.via})" if item.via else ""))
         changed += 1
     return changed
 
@@ -171,6 +173,5 @@ def setup_hosts(session: Session, *, dry_run: bool) -> None:
         console.print(f"{p.host.name}: ready for deploys as {p.facts.deploy_user} "
                       f"({changed or 'nothing'} changed)")
         if p.facts.uid == 0:
-            console.print(f"{p.host.name}: connected as root; deploy as "
-                          f"{p.facts.deploy_user}@ (in this environment's hosts), who logs in "
-                          "with root's keys")
+            console.print(f"{p.host.name}: connected as root; for deploys, name the host as "
+                          f"{p.facts.deploy_user}@... in config/deployment.yml (same key)")

