@@ -114,7 +114,7 @@ def show_plan(console: Console, plans: list[HostPlan]) -> None:
                 console.print(f"{p.host.name}: ok       {item.name}")
                 continue
             console.print(f"{p.host.name}: missing  {item.name}"
-                          + (f" (from {item.via})" if item.via else ""))
+                          + (f" ({item.via})" if item.via else ""))
             if item.action is None:
                 console.print(f"    cannot install it: {item.why}")
                 continue
@@ -124,8 +124,8 @@ def show_plan(console: Console, plans: list[HostPlan]) -> None:
             console.print(f"    $ {as_root(item.action, p.facts)}")
 
 
-def put_in_place(p: HostPlan, item: Item) -> None:
-    command = as_root(item.action or "", p.facts)
+def put_in_place(p: HostPlan, item: Item, action: str) -> None:
+    command = as_root(action, p.facts)
     what = f"installing {item.name}"
     if item.upload is None:
         p.host.run(command, timeout=ACTION_TIMEOUT, what=what)
@@ -148,7 +148,7 @@ def apply(console: Console, p: HostPlan) -> int:
         if item.action is None:
             console.warn(f"{p.host.name}: {item.name}: not in place: {item.why}")
             continue
-        put_in_place(p, item)
+        put_in_place(p, item, item.action)
         if not present(p.host, p.facts, item):
             raise HostError(f"{p.host.name}: {item.name} is still missing after installing it",
                             hint=f"its check was: {item.probe}")
