@@ -452,6 +452,25 @@ def hosts_trust(c, env=None, yes=False, fingerprint=None):
     run_command(c, env, "hosts", body)
 
 
+@togather_task(name="setup", help={
+    "env": ENV_HELP, "dry_run": "probe every item and print the commands it would run; change "
+                               "nothing",
+    "yes": "do not ask for confirmation (production)"})
+@dry_under_invoke_dry
+def hosts_setup(c, env=None, dry_run=False, yes=False):
+    """Prepare fresh Debian/Ubuntu hosts (as root or with sudo -n): Docker, the Compose v2
+    plugin, the deploy user in the docker group, the remote directory (0750), and on the first
+    host pg_dump/psql and the migration tool. Idempotent: only what is missing is done."""
+
+    def body(session: Session) -> None:
+        from .hostsetup import setup_hosts
+        if not dry_run:
+            confirm(session.settings, yes, "hosts.setup")
+        setup_hosts(session, dry_run=dry_run)
+
+    run_command(c, env, "hosts", body)
+
+
 # A host behind a chain of ProxyJump gateways: one unknown key per hop.
 MAX_TRUST_HOPS = 8
 
@@ -861,7 +880,8 @@ NAMESPACES = (
     ("config", "Check and show an environment's configuration (no host contact).",
      (config_validate, config_show)),
     ("db", "Database snapshots: take, list, restore.", (db_snapshot, db_snapshots, db_restore)),
-    ("hosts", "Trust the SSH host keys of an environment's hosts.", (hosts_trust,)),
+    ("hosts", "Prepare an environment's hosts; trust their SSH host keys.",
+     (hosts_setup, hosts_trust)),
     ("lock", "The environment's deploy lock: who holds it; take or release it by hand.",
      (lock_status, lock_acquire, lock_release)),
 )

@@ -214,7 +214,7 @@ def test_lock_commands_on_the_local_host(project: Project, capsys, tmp_path: Pat
 # --- Invoke's core flags: -R/--dry and -d/--debug (issue 8, item 19) ------------------------
 
 # What each task does under `inv -R`: its own dry run, a refusal, or simply run (read-only).
-DRY_RUN_TASKS = {"deploy", "rollback", "cleanup"}
+DRY_RUN_TASKS = {"deploy", "rollback", "cleanup", "hosts.setup"}
 REFUSED_UNDER_DRY = {"lock.acquire", "lock.release", "db.snapshot", "db.restore", "hosts.trust",
                      "exec"}
 READ_ONLY_TASKS = {"status", "history", "health", "lock.status", "config.validate",
