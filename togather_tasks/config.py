@@ -492,11 +492,16 @@ def _remote_dir(env_block: dict[str, Any], env: str) -> str:
     return env_block.get("remote_dir", f"/srv/togather/{env}")
 
 
+USUAL_ENVIRONMENTS = ("development", "staging", "production")
+
+
 def check_env_defined(env: str, document: dict[str, Any]) -> None:
     """An --env the configuration does not define is a wrong argument (exit 2), most often a
-    typo: say only that, not the missing secrets file that follows from it."""
+    typo: say only that, not the missing secrets file that follows from it. The three usual
+    names are the exception: a config without one of them is incomplete (exit 10, reported
+    with every other problem)."""
     defined = document.get("environments")
-    if env == "development" or not isinstance(defined, dict) or env in defined:
+    if env in USUAL_ENVIRONMENTS or not isinstance(defined, dict) or env in defined:
         return
     raise UsageError(f"unknown environment {env!r}: config/deployment.yml defines "
                      f"{', '.join(map(str, defined)) or 'none'}",

@@ -556,3 +556,12 @@ def test_an_environment_the_config_does_not_define_is_a_usage_error_alone(
     assert info.value.exit_code == 2
     assert info.value.message == ("unknown environment 'prod': config/deployment.yml defines "
                                   "staging, production")
+
+
+def test_a_config_without_a_usual_environment_is_incomplete_not_a_bad_argument(
+        project: Project) -> None:
+    project.write_config(BASE_CONFIG.split("  production:")[0])
+    with pytest.raises(ConfigError) as info:
+        project.load("production")
+    assert info.value.exit_code == 10
+    assert "environments.production is not defined" in info.value.message
