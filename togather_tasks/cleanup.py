@@ -3,15 +3,12 @@ previous deployment (the rollback target), nor the current deployment's snapshot
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 
 from . import commands as cmd
 from . import snapshots
 from .session import Session
 from .state import State
-
-q = shlex.quote
 
 
 @dataclass
@@ -42,7 +39,7 @@ def run_cleanup(session: Session, *, keep_images: int, keep_snapshots: int,
     report = CleanupReport()
     layout = cmd.Layout(st.remote_dir)
     for host in session.all_hosts:
-        listing = host.run(f"docker image ls --format '{{{{.Tag}}}}' {q(st.image)}", timeout=60,
+        listing = host.run(cmd.image_tags(st.image), timeout=60,
                            what="listing images").stdout.split()
         doomed = images_to_remove(listing, keep=keep_images, protected=protected)
         removed, in_use = [], []
@@ -51,17 +48,16 @@ def run_cleanup(session: Session, *, keep_images: int, keep_snapshots: int,
             if dry_run:
                 removed.append(ref)
                 continue
-            result = host.run(f"docker image rm {q(ref)}", timeout=120, check=False)
+            result = host.run(cmd.remove_image(ref), timeout=120, check=False)
             (removed if result.ok else in_use).append(ref)
         report.images[host.name] = removed
         report.kept_in_use[host.name] = in_use
         kept_tags = set(listing) - {r.rsplit(":", 1)[1] for r in removed}
-        releases = host.run(f"ls -1 {q(layout.releases)} 2>/dev/null || true",
-                            timeout=60).stdout.split()
+        releases = host.run(cmd.list_dir(layout.releases), timeout=60).stdout.split()
         old_releases = [r for r in releases if r not in kept_tags and r not in protected
                         and not r.startswith(".")]
         if old_releases and not dry_run:
-            host.run("rm -rf " + " ".join(q(layout.release(r)) for r in old_releases),
+            host.run(cmd.remove_trees(*(layout.release(r) for r in old_releases)),
                      timeout=300, what="removing old releases")
         report.releases[host.name] = old_releases
     report.snapshots = [s.name for s in snapshots.prune(session, state, keep=keep_snapshots,

@@ -207,7 +207,7 @@ def deploy(c, env=None, ref="HEAD", dry_run=False, force=False, skip_migrations=
     switch nginx, record, stop the old slot.
     """
 
-    from .pipeline import Deploy, DeployOptions
+    from .deploy import Deploy, DeployOptions
 
     def body(session: Session) -> None:
         if not dry_run:

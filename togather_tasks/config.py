@@ -65,6 +65,8 @@ DEFAULTS: dict[str, Any] = {
         "history_limit": 20,
         "require_healthy": False,
         "keep_images": 5,
+        # Hosts worked on at once (build, start, health, switch); None: all of them.
+        "parallel": None,
     },
     "proxy": {"bind": "0.0.0.0", "verify_attempts": 20},  # noqa: S104 - the public entry point
     "notifications": {"retries": 3, "timeout": 5},

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from . import commands as cmd
 from . import lock as lockrules
 from .errors import CommandError, LockHeldError, StateError
 from .hosts import Host
@@ -118,7 +119,7 @@ class StateStore:
     def write(self, new: State, expected_token: str) -> str:
         """CAS-write `new`; returns the new token. Raises StateConflict if the file changed."""
         data = new.to_json().encode()
-        self.host.run(f"mkdir -p {shlex.quote(self.directory)}", timeout=30,
+        self.host.run(cmd.make_dirs(self.directory), timeout=30,
                       what="creating the remote directory")
         tmp = self.host.write_temp(self.directory, data, mode=0o640)
         result = self.host.run(cas_script(self.directory, self.path, tmp, expected_token),
@@ -126,7 +127,7 @@ class StateStore:
         if result.exit_status == CAS_CONFLICT:
             raise StateConflict(self.where)
         if not result.ok:
-            self.host.run(f"rm -f {shlex.quote(tmp)}", timeout=30, check=False)
+            self.host.run(cmd.remove_files(tmp), timeout=30, check=False)
             raise CommandError(f"writing {self.where} failed (exit {result.exit_status}): "
                                f"{self.host.redact(result.stderr.strip())[:200]}")
         return hashlib.sha256(data).hexdigest()

@@ -11,6 +11,7 @@ from urllib.parse import quote
 import pytest
 
 from togather_tasks import commands as cmd
+from togather_tasks import snapshots
 from togather_tasks.config import Settings
 
 from .projects import ADMIN_API_KEY, DB_PASSWORD, JWT_SECRET, Project
@@ -127,9 +128,9 @@ def test_parse_env_lines(text: str, expected: dict[str, str]) -> None:
 
 
 def test_snapshot_name_is_exact() -> None:
-    name = cmd.snapshot_name("staging", "20261126T181500Z", "abc1234")
+    name = snapshots.snapshot_name("staging", "20261126T181500Z", "abc1234")
     assert name == "staging_20261126T181500Z_abc1234.dump"
-    match = cmd.SNAPSHOT_RE.match(name)
+    match = snapshots.SNAPSHOT_RE.match(name)
     assert match and (match["env"], match["ts"], match["sha"]) == (
         "staging", "20261126T181500Z", "abc1234")
 
