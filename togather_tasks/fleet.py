@@ -2,11 +2,11 @@
 
 A host's connection (hosts.RemoteHost) is never shared between threads: each host gets exactly
 one task, so one worker runs a host's commands at a time. Signals reach only the main thread
-(signals.py raises Interrupted there); it waits in short slices so an Interrupted propagates at
-once, and before it does, it tells the workers to give up (`cancelled`) and waits for them,
-shielded: the failure path that follows may use each host's connection again, and must know
-what each host did. A failure on one host cancels the hosts still waiting (fail fast): the
-fleet's answer is already no.
+(signals.py raises Interrupted there; workers start with them blocked). It waits in short
+slices so an Interrupted propagates at once, and before it does, it tells the workers to give
+up (`cancelled`) and waits for them, shielded: the failure path that follows may use each
+host's connection again, and must know what each host did. A failure on one host cancels the
+hosts still waiting (fail fast): the fleet's answer is already no.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import TogatherError
 from .hosts import Host
-from .signals import shielded
+from .signals import deferred, shielded
 
 WAIT_SLICE = 0.1
 
@@ -67,9 +67,12 @@ def on_each(hosts: Sequence[Host], action: Callable[[Host], Any], *, parallel: i
         return into
     pool = ThreadPoolExecutor(max_workers=bound(parallel, len(hosts)),
                               thread_name_prefix="togather-host")
-    futures = {pool.submit(_run_one, host, action, into, cancelled): host for host in hosts}
     try:
-        _wait_all(futures, into, cancelled if fail_fast else None)
+        # Inside the try: the first hosts may already run when a held-back signal arrives.
+        with deferred():
+            futures = [pool.submit(_run_one, host, action, into, cancelled, fail_fast)
+                       for host in hosts]
+        _wait_all(futures)
     except BaseException:
         cancelled.set()
         with shielded():
@@ -82,7 +85,9 @@ def on_each(hosts: Sequence[Host], action: Callable[[Host], Any], *, parallel: i
 
 
 def _run_one(host: Host, action: Callable[[Host], Any], into: Outcomes,
-             cancelled: threading.Event | None = None) -> None:
+             cancelled: threading.Event | None = None, fail_fast: bool = True) -> None:
+    """In a worker (`cancelled` given) every error is kept in `into` for the caller; inline
+    (one host, no worker) it is raised as well, as if there were no fleet."""
     if cancelled is not None and cancelled.is_set():
         into[host.name] = HostOutcome(host.name, ran=False)
         return
@@ -94,20 +99,18 @@ def _run_one(host: Host, action: Callable[[Host], Any], into: Outcomes,
                                       finished=time.monotonic())
         if cancelled is None:
             raise
+        if fail_fast:
+            cancelled.set()
         return
     into[host.name] = HostOutcome(host.name, time.monotonic() - start, value,
                                   finished=time.monotonic())
 
 
-def _wait_all(futures: dict[Future[None], Host], into: Outcomes,
-              cancelled: threading.Event | None) -> None:
+def _wait_all(futures: list[Future[None]]) -> None:
+    """In slices: a signal's Interrupted is raised here, in the main thread, at once."""
     pending = set(futures)
     while pending:
-        _, pending = wait(pending, timeout=WAIT_SLICE, return_when=FIRST_EXCEPTION)
-        if cancelled is not None and any(not o.ok for o in into.values() if o.ran):
-            cancelled.set()
-            for future in pending:
-                future.cancel()
+        _, pending = wait(pending, timeout=WAIT_SLICE)
 
 
 def _complete(hosts: Sequence[Host], into: Outcomes) -> None:

@@ -34,10 +34,15 @@ def failed(stderr: str = "failed", status: int = 1, command: str = "") -> Result
 
 
 class FakeHost(Host):
-    def __init__(self, name: str = "fake") -> None:
+    """`journal`, when given, is shared by several hosts: what each did, in the order it
+    happened across the fleet (`(host, command)`, a write as `write PATH`)."""
+
+    def __init__(self, name: str = "fake",
+                 journal: list[tuple[str, str]] | None = None) -> None:
         super().__init__(name)
         self.files: dict[str, bytes] = {}
         self.commands: list[str] = []
+        self.journal = journal if journal is not None else []
         self.rules: list[tuple[str, Rule]] = []
         self.http: Callable[[str, int, str, float], HttpResponse] = self._refuse
         self._busy = threading.Lock()
@@ -61,6 +66,7 @@ class FakeHost(Host):
 
     def _answer(self, command: str) -> Result:
         self.commands.append(command)
+        self.journal.append((self.name, command))
         for fragment, rule in self.rules:
             if fragment in command and (result := rule(command)) is not None:
                 return result
@@ -72,6 +78,7 @@ class FakeHost(Host):
         self.files[path] = data
 
     def _rename(self, src: str, dst: str) -> None:
+        self.journal.append((self.name, f"write {dst}"))
         self.files[dst] = self.files.pop(src)
 
     def _stream_into(self, command: str, source: IO[bytes], timeout: float) -> Result:
@@ -102,7 +109,8 @@ class FakeSession:
                                err=io.StringIO())
         self.redact = self.console.redactor
         self.log = RunLog(None, self.redact)
-        self.hosts = {name: FakeHost(name) for name in names}
+        self.journal: list[tuple[str, str]] = []
+        self.hosts = {name: FakeHost(name, self.journal) for name in names}
         self.all_hosts = list(self.hosts.values())
         self.primary = self.all_hosts[0]
         self.store = StateStore(LocalHost(), str(state_dir), settings.env)
