@@ -55,9 +55,11 @@ def simulate(host: FakeHost, settings: Settings, *, routes: str = "blue",
     def http(address: str, port: int, path: str, timeout: float) -> HttpResponse:
         if port == settings.ports["proxy"]:
             slot = proxy.upstream_slot(host.files.get(upstream, b"").decode())
-            return answer(200, slot=slot,
-                          body=json.dumps({"version": VERSIONS.get(slot or "")}).encode())
-        slot = "green" if port == settings.ports["green"] else "blue"
+            if path == settings.version_endpoint:
+                return answer(200, slot=slot,
+                              body=json.dumps({"version": VERSIONS.get(slot or "")}).encode())
+        else:
+            slot = "green" if port == settings.ports["green"] else "blue"
         status = "unhealthy" if unhealthy and slot == "green" else "healthy"
         return HttpResponse(503 if status == "unhealthy" else 200, {},
                             json.dumps(health_body(status, VERSIONS[slot])).encode())
