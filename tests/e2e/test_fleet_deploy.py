@@ -9,6 +9,7 @@ DemoApp's teardown only knows this machine)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import subprocess
@@ -75,16 +76,20 @@ def fleet_app(demo_app) -> Iterator:
 
 def served(app, alias: str) -> tuple[str | None, str | None]:
     """(slot, version) that `alias`'s proxy answers with, seen from this machine."""
-    out = subprocess.run(["curl", "-s", "-i", "--max-time", "5",
-                          f"http://{ADDRESSES[alias]}:{app.ports['proxy']}/version"],
-                         capture_output=True, text=True, check=False).stdout
-    slot = re.search(r"(?im)^x-togather-slot:\s*(\S+)", out)
-    body = out.split("\r\n\r\n", 1)[-1]
+    conn = http.client.HTTPConnection(ADDRESSES[alias], app.ports["proxy"], timeout=5)
     try:
-        version = json.loads(body).get("version")
+        conn.request("GET", "/version")
+        resp = conn.getresponse()
+        body = resp.read()
+        slot = resp.getheader("x-togather-slot")
+    except OSError:
+        return None, None
+    finally:
+        conn.close()
+    try:
+        return slot, json.loads(body).get("version")
     except ValueError:
-        version = None
-    return (slot[1] if slot else None), version
+        return slot, None
 
 
 def running(app, alias: str, slot: str) -> bool:
@@ -99,7 +104,7 @@ def state(app) -> dict:
 
 def deploy(app, *args: str) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
-    result = app.deploy("--skip-migrations", *args, timeout=1500)
+    result = app.deploy(*args, timeout=1500)
     return result, time.monotonic() - start
 
 
