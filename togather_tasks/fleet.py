@@ -128,14 +128,15 @@ def first_failure(outcomes: Outcomes) -> HostOutcome | None:
 
 def raise_first_failure(outcomes: Outcomes) -> None:
     """Raise the first host's error, its message naming the host when the fleet has more than
-    one (a bare "the slot did not become healthy" would not say where)."""
+    one and it does not already (a bare "the slot did not become healthy" would not say
+    where)."""
     failure = first_failure(outcomes)
     if failure is None:
         return
     exc = failure.error
     assert exc is not None
     if len(outcomes) > 1 and isinstance(exc, TogatherError) and \
-            not exc.message.startswith(f"{failure.host}:"):
+            failure.host not in exc.message:
         exc.message = f"{failure.host}: {exc.message}"
     raise exc
 

@@ -19,7 +19,12 @@ from togather_tasks import commands as cmd
 from togather_tasks import fleet, proxy
 from togather_tasks.config import Settings
 from togather_tasks.deploy import Deploy, DeployOptions
-from togather_tasks.errors import HealthCheckError, Interrupted, TogatherError
+from togather_tasks.errors import (
+    HealthCheckError,
+    HostUnreachableError,
+    Interrupted,
+    TogatherError,
+)
 from togather_tasks.hosts import HttpResponse
 from togather_tasks.operation import Release
 from togather_tasks.signals import interruptible
@@ -115,7 +120,7 @@ def test_host2s_switch_fails_host1_is_switched_back_and_verified_before_anything
     web2 = fleet_session.host("web2")
     web2.on("nginx -t", failed("nginx: [emerg] unexpected end of file"))
 
-    with pytest.raises(HealthCheckError, match="web2: switching traffic to green failed"):
+    with pytest.raises(HealthCheckError, match="switching traffic to green failed: .* on web2"):
         deploy_from_start(fleet_session)
 
     assert routes(fleet_session) == {"web1": "blue", "web2": "blue"}
@@ -277,3 +282,20 @@ def test_the_first_failure_is_raised_naming_its_host_and_cancels_those_waiting()
     assert [o.line() for o in outcomes.values()][1:] == ["web1 skipped", "web2 skipped"]
     with pytest.raises(TogatherError, match="^web0: docker compose could not start"):
         fleet.raise_first_failure(outcomes)
+
+
+def test_one_host_unreachable_at_validate_is_named_and_nothing_changes(
+        fleet_session: FakeSession) -> None:
+    def unreachable(command: str):
+        raise HostUnreachableError("cannot connect to web2: timed out after 15 s")
+
+    for host in fleet_session.all_hosts:
+        host.on("docker version", ok("docker=24.0.7\ncompose=v2.20.2\n"))
+    fleet_session.host("web2").on("docker version", unreachable)
+    deploy = Deploy(fleet_session, DeployOptions())  # type: ignore[arg-type]
+
+    with pytest.raises(HostUnreachableError, match="^cannot connect to web2"):
+        deploy.on_hosts("validate", lambda host: deploy.check_host(host, primary=False))
+
+    assert "web2 FAILED" in fleet_session.output and "web1 ok" in fleet_session.output
+    assert not [c for _, c in fleet_session.journal if not c.startswith("printf")]
