@@ -3,7 +3,6 @@ previous deployment (the rollback target), nor the current deployment's snapshot
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 
 from . import commands as cmd
@@ -13,8 +12,6 @@ from .errors import TogatherError
 from .hosts import Host
 from .session import Session
 from .state import State
-
-q = shlex.quote
 
 
 @dataclass
@@ -73,7 +70,7 @@ def prune_host(st: Settings, host: Host, report: CleanupReport, *, keep_images: 
     """One host's images beyond the newest `keep_images` and their release directories,
     recorded in `report`. An image a container still uses is kept (docker refuses)."""
     layout = cmd.Layout(st.remote_dir)
-    listing = host.run(f"docker image ls --format '{{{{.Tag}}}}' {q(st.image)}", timeout=60,
+    listing = host.run(cmd.image_tags(st.image), timeout=60,
                        what="listing images").stdout.split()
     doomed = images_to_remove(listing, keep=keep_images, protected=protected)
     removed, in_use = [], []
@@ -82,16 +79,15 @@ def prune_host(st: Settings, host: Host, report: CleanupReport, *, keep_images: 
         if dry_run:
             removed.append(ref)
             continue
-        result = host.run(f"docker image rm {q(ref)}", timeout=120, check=False)
+        result = host.run(cmd.remove_image(ref), timeout=120, check=False)
         (removed if result.ok else in_use).append(ref)
     report.images[host.name] = removed
     report.kept_in_use[host.name] = in_use
     kept_tags = set(listing) - {r.rsplit(":", 1)[1] for r in removed}
-    releases = host.run(f"ls -1 {q(layout.releases)} 2>/dev/null || true",
-                        timeout=60).stdout.split()
+    releases = host.run(cmd.list_dir(layout.releases), timeout=60).stdout.split()
     old_releases = [r for r in releases if r not in kept_tags and r not in protected
                     and not r.startswith(".")]
     if old_releases and not dry_run:
-        host.run("rm -rf " + " ".join(q(layout.release(r)) for r in old_releases),
+        host.run(cmd.remove_trees(*(layout.release(r) for r in old_releases)),
                  timeout=300, what="removing old releases")
     report.releases[host.name] = old_releases
