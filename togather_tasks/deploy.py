@@ -19,8 +19,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from . import cleanup, images, slots, snapshots, source
-from . import commands as cmd
 from . import cleanup, fleet, images, proxy, slots, snapshots, source
 from . import commands as cmd
 from .errors import CommandTimeoutError, ConfigError, MigrationError, TogatherError
