@@ -53,10 +53,14 @@ def prune_after_deploy(session: Session, state: State) -> CleanupReport:
     has happened: a problem is a warning, and the next deploy or `inv cleanup` tries again."""
     report = CleanupReport()
     keep = int(session.settings.deployment["keep_images"])
+    # Only tags this environment deployed itself: another environment or app sharing the
+    # image name on this engine may be about to start a tag it just built (not yet used by a
+    # container, so docker would not refuse to remove it).
+    own = {d["version"] for d in state.known_deployments()}
     for host in session.all_hosts:
         try:
             prune_host(session.settings, host, report, keep_images=keep,
-                       protected=protected_versions(state), dry_run=False)
+                       protected=protected_versions(state), dry_run=False, only=own)
         except (TogatherError, OSError) as exc:
             session.console.warn(f"{host.name}: could not prune old images ({exc}); "
                                  f"`inv cleanup --env={session.settings.env}` retries")
@@ -66,13 +70,15 @@ def prune_after_deploy(session: Session, state: State) -> CleanupReport:
 
 
 def prune_host(st: Settings, host: Host, report: CleanupReport, *, keep_images: int,
-               protected: set[str], dry_run: bool) -> None:
-    """One host's images beyond the newest `keep_images` and their release directories,
-    recorded in `report`. An image a container still uses is kept (docker refuses)."""
+               protected: set[str], dry_run: bool, only: set[str] | None = None) -> None:
+    """One host's images beyond the newest `keep_images` (among the tags in `only`, when
+    given) and their release directories, recorded in `report`. An image a container still
+    uses is kept (docker refuses)."""
     layout = cmd.Layout(st.remote_dir)
     listing = host.run(cmd.image_tags(st.image), timeout=60,
                        what="listing images").stdout.split()
-    doomed = images_to_remove(listing, keep=keep_images, protected=protected)
+    candidates = [t for t in listing if only is None or t in only]
+    doomed = images_to_remove(candidates, keep=keep_images, protected=protected)
     removed, in_use = [], []
     for tag in doomed:
         ref = f"{st.image}:{tag}"
