@@ -494,6 +494,17 @@ def _remote_dir(env_block: dict[str, Any], env: str) -> str:
     return env_block.get("remote_dir", f"/srv/togather/{env}")
 
 
+def check_env_defined(env: str, document: dict[str, Any]) -> None:
+    """An --env the configuration does not define is a wrong argument (exit 2), most often a
+    typo: say only that, not the missing secrets file that follows from it."""
+    defined = document.get("environments")
+    if env == "development" or not isinstance(defined, dict) or env in defined:
+        return
+    raise UsageError(f"unknown environment {env!r}: config/deployment.yml defines "
+                     f"{', '.join(map(str, defined)) or 'none'}",
+                     hint=f"Fix --env, or add an `environments: {env}:` block with its hosts.")
+
+
 def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Settings:
     """Load, merge and validate the configuration of one environment (exit 10 on problems)."""
     env = check_env_name(env)
@@ -502,6 +513,7 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
     if not isinstance(document, dict):
         raise ConfigError(f"{config_path}: expected a mapping at the top level")
     document = without_extensions(document)
+    check_env_defined(env, document)
     problems = schema_problems(document, str(config_path))
     env_block: dict[str, Any] = {}
     merged: dict[str, Any] = {}

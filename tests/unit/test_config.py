@@ -545,3 +545,14 @@ def test_registry_credentials_go_together(project: Project) -> None:
     project.write_env("staging", DEPLOY_REGISTRY_USERNAME="ci-deployer")
     problem = only_problem(project)
     assert "DEPLOY_REGISTRY_USERNAME and DEPLOY_REGISTRY_PASSWORD go together" in problem
+
+
+def test_an_environment_the_config_does_not_define_is_a_usage_error_alone(
+        project: Project) -> None:
+    """A typo in --env names the defined environments; the secrets file it would need is not
+    reported on top (it follows from the typo)."""
+    with pytest.raises(UsageError) as info:
+        project.load("prod")
+    assert info.value.exit_code == 2
+    assert info.value.message == ("unknown environment 'prod': config/deployment.yml defines "
+                                  "staging, production")
