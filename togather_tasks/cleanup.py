@@ -3,7 +3,6 @@ previous deployment (the rollback target), nor the current deployment's snapshot
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 
 from . import commands as cmd
@@ -13,8 +12,6 @@ from .errors import TogatherError
 from .hosts import Host
 from .session import Session
 from .state import State
-
-q = shlex.quote
 
 
 @dataclass
@@ -56,10 +53,14 @@ def prune_after_deploy(session: Session, state: State) -> CleanupReport:
     has happened: a problem is a warning, and the next deploy or `inv cleanup` tries again."""
     report = CleanupReport()
     keep = int(session.settings.deployment["keep_images"])
+    # Only tags this environment deployed itself: another environment or app sharing the
+    # image name on this engine may be about to start a tag it just built (not yet used by a
+    # container, so docker would not refuse to remove it).
+    own = {d["version"] for d in state.known_deployments()}
     for host in session.all_hosts:
         try:
             prune_host(session.settings, host, report, keep_images=keep,
-                       protected=protected_versions(state), dry_run=False)
+                       protected=protected_versions(state), dry_run=False, only=own)
         except (TogatherError, OSError) as exc:
             session.console.warn(f"{host.name}: could not prune old images ({exc}); "
                                  f"`inv cleanup --env={session.settings.env}` retries")
@@ -69,29 +70,30 @@ def prune_after_deploy(session: Session, state: State) -> CleanupReport:
 
 
 def prune_host(st: Settings, host: Host, report: CleanupReport, *, keep_images: int,
-               protected: set[str], dry_run: bool) -> None:
-    """One host's images beyond the newest `keep_images` and their release directories,
-    recorded in `report`. An image a container still uses is kept (docker refuses)."""
+               protected: set[str], dry_run: bool, only: set[str] | None = None) -> None:
+    """One host's images beyond the newest `keep_images` (among the tags in `only`, when
+    given) and their release directories, recorded in `report`. An image a container still
+    uses is kept (docker refuses)."""
     layout = cmd.Layout(st.remote_dir)
-    listing = host.run(f"docker image ls --format '{{{{.Tag}}}}' {q(st.image)}", timeout=60,
+    listing = host.run(cmd.image_tags(st.image), timeout=60,
                        what="listing images").stdout.split()
-    doomed = images_to_remove(listing, keep=keep_images, protected=protected)
+    candidates = [t for t in listing if only is None or t in only]
+    doomed = images_to_remove(candidates, keep=keep_images, protected=protected)
     removed, in_use = [], []
     for tag in doomed:
         ref = f"{st.image}:{tag}"
         if dry_run:
             removed.append(ref)
             continue
-        result = host.run(f"docker image rm {q(ref)}", timeout=120, check=False)
+        result = host.run(cmd.remove_image(ref), timeout=120, check=False)
         (removed if result.ok else in_use).append(ref)
     report.images[host.name] = removed
     report.kept_in_use[host.name] = in_use
     kept_tags = set(listing) - {r.rsplit(":", 1)[1] for r in removed}
-    releases = host.run(f"ls -1 {q(layout.releases)} 2>/dev/null || true",
-                        timeout=60).stdout.split()
+    releases = host.run(cmd.list_dir(layout.releases), timeout=60).stdout.split()
     old_releases = [r for r in releases if r not in kept_tags and r not in protected
                     and not r.startswith(".")]
     if old_releases and not dry_run:
-        host.run("rm -rf " + " ".join(q(layout.release(r)) for r in old_releases),
+        host.run(cmd.remove_trees(*(layout.release(r) for r in old_releases)),
                  timeout=300, what="removing old releases")
     report.releases[host.name] = old_releases

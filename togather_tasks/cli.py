@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 ENV_HELP = "environment, as named in config/deployment.yml (e.g. staging, production)"
 LOCK_WAIT_HELP = ("seconds to wait for a lock held by someone else before giving up "
                   "(exit 3); default 0: give up at once")
+HOSTS_HELP = "only these hosts of the environment (comma-separated names); default all"
 
 # The only short flags, each with one meaning in every task (`-d` is Invoke's --debug and
 # `-R` its --dry, so neither names a task option).
@@ -221,7 +222,7 @@ def deploy(c, env=None, ref="HEAD", dry_run=False, force=False, skip_migrations=
     switch nginx, record, stop the old slot.
     """
 
-    from .pipeline import Deploy, DeployOptions
+    from .deploy import Deploy, DeployOptions
 
     def body(session: Session) -> None:
         if not dry_run:
@@ -245,20 +246,24 @@ def deploy(c, env=None, ref="HEAD", dry_run=False, force=False, skip_migrations=
     run_command(c, env, "deploy", body, log=True)
 
 
-@togather_task(help={"env": ENV_HELP, "json_": "machine-readable output"})
-def status(c, env=None, json_=False):
-    """Current and previous deployment, active slot, what runs in each slot, lock holder."""
+@togather_task(help={"env": ENV_HELP, "json_": "machine-readable output", "hosts": HOSTS_HELP})
+def status(c, env=None, json_=False, hosts=None):
+    """Current and previous deployment, active slot, per host: where its proxy routes and
+    what runs in each slot; lock holder."""
 
     def body(session: Session) -> None:
-        from .slots import read_slot_images, slot_container_state
+        from .fleet import on_each, raise_first_failure
+        from .status import describe_hosts, host_status
         state = session.store.read().state
-        images = read_slot_images(session.settings, session.primary)
-        slots = {slot: {"image": images.get(slot), "container": slot_container_state(
-                     session.settings, session.primary, slot).split(" ")[0]}
-                 for slot in ("blue", "green")}
+        chosen = session.chosen_hosts(hosts)
+        outcomes = on_each(chosen, lambda host: host_status(session.settings, host),
+                           parallel=session.settings.deployment["parallel"], into={})
+        raise_first_failure(outcomes)
+        per_host = {name: outcome.value for name, outcome in outcomes.items()}
         doc = {"environment": session.settings.env, "active_slot": state.active_slot,
                "current_deployment": state.current, "previous_deployment": state.previous,
-               "slots": slots, "lock": state.lock}
+               "slots": next(iter(per_host.values()))["slots"], "hosts": per_host,
+               "lock": state.lock}
         if json_:
             session.console.always(jsonlib.dumps(doc, indent=2))
             return
@@ -267,8 +272,13 @@ def status(c, env=None, json_=False):
         p(f"current:     {_describe_deployment(state.current)}")
         p(f"previous:    {_describe_deployment(state.previous)}")
         p(f"active slot: {state.active_slot or '-'}")
-        for slot, info in slots.items():
-            p(f"  {slot:<5} {info['container']:<10} {info['image'] or '-'}")
+        for line in describe_hosts(per_host):
+            p(line)
+        disagreement = {info["routes_to"] for info in per_host.values()} - {None}
+        if len(disagreement) > 1:
+            session.console.warn("the hosts' proxies route to different slots (a run was "
+                                 "interrupted between two hosts' switches); the next deploy "
+                                 "or rollback brings them back to one")
         p(f"lock:        {_describe_lock(state.lock)}")
 
     run_command(c, env, "status", body, quiet=json_)
@@ -522,50 +532,67 @@ def rollback(c, env=None, to=None, dry_run=False, yes=False, restore_db=False, l
 
 @togather_task(help={"env": ENV_HELP, "slot": "active (through the proxy, default), blue or green",
                      "expected_version": "fail unless this version (SHA) is running",
-                     "json_": "machine-readable output"})
-def health(c, env=None, slot="active", expected_version=None, json_=False):
-    """Check the app's /health (through the proxy or one slot) against the contract."""
+                     "json_": "machine-readable output", "hosts": HOSTS_HELP})
+def health(c, env=None, slot="active", expected_version=None, json_=False, hosts=None):
+    """Check the app's /health (through the proxy or one slot) against the contract; on a
+    fleet (or with --hosts) each host too, through its own proxy or slot."""
     from .health import judge, unreachable
 
     def body(session: Session) -> None:
+        from .fleet import on_each, raise_first_failure
+        from .status import host_health
         st = session.settings
         if slot not in ("active", "blue", "green"):
             raise UsageError(f"--slot must be active, blue or green, not {slot!r}")
-        timeout = float(st.health.timeout)
-        start = time.monotonic()
+        per_host = {}
+        if hosts or len(st.hosts) > 1 or slot != "active":
+            outcomes = on_each(session.chosen_hosts(hosts), lambda host: host_health(
+                st, host, slot, expected_version), parallel=st.deployment["parallel"], into={})
+            raise_first_failure(outcomes)
+            per_host = {name: outcome.value for name, outcome in outcomes.items()}
         if slot == "active":
             import requests
             where = st.public_url.rstrip("/") + st.health_endpoint
+            timeout = float(st.health.timeout)
 
             def fetch(path: str) -> tuple[int, bytes]:
                 resp = requests.get(st.public_url.rstrip("/") + path, timeout=timeout)
                 return resp.status_code, resp.content
 
+            start = time.monotonic()
             try:
                 verdict = judge(fetch, mode=st.health_mode, health_endpoint=st.health_endpoint,
                                 version_endpoint=st.version_endpoint,
                                 expected_version=expected_version)
             except requests.RequestException as exc:
                 verdict = unreachable(f"no answer from {where}: {type(exc).__name__}")
+            elapsed_ms = int((time.monotonic() - start) * 1000)
         else:
-            from .slots import check_health
-            where = f"{st.primary_host}:127.0.0.1:{st.ports[slot]}{st.health_endpoint}"
-            verdict = check_health(st, session.primary, st.ports[slot],
-                                   expected_version=expected_version, timeout=timeout)
-        elapsed_ms = int((time.monotonic() - start) * 1000)
-        ok = verdict.acceptable(require_healthy=st.deployment["require_healthy"])
+            first = next(iter(per_host.values()))
+            where, verdict, elapsed_ms = first.where, first.verdict, first.latency_ms
+        require = st.deployment["require_healthy"]
+        problems = [f"{name}: {h.verdict.summary()}" for name, h in per_host.items()
+                    if not h.verdict.acceptable(require_healthy=require)]
+        if slot == "active" and not verdict.acceptable(require_healthy=require):
+            problems.insert(0, verdict.summary())
+        ok = not problems
         if json_:
-            session.console.always(jsonlib.dumps({
-                "environment": st.env, "url": where, "status": verdict.status,
-                "http_status": verdict.http_status, "ok": ok, "problem": verdict.problem,
-                "version": verdict.version, "latency_ms": elapsed_ms, "checks": verdict.checks},
-                indent=2))
+            doc = {"environment": st.env, "url": where, "status": verdict.status,
+                   "http_status": verdict.http_status, "ok": ok, "problem": verdict.problem,
+                   "version": verdict.version, "latency_ms": elapsed_ms,
+                   "checks": verdict.checks}
+            if len(per_host) > 1 or hosts:
+                doc["hosts"] = {name: h.as_dict(require) for name, h in per_host.items()}
+            session.console.always(jsonlib.dumps(doc, indent=2))
         else:
             _print_health(session.console, where, verdict, elapsed_ms)
+            if len(per_host) > 1 or (hosts and slot == "active"):
+                for name, h in per_host.items():
+                    session.console.print(h.line(name))
             if ok and verdict.status == "degraded":
                 session.console.warn("degraded: the app runs but reports a warning")
-        if not ok:
-            raise HealthCheckError(f"{st.env} is not healthy: {verdict.summary()}")
+        if problems:
+            raise HealthCheckError(f"{st.env} is not healthy: {'; '.join(problems)}")
 
     run_command(c, env, "health", body, quiet=json_)
 

@@ -48,9 +48,6 @@ LIBPQ_QUERY_ENV = {
 # libpq's own default: without it the migration tools' driver (lib/pq) would assume `require`,
 # and pg_dump and the migration tool must agree on one rule.
 DEFAULT_SSLMODE = "prefer"
-# The environment's name (config.ENV_NAME_RE: no `_`), so the first `_` ends it.
-SNAPSHOT_RE = re.compile(
-    r"^(?P<env>[a-z][a-z0-9-]*)_(?P<ts>\d{8}T\d{6}Z)_(?P<sha>[0-9a-f]{7})\.dump$")
 
 
 @dataclass(frozen=True)
@@ -211,6 +208,88 @@ def service(slot: str) -> str:
     return f"app-{slot}"
 
 
+def start_slot(settings: Settings, slot: str, pull: str) -> str:
+    """(Re)create one slot; `pull` is Compose's --pull policy (slots.start_slot: never)."""
+    return compose(settings, "up", "--detach", "--no-deps", "--pull", pull, service(slot))
+
+
+def stop_slot(settings: Settings, slot: str) -> str:
+    return compose(settings, "stop", "--timeout", str(settings.deployment["stop_timeout"]),
+                   service(slot))
+
+
+def slot_container_ids(settings: Settings, slot: str) -> str:
+    return compose(settings, "ps", "--all", "--quiet", service(slot))
+
+
+def slot_logs(settings: Settings, slot: str, lines: int = 15) -> str:
+    return compose(settings, "logs", "--no-color", "--tail", str(lines), service(slot))
+
+
+def container_state(container: str) -> str:
+    """`running 0 0`: status, exit code, restart count (see parse_container_state)."""
+    return ("docker inspect --format '{{.State.Status}} {{.State.ExitCode}} "
+            "{{.RestartCount}}' " + q(container))
+
+
+def start_proxy(settings: Settings, *, recreate: bool = False) -> str:
+    return compose(settings, "up", "--detach", "--no-deps",
+                   *(["--force-recreate"] if recreate else []), "proxy")
+
+
+def reload_proxy(settings: Settings) -> str:
+    """Test the configuration first: a bad one never reaches the running nginx."""
+    return compose(settings, "exec", "-T", "proxy", "sh", "-c",
+                   q("nginx -t -q && nginx -s reload"))
+
+
+def running_proxy(settings: Settings) -> str:
+    """The running proxy's image and published port (`IMAGE {json}`), empty when none runs:
+    one round trip."""
+    return (f"id=$({compose(settings, 'ps', '--quiet', '--status', 'running', 'proxy')}"
+            ' | head -n 1); [ -z "$id" ] || docker inspect --format '
+            + q("{{.Config.Image}} {{json .HostConfig.PortBindings}}") + ' "$id"')
+
+
+def image_exists(image: str) -> str:
+    return f"docker image inspect {q(image)} > /dev/null 2>&1"
+
+
+def build_proxy_image(image: str, directory: str) -> str:
+    return f"docker build --quiet -t {q(image)} {q(directory)}"
+
+
+def image_tags(image: str) -> str:
+    """One tag of the repository `image` per line, newest first."""
+    return f"docker image ls --format '{{{{.Tag}}}}' {q(image)}"
+
+
+def remove_image(ref: str) -> str:
+    return f"docker image rm {q(ref)}"
+
+
+def make_dirs(*paths: str) -> str:
+    return "mkdir -p " + " ".join(q(p) for p in paths)
+
+
+def read_file(path: str) -> str:
+    """The file's content; empty (and success) when it does not exist."""
+    return f"cat {q(path)} 2>/dev/null || true"
+
+
+def list_dir(path: str) -> str:
+    """One name per line; empty (and success) when the directory does not exist."""
+    return f"ls -1 {q(path)} 2>/dev/null || true"
+
+
+def remove_files(*paths: str) -> str:
+    return "rm -f " + " ".join(q(p) for p in paths)
+
+
+def remove_trees(*paths: str) -> str:
+    return "rm -rf " + " ".join(q(p) for p in paths)
+
+
 def slots_env(settings: Settings, images: dict[str, str]) -> str:
     """The non-secret values compose.yml interpolates. The images come from the state file
     (a rollback's target) or from slots.env itself, both on the host: one holding a line break
@@ -365,11 +444,6 @@ def upstream_conf(settings: Settings, slot: str) -> str:
         f"    default {slot};\n"
         "}\n"
     )
-
-
-def snapshot_name(env: str, timestamp: str, sha7: str) -> str:
-    """`staging_20261126T181500Z_abc1234.dump` (timestamp as YYYYmmddTHHMMSSZ)."""
-    return f"{env}_{timestamp}_{sha7}.dump"
 
 
 def snapshot_command(settings: Settings, path: str) -> str:

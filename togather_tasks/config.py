@@ -85,6 +85,8 @@ DEFAULTS: dict[str, Any] = {
         # Docker's json-file driver keeps a container's log forever by default: a chatty app
         # fills the host's disk. Rotation bounds each container's log files.
         "log_rotation": {"max_size": "10m", "max_files": 5},
+        # Hosts worked on at once (build, start, health, switch); None: all of them.
+        "parallel": None,
     },
     "proxy": {"bind": "0.0.0.0", "verify_attempts": 20},  # noqa: S104 - the public entry point
     "notifications": {"retries": 3, "timeout": 5},

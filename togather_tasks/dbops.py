@@ -27,7 +27,7 @@ def snapshot_now(session: Session, *, protect: Iterable[str] = ()) -> tuple[str,
 def check_snapshot_name(env: str, name: str | None) -> str:
     """A bare snapshot name (never a path) taken in `env`: a staging dump restored into
     production would replace production's data with staging's."""
-    match = cmd.SNAPSHOT_RE.match(name or "")
+    match = snapshots.SNAPSHOT_RE.match(name or "")
     if not match:
         raise UsageError(f"--snapshot {name!r} is not a snapshot name",
                          hint="Names look like staging_20261126T181500Z_abc1234.dump; "

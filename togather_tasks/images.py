@@ -19,6 +19,7 @@ import shlex
 import subprocess
 import tarfile
 import tempfile
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
@@ -100,6 +101,10 @@ def upload_release(build: Build, host: Host) -> str:
              f"rm -f {q(tar)} && mv {q(tmp)} {q(release)}", timeout=300,
              what="unpacking the release")
     return release
+
+
+# One local build at a time (see ship).
+_LOCAL_BUILD = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -223,8 +228,9 @@ def build_here(build: Build, local: Host) -> None:
 def ship(build: Build, host: Host) -> None:
     """`local`: build here (once), stream `docker save | docker load` to the host."""
     local = LocalHost(redact=host.redact)
-    if not image_present(local, build.image, build.commit):
-        build_here(build, local)
+    with _LOCAL_BUILD:  # the hosts ship in parallel: the first one builds, the others wait
+        if not image_present(local, build.image, build.commit):
+            build_here(build, local)
     if isinstance(host, LocalHost):
         return
     with subprocess.Popen(["docker", "save", build.image], stdout=subprocess.PIPE,

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from . import commands as cmd
 from .errors import HostError, Interrupted, TogatherError, UsageError
 from .hosts import Host
+from .proxy import serving_slot
 from .session import Session
 from .signals import shielded
-from .slots import serving_slot
 
 SLOT_CHOICES = ("active", "blue", "green", "proxy")
 DEFAULT_LINES = 100

@@ -1,30 +1,36 @@
-"""What deploy and rollback share: the lock around them, the choice of slots, moving traffic
-to a slot on every host (start, health gate, switch, stop the old one), the run of the steps
-with its cleanup on every exit path, hooks and notifications."""
+"""What deploy and rollback share: the runner of a runbook (one table of `Step`s per operation:
+names, order, progress total and pause-hook names all come from it), the lock around it, moving
+traffic to a new slot on every host (start, health gate, switch all or none, stop the old one),
+each step's undo per host, hooks and notifications.
+
+A fleet's steps run on all hosts at once (fleet.py). Undo is per step and per host: a step's
+results say what it did on each host (`results[step]`), and its undo reverses exactly that, in
+reverse order of the steps, after asking each host what its proxy routes to.
+"""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from . import hooks, monitoring, notify, slots
+from . import fleet, hooks, monitoring, notify, proxy, slots
 from .errors import Interrupted, LockLostError, TogatherError
-from .health import Verdict
 from .hosts import Host
 from .lease import Lease
 from .lock import describe
-from .output import Progress
+from .output import Progress, StepNote
 from .session import Session
 from .signals import shielded
-from .state import other_slot, utc_now
+from .slots import Slots, SlotTarget
+from .state import State, utc_now
 
 PAUSE_ENV = "TOGATHER_TEST_PAUSE_BEFORE"
 PAUSE_FILE_ENV = "TOGATHER_TEST_PAUSE_FILE"
 PAUSE_SECONDS = 120
-# Steps after which the world has changed: each runs only while the lock is provably ours.
-DESTRUCTIVE_STEPS = frozenset({"migrate", "switch", "record", "restore_database"})
 
 
 def pause_if_requested(step: str) -> None:
@@ -43,31 +49,62 @@ def pause_if_requested(step: str) -> None:
         time.sleep(0.1)
 
 
+@dataclass(frozen=True)
+class Release:
+    """The version an operation puts into the new slot."""
+
+    commit: str
+    image: str
+
+    @property
+    def sha7(self) -> str:
+        return self.commit[:7]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One row of a runbook. `name` is the pause-hook name (TOGATHER_TEST_PAUSE_BEFORE) and the
+    one the lock check names; `label` the progress line's (default `name`). `undo` is armed
+    before `run` starts, so a step cut half-way is undone too. A `destructive` step runs only
+    while the lock is provably ours. After a `commit` step the operation has happened: later
+    failures are reported, never undone. `when` leaves an optional step out of the runbook."""
+
+    name: str
+    title: str
+    run: Callable[[Any, StepNote], None]
+    undo: Callable[[Any], None] | None = None
+    destructive: bool = False
+    commit: bool = False
+    when: Callable[[Any], bool] | None = None
+    label: str = ""
+
+
 class SlotOperation:
-    """Base of Deploy and Rollback: subclasses name their steps and say what goes into the
-    new slot (`target`), what a failure records (`on_failure`) and what hooks see."""
+    """Base of Deploy and Rollback: subclasses give their runbook (`steps`) and say what a
+    failure records (`on_failure`) and what hooks and webhooks see."""
 
     operation = "operation"
+    steps: tuple[Step, ...] = ()
 
-    def __init__(self, session: Session, total_steps: int) -> None:
+    def __init__(self, session: Session, *, dry_run: bool) -> None:
         self.s = session
         self.settings = session.settings
-        self.progress = Progress(session.console, session.log, total_steps)
+        self.runbook = tuple(step for step in self.steps if step.when is None or step.when(self))
+        self.progress = Progress(session.console, session.log,
+                                 1 if dry_run else len(self.runbook))
         self.started = time.monotonic()
         self.lease: Lease | None = None
-        self.new_slot = ""
-        self.old_slot: str | None = None
-        self.new_slot_started = False
-        self.switched = False
+        self.state: State | None = None
+        self.release: Release | None = None
+        self.slots: Slots | None = None
+        self.results: dict[str, fleet.Outcomes] = {}
+        self._undo: list[Step] = []
         self.upcoming = "lock"
 
     # --- for subclasses -------------------------------------------------------------------
 
-    def target(self) -> slots.SlotTarget:
-        raise NotImplementedError
-
     def on_failure(self, step: str, message: str) -> None:
-        """Record and report a failure (the new slot is already stopped)."""
+        """Record and report a failure (what the steps did is already undone)."""
         raise NotImplementedError
 
     def hook_values(self, status: str) -> dict[str, object]:
@@ -76,7 +113,71 @@ class SlotOperation:
     def notify_fields(self) -> dict[str, object]:
         raise NotImplementedError
 
-    # --- shared ---------------------------------------------------------------------------
+    # --- the runner -----------------------------------------------------------------------
+
+    def run_steps(self, steps: Sequence[Step]) -> None:
+        """Each step in order; on any failure (Ctrl-C, SIGTERM and unexpected exceptions
+        included) undo what the steps did, record it, and always release the lock, shielded
+        from a second signal."""
+        try:
+            for step in steps:
+                self.upcoming = step.name
+                pause_if_requested(step.name)
+                if self.lease and step.destructive:
+                    self.lease.check(step.name)
+                if step.undo:
+                    self._undo.append(step)
+                with self.progress.step(step.label or step.name, step.title) as note:
+                    step.run(self, note)
+                if step.commit:
+                    self._undo.clear()
+        except BaseException as exc:  # an unexpected error needs the undo more than any other
+            with shielded():
+                self.fail(exc)
+            raise
+        finally:
+            with shielded():
+                self.release_lock()
+
+    def fail(self, exc: BaseException) -> None:
+        if self.lock is None:
+            return  # failed while taking the lock: nothing was changed, the error says it all
+        step = self.progress.current or f"before {self.upcoming}"
+        if self.confirm_ownership():  # always asked: on_failure records only if owned
+            self.unwind()
+        message = self.failure_message(exc)
+        self.on_failure(step, message)
+        self.run_hook("on-failure", "failed", failed_step=step, error=message)
+        self.notify("failed", step=step, message=message)
+
+    def unwind(self) -> None:
+        """The armed undos, newest first: a switch is undone on every host before the new
+        slot may be stopped anywhere."""
+        for step in reversed(self._undo):
+            assert step.undo is not None
+            try:
+                step.undo(self)
+            except (TogatherError, OSError) as exc:
+                self.s.console.warn(f"could not undo {step.name}: {exc}")
+        self._undo.clear()
+
+    def on_hosts(self, step: str, action: Callable[[Host], Any], *,
+                 hosts: Sequence[Host] | None = None,
+                 cancelled: threading.Event | None = None) -> fleet.Outcomes:
+        """`action` on every host at once (bounded by deployment.parallel); its outcomes are
+        `results[step]`, also when it fails, so the step's undo knows where it ran. The
+        first host's failure is raised, every host's line shown first."""
+        outcomes = self.results[step] = {}
+        fleet.on_each(hosts or self.s.all_hosts, action, into=outcomes, cancelled=cancelled,
+                      parallel=self.settings.deployment["parallel"])
+        if fleet.first_failure(outcomes) is not None:
+            for outcome in outcomes.values():
+                self.s.console.note(f"  {outcome.line()}"
+                                    + (f": {outcome.error}" if outcome.error else ""))
+        fleet.raise_first_failure(outcomes)
+        return outcomes
+
+    # --- shared steps ---------------------------------------------------------------------
 
     def elapsed(self) -> int:
         return int(time.monotonic() - self.started)
@@ -97,79 +198,116 @@ class SlotOperation:
             self.s.console.warn(f"took over the lock of {describe(decision.replaced, utc_now())}"
                                 f": {decision.reason}")
 
-    def choose_slots(self, active_in_state: str | None) -> None:
-        """The new slot is the idle one: checked against what the proxy really serves, since
-        the state file lags behind after a crash between the switch and the record step (and
-        starting the slot that serves would be an outage)."""
-        self.old_slot = active_in_state
-        serving = slots.serving_slot(self.settings, self.s.primary)
-        if serving and serving != self.old_slot:
-            self.s.console.warn(f"the proxy serves the {serving} slot but the state file says "
-                                f"{self.old_slot or 'none'} (an earlier run was interrupted); "
-                                f"using the other slot")
-            self.old_slot = serving
-        self.new_slot = other_slot(self.old_slot) if self.old_slot else "blue"
+    def settle_slots(self, state: State) -> None:
+        """Under the lock: choose the slots from what every host's proxy routes to (see
+        slots.choose_slots), and first bring hosts that disagree back to one slot."""
+        routes = self.on_hosts("routes", lambda host: proxy.routed_slot(self.settings, host))
+        choice = slots.choose_slots(state.active_slot,
+                                    {name: o.value for name, o in routes.items()})
+        if choice.warning:
+            self.s.console.warn(choice.warning)
+        if choice.repair:
+            assert self.lease is not None and choice.slots.old is not None
+            self.lease.check("switch")
+            version = self.version_in(state, choice.slots.old)
+            for name in choice.repair:
+                proxy.switch(self.settings, self.s.host(name), choice.slots.old, version)
+        self.slots = choice.slots
 
-    def run_steps(self, steps: Sequence[Callable[[], None]]) -> None:
-        """Each step in order (the first takes the lock); on any failure (Ctrl-C, SIGTERM and
-        unexpected exceptions included) undo what moves traffic, record it, and always release
-        the lock, shielded from a second signal."""
-        try:
-            for step in steps:
-                self.upcoming = step.__name__
-                pause_if_requested(step.__name__)
-                if self.lease and step.__name__ in DESTRUCTIVE_STEPS:
-                    self.lease.check(step.__name__)
-                step()
-        except BaseException as exc:  # an unexpected error needs the undo more than any other
-            with shielded():
-                self.fail(exc)
-            raise
-        finally:
-            with shielded():
-                self.release_lock()
+    @staticmethod
+    def version_in(state: State | None, slot: str | None) -> str | None:
+        """The version the state file says `slot` runs (None when it does not know)."""
+        current = state.current if state else None
+        return current["version"] if current and current["active_slot"] == slot else None
 
-    def release_lock(self) -> None:
-        if self.lease:
-            self.lease.release()
+    def target(self) -> SlotTarget:
+        assert self.release is not None and self.slots is not None
+        return SlotTarget(self.slots.new, self.release.image, self.release.sha7)
 
-    def start(self) -> None:
+    def start(self, note: StepNote) -> None:
         """Step: the new slot runs its image on every host."""
         target = self.target()
-        with self.progress.step("start", f"starting the {target.slot} slot") as note:
-            for host in self.s.all_hosts:
-                self.new_slot_started = True
-                slots.start_slot(self.settings, host, target)
-            note(f"app-{target.slot} running {target.image}")
+        outcomes = self.on_hosts("start", lambda host: slots.start_slot(self.settings, host,
+                                                                         target))
+        note(f"app-{target.slot} running {target.image} ({fleet.summary(outcomes)})")
 
-    def health(self) -> None:
-        """Step: the new slot is healthy and runs the expected version on every host."""
+    def stop_new_slot(self) -> None:
+        """Undo `start` where it ran, except on a host whose proxy routes to the new slot (a
+        switch cut before its restore, a switch back that failed): stopping it there would be
+        an outage. Asks each host, since only the host knows what its proxy serves."""
+        assert self.slots is not None
+        started = [self.s.host(name) for name, o in self.results.get("start", {}).items()
+                   if o.ran]
+        if started:
+            fleet.on_each(started, lambda host: self.stop_unless_routed(host, self.slots.new),
+                          into={}, fail_fast=False, parallel=self.settings.deployment["parallel"])
+
+    def stop_unless_routed(self, host: Host, slot: str) -> None:
+        what = f"the new {slot} slot"
+        try:
+            routed = proxy.routed_slot(self.settings, host)
+        except (TogatherError, OSError) as exc:
+            self.s.console.warn(f"left {what} running on {host.name}: cannot tell which "
+                                f"slot its proxy routes to ({exc})")
+            return
+        if routed == slot:
+            self.s.console.warn(f"left {what} running on {host.name}: its proxy routes "
+                                "traffic to it")
+            return
+        self.stop_on(host, slot, what)
+
+    def health(self, note: StepNote) -> None:
+        """Step: the new slot is healthy and runs the expected version on every host; the
+        first host that fails cancels the others' gates (the answer is already no)."""
         target = self.target()
-        with self.progress.step("health", f"health gate on {target.slot}") as note:
-            verdict: Verdict | None = None
-            for host in self.s.all_hosts:
-                verdict = slots.health_gate(self.settings, host, target, self.s.console)
-            assert verdict is not None
-            note(f"{target.slot} is {verdict.status}, version {verdict.version}")
+        cancelled = threading.Event()
+        outcomes = self.on_hosts("health", lambda host: slots.health_gate(
+            self.settings, host, target, self.s.console, cancelled), cancelled=cancelled)
+        verdict = next(iter(outcomes.values())).value
+        note(f"{target.slot} is {verdict.status}, version {verdict.version} "
+             f"({fleet.summary(outcomes)})")
 
-    def switch_to_new_slot(self) -> None:
-        for host in self.s.all_hosts:
-            how = slots.switch_traffic(self.settings, host, self.target())
-            if how.startswith("recreated"):
-                self.s.console.warn(f"{host.name}: the nginx proxy was {how} to apply its "
-                                    "configuration: connections were refused for about a "
-                                    "second")
-        self.switched = True
+    def switch_traffic(self) -> fleet.Outcomes:
+        """Every host's proxy to the new slot, all at once (milliseconds each): all or none.
+        A host whose switch fails restores its own upstream (proxy.switch); those that did
+        switch are switched back by this step's undo before anything is stopped."""
+        target = self.target()
+        outcomes = self.on_hosts("switch", lambda host: proxy.switch(
+            self.settings, host, target.slot, target.sha7))
+        for name, outcome in outcomes.items():
+            if outcome.value.how.startswith("recreated"):
+                self.s.console.warn(f"{name}: the nginx proxy was {outcome.value.how} to apply "
+                                    "its configuration: connections were refused for about "
+                                    "a second")
+        return outcomes
+
+    def switch_back(self) -> None:
+        """Undo `switch` on every host where it succeeded, each verified through its proxy."""
+        assert self.slots is not None
+        switched = {name: o.value for name, o in self.results.get("switch", {}).items() if o.ok}
+        if not switched:
+            return
+        version = self.version_in(self.state, self.slots.old)
+        outcomes = fleet.on_each(
+            [self.s.host(name) for name in switched],
+            lambda host: proxy.switch_back(self.settings, host, switched[host.name].previous,
+                                           version),
+            into={}, fail_fast=False, parallel=self.settings.deployment["parallel"])
+        for name, outcome in outcomes.items():
+            if outcome.ok:
+                self.s.console.note(f"{name}: switched back to the {self.slots.old} slot")
+            else:
+                self.s.console.warn(f"{name}: could not switch back ({outcome.error}); its "
+                                    f"proxy keeps the {self.slots.new} slot, which stays up")
 
     def drain_and_stop_old_slot(self) -> None:
+        assert self.slots is not None and self.slots.old is not None
+        old = self.slots.old
         time.sleep(self.settings.deployment["drain_seconds"])
-        self.stop_everywhere(self.old_slot, f"the old {self.old_slot} slot")
-
-    def stop_everywhere(self, slot: str | None, what: str) -> None:
-        if not slot:
-            return
-        for host in self.s.all_hosts:
-            self.stop_on(host, slot, what)
+        fleet.on_each(self.s.all_hosts,
+                      lambda host: self.stop_on(host, old, f"the old {old} slot"),
+                      into=self.results.setdefault("finish", {}), fail_fast=False,
+                      parallel=self.settings.deployment["parallel"])
 
     def stop_on(self, host: Host, slot: str, what: str) -> None:
         """Stopping is cleanup: a failure is reported, never raised."""
@@ -177,6 +315,11 @@ class SlotOperation:
             slots.stop_slot(self.settings, host, slot)
         except (TogatherError, OSError) as exc:
             self.s.console.warn(f"could not stop {what} on {host.name}: {exc}")
+
+    @property
+    def switched(self) -> bool:
+        """Traffic is on the new slot everywhere (the switch is all or none)."""
+        return "switch" in self.progress.completed
 
     @property
     def owns_environment(self) -> bool:
@@ -196,17 +339,9 @@ class SlotOperation:
             return False
         return True
 
-    def fail(self, exc: BaseException) -> None:
-        if self.lock is None:
-            return  # failed while taking the lock: nothing was changed, the error says it all
-        step = self.progress.current or f"before {self.upcoming}"
-        owned = self.confirm_ownership()  # always asked: on_failure records only if owned
-        if self.new_slot_started and owned:
-            self.stop_new_slot()
-        message = self.failure_message(exc)
-        self.on_failure(step, message)
-        self.run_hook("on-failure", "failed", failed_step=step, error=message)
-        self.notify("failed", step=step, message=message)
+    def release_lock(self) -> None:
+        if self.lease:
+            self.lease.release()
 
     def failure_message(self, exc: BaseException) -> str:
         """Made once, redacted once: it goes to the state file, the hook and the webhook."""
@@ -215,24 +350,6 @@ class SlotOperation:
         if not isinstance(exc, (TogatherError, Interrupted)):
             message = f"internal error: {type(exc).__name__}: {message}"
         return self.s.redact(message)
-
-    def stop_new_slot(self) -> None:
-        """Undo `start`, except on a host whose proxy routes to the new slot (a switch cut
-        before its restore): stopping it there would be an outage. Asks each host, since
-        only the host knows what its proxy serves."""
-        what = f"the new {self.new_slot} slot"
-        for host in self.s.all_hosts:
-            try:
-                routed = slots.routed_slot(self.settings, host)
-            except (TogatherError, OSError) as exc:
-                self.s.console.warn(f"left {what} running on {host.name}: cannot tell which "
-                                    f"slot its proxy routes to ({exc})")
-                continue
-            if routed == self.new_slot:
-                self.s.console.warn(f"left {what} running on {host.name}: its proxy routes "
-                                    "traffic to it")
-                continue
-            self.stop_on(host, self.new_slot, what)
 
     def run_hook(self, name: str, status: str, *, blocking: bool = False,
                  **extra: object) -> None:
@@ -251,7 +368,7 @@ class SlotOperation:
     def notify(self, event: str, **fields: object) -> None:
         try:
             notify.notify(self.settings, self.s.console, self.s.redact, event,
-                          slot=self.new_slot, by=self.s.operator.email,
+                          slot=self.slots.new if self.slots else "", by=self.s.operator.email,
                           duration_seconds=self.elapsed(), **self.notify_fields(), **fields)
         except Exception as exc:  # noqa: BLE001 - a notification never fails an operation
             self.s.console.warn(f"webhook notification '{event}' failed ({type(exc).__name__})"

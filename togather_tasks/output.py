@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,8 @@ class RunLog:
         self.path = path
         self.redactor = redactor
         self._fh: TextIO | None = None
+        # A fleet's hosts report their commands from worker threads: one line at a time.
+        self._lock = threading.Lock()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -49,8 +52,10 @@ class RunLog:
             return
         record = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "event": kind,
                   **fields}
-        self._fh.write(json.dumps(self.redactor.redact_obj(record), default=str) + "\n")
-        self._fh.flush()
+        line = json.dumps(self.redactor.redact_obj(record), default=str) + "\n"
+        with self._lock:
+            self._fh.write(line)
+            self._fh.flush()
 
     def close(self) -> None:
         if self._fh is not None:

@@ -8,18 +8,19 @@ anything changes, so the old version starts on the schema it was built for."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import dbops, images, slots, snapshots, source
+from . import dbops, fleet, images, slots, snapshots, source
 from .errors import TogatherError
-from .operation import SlotOperation
+from .hosts import Host
+from .operation import Release, SlotOperation, Step
+from .output import StepNote
 from .session import Session
+from .slots import Slots
 from .state import State, other_slot, utc_now
-
-STEPS = ("validate", "lock", "image", "start", "health", "switch", "record", "finish")
-RESTORE_STEP = "restore"
 
 
 class RollbackError(TogatherError):
@@ -60,33 +61,35 @@ class Rollback(SlotOperation):
     operation = "rollback"
 
     def __init__(self, session: Session, options: RollbackOptions) -> None:
-        super().__init__(session, 1 if options.dry_run
-                         else len(STEPS) + (1 if options.restore_db else 0))
         self.options = options
-        self.state: State | None = None
+        super().__init__(session, dry_run=options.dry_run)
         self.chosen: dict[str, Any] = {}
         self.snapshot: str | None = None
         self.safety_snapshot: str | None = None
         self.traffic_seconds: float | None = None
+        self._published: images.Published | None = None
+        self._publish_lock = threading.Lock()
 
     def run(self) -> dict[str, Any]:
-        with self.progress.step("validate", "state and target") as note:
-            self.state = self.s.store.read().state
-            self.chosen = choose_target(self.state, self.options.to)
-            self.old_slot = self.state.active_slot or "blue"
-            self.new_slot = other_slot(self.old_slot)
-            self.snapshot = snapshots.snapshot_before_newer(self.state, self.chosen)
-            note(f"{self.state.current['version']} -> {self.chosen['version']} "
-                 f"(slot {self.new_slot})")
+        self.run_steps(self.runbook[:1])
         if self.options.restore_db:
             self.check_restore_db()
         if self.options.dry_run:
             return self.chosen
-        restore = (self.restore_database,) if self.options.restore_db else ()
-        self.run_steps((self.acquire_lock, *restore, self.image, self.start, self.health,
-                        self.switch, self.record, self.finish))
+        self.run_steps(self.runbook[1:])
         self.after()
         return self.state.current
+
+    def validate(self, note: StepNote) -> None:
+        """Step: the target and the slot it goes to; nothing changes."""
+        self.state = self.s.store.read().state
+        self.chosen = choose_target(self.state, self.options.to)
+        old = self.state.active_slot or "blue"
+        self.slots = Slots(other_slot(old), old)
+        self.release = Release(self.chosen["git_commit"], self.image_ref())
+        self.snapshot = snapshots.snapshot_before_newer(self.state, self.chosen)
+        note(f"{self.state.current['version']} -> {self.chosen['version']} "
+             f"(slot {self.slots.new})")
 
     @property
     def snapshot_name(self) -> str:
@@ -107,71 +110,78 @@ class Rollback(SlotOperation):
                    f"{self.snapshot} (after a safety snapshot)"] \
             if self.options.restore_db else []
         return restore + [
-            f"[{h}] start {self.new_slot} slot from {self.image_ref()} (rebuild from "
+            f"[{h}] start {self.slots.new} slot from {self.image_ref()} (rebuild from "
             f"{self.chosen['git_commit'][:7]} if the image is gone)" for h in self.settings.hosts
-        ] + [f"[{h}] health-gate {self.new_slot}, switch nginx, verify"
-             for h in self.settings.hosts]
+        ] + [f"[{h}] health-gate {self.slots.new}; when every host is healthy, switch nginx, "
+             "verify" for h in self.settings.hosts]
 
     def image_ref(self) -> str:
         return self.chosen.get("image") or f"{self.settings.image}:{self.chosen['version']}"
 
-    def target(self) -> slots.SlotTarget:
-        return slots.SlotTarget(self.new_slot, self.image_ref(), self.chosen["version"])
-
-    def acquire_lock(self) -> None:
-        with self.progress.step("lock", "taking the environment lock") as note:
-            self.take_lock(self.chosen["id"], lock_wait=self.options.lock_wait)
-            fresh = self.s.store.read().state
-            if fresh.current and self.state.current and \
-                    fresh.current["id"] != self.state.current["id"]:
-                raise RollbackError("the environment changed while taking the lock; retry")
-            self.choose_slots(fresh.active_slot)
-            note(self.lock["lock_id"])
+    def acquire_lock(self, note: StepNote) -> None:
+        self.take_lock(self.chosen["id"], lock_wait=self.options.lock_wait)
+        fresh = self.s.store.read().state
+        if fresh.current and self.state.current and \
+                fresh.current["id"] != self.state.current["id"]:
+            raise RollbackError("the environment changed while taking the lock; retry")
+        self.state = fresh
+        self.settle_slots(fresh)
+        note(self.lock["lock_id"])
         self.notify("started")
 
-    def restore_database(self) -> None:
+    def restore_database(self, note: StepNote) -> None:
         """Step: the database back to the snapshot, under this rollback's lock, before the
         old version starts (it may not run on the newer schema)."""
         assert self.lease is not None
-        with self.progress.step(RESTORE_STEP, f"database from {self.snapshot_name}") as note:
-            self.safety_snapshot = dbops.restore(self.s, self.snapshot_name, lease=self.lease)
-            note(f"restored; the data as it was is in {self.safety_snapshot}")
+        self.safety_snapshot = dbops.restore(self.s, self.snapshot_name, lease=self.lease)
+        note(f"restored; the data as it was is in {self.safety_snapshot}")
 
-    def image(self) -> None:
-        with self.progress.step("image", self.image_ref()) as note:
-            build = images.Build(self.settings, self.chosen["git_commit"], utc_now())
-            rebuilt = []
-            for host in self.s.all_hosts:
-                if images.image_present(host, self.image_ref(), self.chosen["git_commit"]):
-                    continue
-                self.s.console.warn(f"{self.image_ref()} is gone on {host.name}; rebuilding it "
-                                    f"from commit {build.sha7}")
+    def image(self, note: StepNote) -> None:
+        """Step: the target's image on every host at once, rebuilt from its commit where it
+        is gone."""
+        build = images.Build(self.settings, self.chosen["git_commit"], utc_now())
+        outcomes = self.on_hosts("image", lambda host: self.rebuild_if_gone(build, host))
+        rebuilt = [name for name, outcome in outcomes.items() if outcome.value]
+        note(("rebuilt on " + ", ".join(rebuilt) if rebuilt else "present")
+             + f" ({fleet.summary(outcomes)})")
+
+    def rebuild_if_gone(self, build: images.Build, host: Host) -> bool:
+        if images.image_present(host, self.image_ref(), self.chosen["git_commit"]):
+            return False
+        self.s.console.warn(f"{self.image_ref()} is gone on {host.name}; rebuilding it "
+                            f"from commit {build.sha7}")
+        slots.prepare_host(self.settings, host, primary=host.name == self.settings.primary_host)
+        images.ensure_on_host(build, host, self.published(build))
+        return True
+
+    def published(self, build: images.Build) -> images.Published:
+        """The rebuild's image published once for all hosts (the registry strategy: from this
+        machine), whichever host finds it gone first; the source refreshed before that."""
+        with self._publish_lock:
+            if self._published is None:
                 source.refresh(self.settings.source_url)
                 source.resolve_ref(self.settings.source_root, self.chosen["git_commit"])
-                slots.prepare_host(self.settings, host, primary=host is self.s.primary)
-                images.ensure_image(build, host)
-                rebuilt.append(host.name)
-            note("rebuilt on " + ", ".join(rebuilt) if rebuilt else "present")
+                self._published = images.Published(build.image)
+                if self.settings.build["strategy"] == "registry":
+                    self._published = images.publish_from(build, self.s.local, on_host=False)
+            return self._published
 
-    def switch(self) -> None:
-        with self.progress.step("switch", f"nginx -> {self.new_slot}") as note:
-            self.switch_to_new_slot()
-            self.traffic_seconds = time.monotonic() - self.started
-            note(f"traffic on {self.new_slot} ({self.chosen['version']}) after "
-                 f"{self.traffic_seconds:.1f}s")
+    def switch(self, note: StepNote) -> None:
+        outcomes = self.switch_traffic()
+        self.traffic_seconds = time.monotonic() - self.started
+        note(f"traffic on {self.slots.new} ({self.chosen['version']}) after "
+             f"{self.traffic_seconds:.1f}s ({fleet.summary(outcomes)})")
 
-    def record(self) -> None:
-        with self.progress.step("record", "deployment state") as note:
-            limit = self.settings.deployment["history_limit"]
-            self.state = self.s.store.update(lambda state: state.record_rollback(
-                self.chosen, self.new_slot, "healthy", utc_now(), limit))
-            note(f"{self.chosen['id']} is current again "
-                 f"(rollback_count {self.state.current['rollback_count']})")
+    def record(self, note: StepNote) -> None:
+        limit = self.settings.deployment["history_limit"]
+        self.state = self.s.store.update(lambda state: state.record_rollback(
+            self.chosen, self.slots.new, "healthy", utc_now(), limit))
+        note(f"{self.chosen['id']} is current again "
+             f"(rollback_count {self.state.current['rollback_count']})")
 
-    def finish(self) -> None:
-        with self.progress.step("finish", "drain and stop the rolled-back slot") as note:
-            self.drain_and_stop_old_slot()
-            note(f"app-{self.old_slot} stopped")
+    def finish(self, note: StepNote) -> None:
+        self.drain_and_stop_old_slot()
+        note(f"app-{self.slots.old} stopped")
 
     def after(self) -> None:
         console = self.s.console
@@ -191,13 +201,13 @@ class Rollback(SlotOperation):
             console.print(f"  no deployment since {self.chosen['version']} migrated the "
                           "database: its schema is the one this version ran on")
         self.s.audit(operation="rollback", deployment_id=self.chosen["id"],
-                     version=self.chosen["version"], result="succeeded", slot=self.new_slot)
+                     version=self.chosen["version"], result="succeeded", slot=self.slots.new)
         self.run_hook("post-rollback", "rolled_back")
         self.notify("rolled_back")
 
     def on_failure(self, step: str, message: str) -> None:
         where = "traffic was not switched: the current version keeps serving" \
-            if not self.switched else f"traffic is on {self.new_slot}"
+            if not self.switched else f"traffic is on {self.slots.new}"
         self.s.console.note(f"rollback failed ({step}); {where}.")
         for line in self.failure_advice(step):
             self.s.console.note(line)
@@ -223,9 +233,25 @@ class Rollback(SlotOperation):
         return {"operation": "rollback", "environment": self.settings.env,
                 "version": self.chosen.get("version"),
                 "git_commit": self.chosen.get("git_commit"),
-                "deployment_id": self.chosen.get("id"), "slot": self.new_slot,
+                "deployment_id": self.chosen.get("id"),
+                "slot": self.slots.new if self.slots else None,
                 "status": status, "duration": self.elapsed()}
 
     def notify_fields(self) -> dict[str, object]:
         return {"deployment_id": self.chosen.get("id"), "version": self.chosen.get("version"),
                 "git_commit": self.chosen.get("git_commit")}
+
+
+Rollback.steps = (
+    Step("validate", "state and target", Rollback.validate),
+    Step("lock", "taking the environment lock", Rollback.acquire_lock),
+    Step("restore_database", "database from the snapshot", Rollback.restore_database,
+         destructive=True, when=lambda rollback: rollback.options.restore_db, label="restore"),
+    Step("image", "image on every host", Rollback.image),
+    Step("start", "starting the target's slot", Rollback.start, undo=Rollback.stop_new_slot),
+    Step("health", "health gate on the target's slot", Rollback.health),
+    Step("switch", "nginx -> the target's slot", Rollback.switch, undo=Rollback.switch_back,
+         destructive=True, commit=True),
+    Step("record", "deployment state", Rollback.record, destructive=True),
+    Step("finish", "drain and stop the rolled-back slot", Rollback.finish),
+)

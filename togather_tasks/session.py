@@ -7,6 +7,7 @@ import json
 from functools import cached_property
 
 from .config import Settings
+from .errors import UsageError
 from .hosts import Host, LocalHost, Result, connect
 from .lock import Operator
 from .output import Console, RunLog
@@ -39,6 +40,19 @@ class Session:
     @property
     def all_hosts(self) -> list[Host]:
         return [self.host(name) for name in self.settings.hosts]
+
+    def chosen_hosts(self, names: str | None) -> list[Host]:
+        """The hosts a read-only command looks at: `--hosts=NAME[,NAME]`, else all of them.
+        Checked before any connection: a typo is a usage error, not a connection timeout."""
+        if not names:
+            return self.all_hosts
+        wanted = [name.strip() for name in names.split(",") if name.strip()]
+        unknown = [name for name in wanted if name not in self.settings.hosts]
+        if unknown or not wanted:
+            raise UsageError(f"--hosts: {', '.join(unknown) or 'no host named'} not in the "
+                             f"{self.settings.env} environment",
+                             hint=f"Its hosts: {', '.join(self.settings.hosts)}")
+        return [self.host(name) for name in wanted]
 
     @cached_property
     def local(self) -> Host:

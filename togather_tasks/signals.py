@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -43,7 +44,12 @@ def interruptible() -> Iterator[None]:
 @contextmanager
 def shielded() -> Iterator[None]:
     """While cleaning up (undo, lock release), a further Ctrl-C only prints a note: leaving a
-    stuck lock behind would hurt the next operator more than a few seconds of waiting."""
+    stuck lock behind would hurt the next operator more than a few seconds of waiting.
+    In a worker thread (fleet.py) there is nothing to shield: signals reach only the main
+    thread, which waits for its workers shielded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
     def handler(signum: int, frame: Any) -> None:
         print("still cleaning up (releasing the lock); this takes a few seconds",
@@ -54,3 +60,22 @@ def shielded() -> Iterator[None]:
         yield
     finally:
         _restore(previous)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Signals held back, not lost, while worker threads start (fleet.py): an Interrupted
+    raised half-way through starting a thread would leave a thread its pool does not know
+    about, which nobody would wait for before the failure path uses its host. A signal that
+    came meanwhile is raised again on exit, for the handler in place before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = _install(lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        _restore(previous)
+    if caught:
+        signal.raise_signal(caught[0])

@@ -1,34 +1,74 @@
-"""Blue-green slot operations shared by deploy and rollback: write the host files, start a slot,
-gate it on its health, switch nginx to it (with verification and automatic restore), stop a
-slot. Each function is one runbook step on one host."""
+"""Blue-green slots on one host, shared by deploy and rollback: write the host files, start a
+slot, gate it on its health, stop it. Each function is one runbook step on one host; moving
+traffic between slots is the proxy's (proxy.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import re
-import shlex
+import threading
 import time
 from dataclasses import dataclass
 
 from . import commands as cmd
 from .config import Settings, app_environment
-from .errors import CommandError, HealthCheckError, HostError, TogatherError
-from .health import Verdict, judge, running_version, unreachable
+from .errors import CommandError, HealthCheckError, HostError
+from .health import Verdict, judge, unreachable
 from .hosts import Host
 from .output import Console
-from .signals import shielded
+from .state import other_slot
 
-q = shlex.quote
 PORT_BUSY_MARKERS = ("port is already allocated", "address already in use")
-_UPSTREAM_SLOT = re.compile(r"\$togather_slot \{\s*default (blue|green);")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SlotTarget:
+    """What one slot is to run: the image of a version."""
+
     slot: str
     image: str
     sha7: str
+
+
+@dataclass(frozen=True)
+class Slots:
+    """The slot an operation starts (`new`) and the one traffic leaves (`old`, None on the
+    first deploy)."""
+
+    new: str
+    old: str | None
+
+
+@dataclass(frozen=True)
+class SlotChoice:
+    slots: Slots
+    repair: tuple[str, ...] = ()
+    warning: str | None = None
+
+
+def choose_slots(active_in_state: str | None, routes: dict[str, str | None]) -> SlotChoice:
+    """The new slot is the idle one, judged by what every host's proxy routes to (`routes`,
+    host -> slot, in the environment's order), since the state file lags behind after a crash
+    between the switch and the record step, and starting a slot that serves is an outage.
+    Hosts that disagree (a run killed between two hosts' switches) are repaired towards one
+    slot: the state file's when a host still routes to it, else the first host's; the hosts
+    in `repair` must be switched to it before anything starts, so that no host routes to the
+    slot about to be recreated."""
+    routed = [slot for slot in routes.values() if slot]
+    if len(set(routed)) > 1:
+        old = active_in_state if active_in_state in routed else routed[0]
+        repair = tuple(host for host, slot in routes.items() if slot and slot != old)
+        described = ", ".join(f"{host} -> {slot}" for host, slot in routes.items() if slot)
+        return SlotChoice(Slots(other_slot(old), old), repair,
+                          f"the hosts' proxies disagree ({described}): an earlier run was "
+                          f"interrupted between two hosts' switches; switching "
+                          f"{', '.join(repair)} back to {old} first")
+    serving = routed[0] if routed else None
+    if serving and serving != active_in_state:
+        return SlotChoice(Slots(other_slot(serving), serving), (),
+                          f"the proxy serves the {serving} slot but the state file says "
+                          f"{active_in_state or 'none'} (an earlier run was interrupted); "
+                          f"using the other slot")
+    old = active_in_state
+    return SlotChoice(Slots(other_slot(old) if old else "blue", old))
 
 
 def prepare_host(settings: Settings, host: Host, *, primary: bool) -> None:
@@ -56,19 +96,9 @@ def write_pgpass(settings: Settings, host: Host) -> None:
                     mode=0o600)
 
 
-def ensure_proxy_image(settings: Settings, host: Host, timeout: float) -> bool:
-    """Build the proxy image on the host if it is not there yet. True when it was built."""
-    image = cmd.proxy_image_ref()
-    if host.run(f"docker image inspect {q(image)} > /dev/null 2>&1", check=False).ok:
-        return False
-    host.run(f"docker build --quiet -t {q(image)} {q(cmd.Layout(settings.remote_dir).proxy_dir)}",
-             timeout=timeout, what="building the nginx proxy image")
-    return True
-
-
 def read_slot_images(settings: Settings, host: Host) -> dict[str, str]:
     layout = cmd.Layout(settings.remote_dir)
-    out = host.run(f"cat {q(layout.slots_env)} 2>/dev/null || true", timeout=30).stdout
+    out = host.run(cmd.read_file(layout.slots_env), timeout=30).stdout
     values = cmd.parse_env_lines(out)
     images = {}
     for slot in ("blue", "green"):
@@ -87,8 +117,7 @@ def start_slot(settings: Settings, host: Host, target: SlotTarget) -> None:
     # Never pull: every strategy has put the image on the host under this local name (the
     # registry one pulls by digest first); a pull here would fetch whatever a public registry
     # holds under that name.
-    result = host.run(cmd.compose(settings, "up", "--detach", "--no-deps", "--pull",
-                                  "never", cmd.service(target.slot)),
+    result = host.run(cmd.start_slot(settings, target.slot, "never"),
                       timeout=300, check=False)
     if not result.ok:
         text = (result.stderr + result.stdout).lower()
@@ -114,12 +143,11 @@ def start_slot(settings: Settings, host: Host, target: SlotTarget) -> None:
 
 def slot_container_state(settings: Settings, host: Host, slot: str) -> str:
     """`running 0 0` / `exited 1 3` / `restarting 1 5` (status, exit code, restarts)."""
-    ids = host.run(cmd.compose(settings, "ps", "--all", "--quiet", cmd.service(slot)),
-                   timeout=60, check=False).stdout.split()
+    ids = host.run(cmd.slot_container_ids(settings, slot), timeout=60,
+                   check=False).stdout.split()
     if not ids:
         return "missing"
-    out = host.run("docker inspect --format '{{.State.Status}} {{.State.ExitCode}} "
-                   "{{.RestartCount}}' " + q(ids[0]), timeout=60, check=False)
+    out = host.run(cmd.container_state(ids[0]), timeout=60, check=False)
     return out.stdout.strip() or "missing"
 
 
@@ -140,18 +168,24 @@ def check_health(settings: Settings, host: Host, port: int, *, expected_version:
                            f"{type(exc).__name__}")
 
 
-def health_gate(settings: Settings, host: Host, target: SlotTarget, console: Console) -> Verdict:
+def health_gate(settings: Settings, host: Host, target: SlotTarget, console: Console,
+                cancelled: threading.Event | None = None) -> Verdict:
     """Poll the new slot until it is healthy and runs the expected version, within the
     configured grace, interval, timeout and retries, and the overall deadline whatever the
     retries (an endpoint that never answers must not hold the deploy for retries x timeout);
-    fail fast when its container dies."""
+    fail fast when its container dies, and give up as soon as `cancelled` is set (another
+    host failed, or the operator interrupted: the fleet's answer is already no)."""
     hc = settings.health
+    cancelled = cancelled or threading.Event()
     deadline = time.monotonic() + hc.deadline
-    time.sleep(min(hc.startup_grace, hc.deadline))
+    cancelled.wait(min(hc.startup_grace, hc.deadline))
     port = settings.ports[target.slot]
     verdict = unreachable("not checked")
     attempt = 0
     while attempt < hc.retries and (remaining := deadline - time.monotonic()) > 0:
+        if cancelled.is_set():
+            raise HealthCheckError(f"the health gate of the {target.slot} slot on {host.name} "
+                                   "was cancelled")
         attempt += 1
         verdict = check_health(settings, host, port, expected_version=target.sha7,
                                timeout=min(hc.timeout, remaining))
@@ -159,9 +193,10 @@ def health_gate(settings: Settings, host: Host, target: SlotTarget, console: Con
             return verdict
         if verdict.status == "unreachable" or attempt % 5 == 0:
             _require_running(settings, host, target.slot)
-        console.debug(f"health attempt {attempt}/{hc.retries}: {verdict.summary()}")
+        console.debug(f"health attempt {attempt}/{hc.retries} on {host.name}: "
+                      f"{verdict.summary()}")
         if attempt < hc.retries:
-            time.sleep(max(0.0, min(hc.interval, deadline - time.monotonic())))
+            cancelled.wait(max(0.0, min(hc.interval, deadline - time.monotonic())))
     raise HealthCheckError(
         f"the {target.slot} slot did not become healthy after {attempt} checks in "
         f"{hc.deadline:g} s at most: {verdict.summary()}",
@@ -179,159 +214,12 @@ def _require_running(settings: Settings, host: Host, slot: str) -> None:
 
 
 def _logs_hint(settings: Settings, host: Host, slot: str) -> str:
-    out = host.run(cmd.compose(settings, "logs", "--no-color", "--tail", "15",
-                               cmd.service(slot)), timeout=60, check=False)
+    out = host.run(cmd.slot_logs(settings, slot), timeout=60, check=False)
     lines = (out.stdout + out.stderr).strip().splitlines()[-15:]
     return "Last lines of the app's log:\n" + "\n".join("  " + line for line in lines) \
         if lines else "The app wrote no log lines."
 
 
-def read_upstream(settings: Settings, host: Host) -> str:
-    layout = cmd.Layout(settings.remote_dir)
-    return host.run(f"cat {q(layout.upstream_file)} 2>/dev/null || true", timeout=30).stdout
-
-
-def apply_proxy_config(settings: Settings, host: Host) -> str:
-    """Make the running proxy serve the upstream file with the configured settings: start it
-    when it is not running (first deploy, host rebooted), recreate it when its image, port or
-    bind address differ from the configuration (package upgrade, deployment.yml edited: a
-    reload cannot move a published port), else `nginx -t` and a graceful reload. Returns what
-    happened: `reloaded`, `started` or `recreated (what changed)`."""
-    inspected = host.run(running_proxy_command(settings), timeout=60, check=False).stdout
-    if not inspected.strip():
-        host.run(cmd.compose(settings, "up", "--detach", "--no-deps", "proxy"), timeout=300,
-                 what="starting the nginx proxy")
-        return "started"
-    changes = proxy_changes(settings, inspected)
-    if changes:
-        host.run(cmd.compose(settings, "up", "--detach", "--no-deps", "--force-recreate",
-                             "proxy"), timeout=300, what="recreating the nginx proxy")
-        return f"recreated ({', '.join(changes)})"
-    result = host.run(cmd.compose(settings, "exec", "-T", "proxy", "sh", "-c",
-                                  q("nginx -t -q && nginx -s reload")), timeout=60, check=False)
-    if not result.ok:
-        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise CommandError(f"nginx -t (configuration test) or reload failed on {host.name}: "
-                           f"{detail}", exit_status=result.exit_status)
-    return "reloaded"
-
-
-def running_proxy_command(settings: Settings) -> str:
-    """The running proxy's image and published port (`IMAGE {json}`), empty when none runs:
-    one round trip."""
-    return (f"id=$({cmd.compose(settings, 'ps', '--quiet', '--status', 'running', 'proxy')}"
-            ' | head -n 1); [ -z "$id" ] || docker inspect --format '
-            + q("{{.Config.Image}} {{json .HostConfig.PortBindings}}") + ' "$id"')
-
-
-def proxy_changes(settings: Settings, inspected: str) -> list[str]:
-    """How the running proxy (running_proxy_command's output) differs from the
-    configuration, one phrase per difference; empty when it matches."""
-    image, _, bindings = inspected.strip().partition(" ")
-    try:
-        published = (json.loads(bindings or "null") or {}).get("80/tcp") or [{}]
-    except (ValueError, AttributeError):
-        published = [{}]
-    port, bind = published[0].get("HostPort"), published[0].get("HostIp") or "0.0.0.0"  # noqa: S104
-    wanted = {"image": cmd.proxy_image_ref(), "port": str(settings.ports["proxy"]),
-              "bind address": settings.proxy["bind"]}
-    running = {"image": image, "port": port, "bind address": bind}
-    return [f"{what} {running[what]} -> {value}" for what, value in wanted.items()
-            if running[what] != value]
-
-
-def proxy_address(settings: Settings) -> str:
-    bind = settings.proxy["bind"]
-    return "127.0.0.1" if bind == "0.0.0.0" else bind  # noqa: S104 - comparing, not binding
-
-
-def serving_slot(settings: Settings, host: Host) -> str | None:
-    """The slot nginx really routes to right now (its X-Togather-Slot header), or None when
-    no proxy answers (first deploy). The state file can lag behind after a crash between the
-    switch and the record step; building into the slot that is serving would be an outage."""
-    try:
-        resp = host.http_get(proxy_address(settings), settings.ports["proxy"],
-                             settings.version_endpoint or settings.health_endpoint, timeout=5)
-    except (OSError, ConnectionError, HostError):
-        return None
-    except Exception:  # noqa: BLE001 - a proxy answering garbage tells us nothing
-        return None
-    slot = resp.headers.get("x-togather-slot")
-    return slot if slot in ("blue", "green") else None
-
-
-def verify_proxy(settings: Settings, host: Host, target: SlotTarget) -> str | None:
-    """Ask the proxy until a fresh connection lands on the new slot with the new version.
-    Returns None on success, else what was seen last."""
-    last = "no answer"
-    for _ in range(settings.proxy["verify_attempts"]):
-        try:
-            resp = host.http_get(proxy_address(settings), settings.ports["proxy"],
-                                 settings.version_endpoint or settings.health_endpoint,
-                                 timeout=5)
-            slot = resp.headers.get("x-togather-slot")
-            # Without a version endpoint (an http-mode app) the slot header alone tells.
-            version = running_version(resp.body) if settings.version_endpoint else target.sha7
-            if resp.status == 200 and slot == target.slot and version == target.sha7:
-                return None
-            last = f"HTTP {resp.status}, slot {slot}, version {version}"
-        except (OSError, ConnectionError, HostError) as exc:
-            last = str(exc)
-        time.sleep(0.25)
-    return last
-
-
-def upstream_slot(upstream: str) -> str | None:
-    """The slot an upstream file (see commands.upstream_conf) routes to, if any."""
-    match = _UPSTREAM_SLOT.search(upstream)
-    return match.group(1) if match else None
-
-
-def routed_slot(settings: Settings, host: Host) -> str | None:
-    """The slot this host's proxy routes to: what it answers, else (proxy down) what its
-    upstream file says and it will load when it comes back. None: no slot (first deploy)."""
-    return serving_slot(settings, host) or upstream_slot(read_upstream(settings, host))
-
-
-def switch_traffic(settings: Settings, host: Host, target: SlotTarget) -> str:
-    """Write the upstream for the new slot, test, reload, verify; on any failure, Ctrl-C and
-    SIGTERM included, put the old upstream back so traffic stays on (or returns to) the old
-    slot. Returns how the proxy took the change (see apply_proxy_config)."""
-    layout = cmd.Layout(settings.remote_dir)
-    previous = read_upstream(settings, host)
-    host.write_file(layout.upstream_file, cmd.upstream_conf(settings, target.slot).encode(),
-                    mode=0o644)
-    try:
-        how = apply_proxy_config(settings, host)
-        seen = verify_proxy(settings, host, target)
-        if seen is not None:
-            raise HealthCheckError(
-                f"after the switch the proxy does not serve {target.slot}/{target.sha7} "
-                f"(last answer: {seen})")
-    except BaseException as exc:
-        with shielded():
-            restore_upstream(settings, host, previous)
-        if isinstance(exc, TogatherError) and not isinstance(exc, HealthCheckError):
-            raise HealthCheckError(f"switching traffic to {target.slot} failed: {exc.message}",
-                                   hint="The previous nginx upstream was restored; traffic "
-                                        "stays on the old slot.") from None
-        raise
-    return how
-
-
-def restore_upstream(settings: Settings, host: Host, previous: str) -> None:
-    layout = cmd.Layout(settings.remote_dir)
-    if previous:
-        host.write_file(layout.upstream_file, previous.encode(), mode=0o644)
-        # If this fails, the running nginx never loaded the bad config: it still serves the
-        # old slot.
-        with contextlib.suppress(TogatherError):
-            apply_proxy_config(settings, host)
-    else:
-        host.run(f"rm -f {q(layout.upstream_file)}", timeout=30, check=False)
-
-
 def stop_slot(settings: Settings, host: Host, slot: str) -> None:
-    host.run(cmd.compose(settings, "stop", "--timeout", str(settings.deployment["stop_timeout"]),
-                         cmd.service(slot)), timeout=settings.deployment["stop_timeout"] + 60,
+    host.run(cmd.stop_slot(settings, slot), timeout=settings.deployment["stop_timeout"] + 60,
              what=f"stopping the {slot} slot")

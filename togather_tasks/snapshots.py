@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,6 +17,14 @@ if TYPE_CHECKING:
     from .session import Session
 
 q = shlex.quote
+# The environment's name (config.ENV_NAME_RE: no `_`), so the first `_` ends it.
+SNAPSHOT_RE = re.compile(
+    r"^(?P<env>[a-z][a-z0-9-]*)_(?P<ts>\d{8}T\d{6}Z)_(?P<sha>[0-9a-f]{7})\.dump$")
+
+
+def snapshot_name(env: str, timestamp: str, sha7: str) -> str:
+    """`staging_20261126T181500Z_abc1234.dump` (timestamp as YYYYmmddTHHMMSSZ)."""
+    return f"{env}_{timestamp}_{sha7}.dump"
 
 
 @dataclass(frozen=True)
@@ -31,7 +40,7 @@ def parse_listing(text: str) -> list[SnapshotFile]:
     found = []
     for line in text.splitlines():
         name, _, size = line.strip().partition(" ")
-        match = cmd.SNAPSHOT_RE.match(name)
+        match = SNAPSHOT_RE.match(name)
         if not match:
             continue
         taken = datetime.strptime(match["ts"], "%Y%m%dT%H%M%SZ").replace(tzinfo=utc_now().tzinfo)
@@ -94,10 +103,10 @@ def take_snapshot(session: Session, sha7: str, state: State | None, *,
     new snapshot nor those in `protect` (a restore's target). Returns (path, bytes)."""
     st = session.settings
     now = utc_now()
-    path = f"{st.snapshot_dir}/{cmd.snapshot_name(st.env, now.strftime('%Y%m%dT%H%M%SZ'), sha7)}"
+    path = f"{st.snapshot_dir}/{snapshot_name(st.env, now.strftime('%Y%m%dT%H%M%SZ'), sha7)}"
     result = session.primary.run(cmd.snapshot_command(st, path), timeout=3600, check=False)
     if not result.ok:
-        session.primary.run(f"rm -f {q(path + '.partial')}", timeout=30, check=False)
+        session.primary.run(cmd.remove_files(path + ".partial"), timeout=30, check=False)
         lines = result.stderr.strip().splitlines()
         raise TogatherError(
             "database snapshot failed: " + (lines[-1] if lines else f"exit {result.exit_status}"),
@@ -116,6 +125,6 @@ def prune(session: Session, state: State | None, *, keep_also: Iterable[str] = (
                        max_age_days=st.database["snapshot_retention_days"],
                        protected=protected_names(state, *keep_also))
     if doomed and not dry_run:
-        paths = " ".join(q(f"{st.snapshot_dir}/{s.name}") for s in doomed)
-        session.primary.run(f"rm -f {paths}", timeout=60, what="removing old snapshots")
+        session.primary.run(cmd.remove_files(*(f"{st.snapshot_dir}/{s.name}" for s in doomed)),
+                            timeout=60, what="removing old snapshots")
     return doomed

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from . import commands as cmd
 from . import lock as lockrules
 from .commands import private_directories
 from .errors import CommandError, LockHeldError, StateError
@@ -127,7 +128,7 @@ class StateStore:
         if result.exit_status == CAS_CONFLICT:
             raise StateConflict(self.where)
         if not result.ok:
-            self.host.run(f"rm -f {shlex.quote(tmp)}", timeout=30, check=False)
+            self.host.run(cmd.remove_files(tmp), timeout=30, check=False)
             raise CommandError(f"writing {self.where} failed (exit {result.exit_status}): "
                                f"{self.host.redact(result.stderr.strip())[:200]}")
         return hashlib.sha256(data).hexdigest()

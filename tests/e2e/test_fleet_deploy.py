@@ -53,3 +53,55 @@ def test_fleet_app_cleans_up_on_its_host(fleet_app: Any) -> None:
     assert not (app.root_path("host1") / "probe").exists()
     assert app.url() == f"http://10.77.0.12:{app.ports['proxy']}"
     assert app.ports["proxy"] != 80
+
+
+def _fleet_deploy(app: Any) -> tuple[Any, float]:
+    start = time.monotonic()
+    result = app.deploy(timeout=1800)
+    return result, time.monotonic() - start
+
+
+@pytest.mark.parametrize("fleet_app", [{"hosts": ("host1", "host2")}], indirect=True)
+def test_a_fleet_deploy_switches_both_hosts_and_a_failed_switch_is_undone_everywhere(
+        fleet_app: Any) -> None:
+    """Both hosts switch together; a switch that fails on host2 leaves both hosts on the old
+    version with the new slot stopped and the lock free; the next deploy then works."""
+    app = fleet_app
+    first, seconds = _fleet_deploy(app)
+    assert first.returncode == 0, first.stdout + first.stderr
+    v1 = app.head[:7]
+    for host, alias in zip(app.hosts, app.aliases, strict=True):
+        slot, version = app.served_by(host)
+        assert (slot, version["version"]) == ("blue", v1), (host, slot, version)
+        assert f"{alias} ok" in first.stdout
+    assert "(ssh connections: 2)" in first.stdout
+    print(f"\nfirst fleet deploy (builds included): {seconds:.1f}s")
+
+    v2 = app.commit("v2", {"app/VERSION_NOTE": "two\n"})[:7]
+    upstream_dir = f"{app.remote_dir}/nginx/upstream"
+    app.ssh("host2", f"chmod 555 {upstream_dir}")  # host2 cannot write its new upstream
+    try:
+        failed, _ = _fleet_deploy(app)
+    finally:
+        app.ssh("host2", f"chmod 755 {upstream_dir}")
+
+    assert failed.returncode != 0, failed.stdout + failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert "togather-host2" in failed.stderr
+    assert "togather-host1: switched back to the blue slot" in failed.stderr
+    for host in app.hosts:
+        slot, version = app.served_by(host)
+        assert (slot, version["version"]) == ("blue", v1), (host, slot, version)
+        assert app.container_state("green", host) != "running", host
+        assert app.container_state("blue", host) == "running", host
+    doc = app.state()
+    assert doc["lock"] == {"locked": False}
+    assert doc["deployment_history"][0]["status"] == "failed"
+
+    again, seconds = _fleet_deploy(app)
+    assert again.returncode == 0, again.stdout + again.stderr
+    for host in app.hosts:
+        slot, version = app.served_by(host)
+        assert (slot, version["version"]) == ("green", v2), (host, slot, version)
+        assert app.container_state("blue", host) != "running", host
+    print(f"fleet deploy, images built on both hosts: {seconds:.1f}s")

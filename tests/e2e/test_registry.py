@@ -214,7 +214,9 @@ def test_the_registry_out_of_reach_during_the_pull_fails_cleanly_on_the_old_vers
     result = app.deploy()
 
     line = cli_failure(result, contains="could not pull", code=1)
-    assert FLEET[0] in line and f"registry {REGISTRY_UNREACHABLE_FROM_HOSTS}" in line, line
+    # The hosts pull in parallel: the first to fail is named, whichever it is.
+    assert any(alias in line for alias in FLEET), line
+    assert f"registry {REGISTRY_UNREACHABLE_FROM_HOSTS}" in line, line
     state = fleet_app.state(assert_state_valid)
     assert state["current_deployment"]["id"] == old["id"]
     assert not state["lock"]["locked"]

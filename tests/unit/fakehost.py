@@ -1,13 +1,16 @@
-"""An in-memory Host for unit tests of the slot and operation logic (files live in a dict,
-commands are answered by rules the test sets, HTTP answers by a function the test sets), and a
-Session around it whose state store is real, in a temporary directory on this machine."""
+"""An in-memory Host for unit tests of the slot, proxy and operation logic (files live in a
+dict, commands are answered by rules the test sets, HTTP answers by a function the test sets),
+and a Session around one or several of them (a fleet) whose state store is real, in a
+temporary directory on this machine."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import shlex
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -31,12 +34,18 @@ def failed(stderr: str = "failed", status: int = 1, command: str = "") -> Result
 
 
 class FakeHost(Host):
-    def __init__(self, name: str = "fake") -> None:
+    """`journal`, when given, is shared by several hosts: what each did, in the order it
+    happened across the fleet (`(host, command)`, a write as `write PATH`)."""
+
+    def __init__(self, name: str = "fake",
+                 journal: list[tuple[str, str]] | None = None) -> None:
         super().__init__(name)
         self.files: dict[str, bytes] = {}
         self.commands: list[str] = []
+        self.journal = journal if journal is not None else []
         self.rules: list[tuple[str, Rule]] = []
         self.http: Callable[[str, int, str, float], HttpResponse] = self._refuse
+        self._busy = threading.Lock()
 
     def on(self, fragment: str, answer: Result | Rule) -> None:
         """Commands containing `fragment` get `answer` (the latest rule wins)."""
@@ -47,7 +56,17 @@ class FakeHost(Host):
         return [c for c in self.commands if fragment in c]
 
     def _run(self, command: str, timeout: float | None) -> Result:
+        # A host's connection is never shared between threads: a second one here is a bug.
+        if not self._busy.acquire(blocking=False):
+            raise AssertionError(f"{self.name} used by two threads at once")
+        try:
+            return self._answer(command)
+        finally:
+            self._busy.release()
+
+    def _answer(self, command: str) -> Result:
         self.commands.append(command)
+        self.journal.append((self.name, command))
         for fragment, rule in self.rules:
             if fragment in command and (result := rule(command)) is not None:
                 return result
@@ -59,6 +78,7 @@ class FakeHost(Host):
         self.files[path] = data
 
     def _rename(self, src: str, dst: str) -> None:
+        self.journal.append((self.name, f"write {dst}"))
         self.files[dst] = self.files.pop(src)
 
     def _stream_into(self, command: str, source: IO[bytes], timeout: float) -> Result:
@@ -78,19 +98,27 @@ def answer(status: int = 200, *, slot: str | None = None, body: bytes = b"{}") -
 
 
 class FakeSession:
-    """What an operation uses of a Session: slots on a FakeHost, the state on this machine."""
+    """What an operation uses of a Session: slots on FakeHosts (`web1` by default, or the
+    names given: a fleet whose first host is the primary), the state on this machine."""
 
-    def __init__(self, settings: Settings, state_dir: Path) -> None:
+    def __init__(self, settings: Settings, state_dir: Path,
+                 names: tuple[str, ...] = ("web1",)) -> None:
+        settings = dataclasses.replace(settings, hosts=names)
         self.settings = settings
         self.console = Console(Redactor(settings.secret_values()), stream=io.StringIO(),
                                err=io.StringIO())
         self.redact = self.console.redactor
         self.log = RunLog(None, self.redact)
-        self.primary = FakeHost("web1")
-        self.all_hosts = [self.primary]
+        self.journal: list[tuple[str, str]] = []
+        self.hosts = {name: FakeHost(name, self.journal) for name in names}
+        self.all_hosts = list(self.hosts.values())
+        self.primary = self.all_hosts[0]
         self.store = StateStore(LocalHost(), str(state_dir), settings.env)
         self.operator = Operator(email="alice@example.com", hostname=socket.gethostname(),
                                  pid=os.getpid())
+
+    def host(self, name: str) -> FakeHost:
+        return self.hosts[name]
 
     def heartbeat_store(self) -> StateStore:
         return StateStore(LocalHost(), self.store.directory, self.settings.env)

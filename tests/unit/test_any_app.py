@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from togather_tasks import commands as cmd
-from togather_tasks import source
+from togather_tasks import snapshots, source
 from togather_tasks.config import check_env_name
 from togather_tasks.errors import ConfigError, ExitCode
 from togather_tasks.health import judge, running_version
@@ -282,8 +282,8 @@ def test_an_x_environment_name_is_reserved() -> None:
 
 @pytest.mark.parametrize("env", ["qa-1", "eu-prod", "preview-42", "staging"])
 def test_snapshot_names_of_any_environment_parse(env: str) -> None:
-    name = cmd.snapshot_name(env, "20261126T181500Z", SHA)
-    match = cmd.SNAPSHOT_RE.match(name)
+    name = snapshots.snapshot_name(env, "20261126T181500Z", SHA)
+    match = snapshots.SNAPSHOT_RE.match(name)
     assert match and match["env"] == env and match["sha"] == SHA
 
 

@@ -11,6 +11,7 @@ from urllib.parse import quote
 import pytest
 
 from togather_tasks import commands as cmd
+from togather_tasks import snapshots
 from togather_tasks.config import Settings
 
 from .projects import ADMIN_API_KEY, DB_PASSWORD, JWT_SECRET, Project
@@ -55,6 +56,51 @@ def test_compose_command_is_exact(settings: Settings) -> None:
         "--project-directory /srv/togather/staging "
         "--file /srv/togather/staging/compose.yml "
         "--env-file /srv/togather/staging/slots.env up -d --no-deps app-blue")
+
+
+COMPOSE = ("docker compose --project-name togather-test-staging --project-directory "
+           "/srv/togather/staging --file /srv/togather/staging/compose.yml --env-file "
+           "/srv/togather/staging/slots.env")
+
+
+@pytest.mark.parametrize(("build", "expected"), [
+    (lambda st: cmd.start_slot(st, "green", "never"),
+     f"{COMPOSE} up --detach --no-deps --pull never app-green"),
+    (lambda st: cmd.stop_slot(st, "blue"), f"{COMPOSE} stop --timeout 30 app-blue"),
+    (lambda st: cmd.slot_container_ids(st, "blue"), f"{COMPOSE} ps --all --quiet app-blue"),
+    (lambda st: cmd.slot_logs(st, "green"),
+     f"{COMPOSE} logs --no-color --tail 15 app-green"),
+    (lambda st: cmd.start_proxy(st), f"{COMPOSE} up --detach --no-deps proxy"),
+    (lambda st: cmd.start_proxy(st, recreate=True),
+     f"{COMPOSE} up --detach --no-deps --force-recreate proxy"),
+    (lambda st: cmd.reload_proxy(st),
+     f"{COMPOSE} exec -T proxy sh -c 'nginx -t -q && nginx -s reload'"),
+    (lambda st: cmd.running_proxy(st),
+     f"id=$({COMPOSE} ps --quiet --status running proxy | head -n 1); [ -z \"$id\" ] || "
+     "docker inspect --format '{{.Config.Image}} {{json .HostConfig.PortBindings}}' \"$id\""),
+], ids=["start", "stop", "ps", "logs", "proxy-up", "proxy-recreate", "reload", "running-proxy"])
+def test_slot_and_proxy_commands_are_exact(settings: Settings, build, expected: str) -> None:
+    assert build(settings) == expected
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    (cmd.container_state("c0ffee"),
+     "docker inspect --format '{{.State.Status}} {{.State.ExitCode}} {{.RestartCount}}' c0ffee"),
+    (cmd.image_exists("togather-proxy:abc"),
+     "docker image inspect togather-proxy:abc > /dev/null 2>&1"),
+    (cmd.build_proxy_image("togather-proxy:abc", "/srv/it's/proxy"),
+     "docker build --quiet -t togather-proxy:abc '/srv/it'\"'\"'s/proxy'"),
+    (cmd.image_tags("togather-server"), "docker image ls --format '{{.Tag}}' togather-server"),
+    (cmd.remove_image("togather-server:abc1234"), "docker image rm togather-server:abc1234"),
+    (cmd.make_dirs("/srv/a", "/srv/b c"), "mkdir -p /srv/a '/srv/b c'"),
+    (cmd.read_file("/srv/a b/slots.env"), "cat '/srv/a b/slots.env' 2>/dev/null || true"),
+    (cmd.list_dir("/srv/releases"), "ls -1 /srv/releases 2>/dev/null || true"),
+    (cmd.remove_files("/srv/x.partial", "/srv/$y"), "rm -f /srv/x.partial '/srv/$y'"),
+    (cmd.remove_trees("/srv/releases/abc1234"), "rm -rf /srv/releases/abc1234"),
+], ids=["container-state", "image-exists", "proxy-build", "image-tags", "image-rm", "mkdir",
+        "cat", "ls", "rm", "rm-rf"])
+def test_host_commands_are_exact_and_quoted(command: str, expected: str) -> None:
+    assert command == expected
 
 
 def test_compose_quotes_the_remote_directory(settings: Settings) -> None:
@@ -140,9 +186,9 @@ def test_the_remote_directories_are_created_closed_to_others_and_the_root_is_clo
 
 
 def test_snapshot_name_is_exact() -> None:
-    name = cmd.snapshot_name("staging", "20261126T181500Z", "abc1234")
+    name = snapshots.snapshot_name("staging", "20261126T181500Z", "abc1234")
     assert name == "staging_20261126T181500Z_abc1234.dump"
-    match = cmd.SNAPSHOT_RE.match(name)
+    match = snapshots.SNAPSHOT_RE.match(name)
     assert match and (match["env"], match["ts"], match["sha"]) == (
         "staging", "20261126T181500Z", "abc1234")
 

@@ -163,9 +163,11 @@ def test_without_a_wait_a_held_lock_fails_at_once() -> None:
 
 
 def deployed(*versions: str) -> State:
+    """Each version deployed in turn: the last is current, all are in the history."""
     state = State.empty("staging")
     for n, version in enumerate(versions):
         state.previous, state.current = state.current, {"version": version, "id": f"dep_{n}"}
+        state.history.insert(0, state.current)
     return state
 
 
@@ -176,15 +178,32 @@ def test_prune_after_deploy_keeps_current_previous_and_the_newest(settings,
     host.on("docker image ls", ok("eeeeeee\nddddddd\nccccccc\nbbbbbbb\naaaaaaa\n"))
     host.on("ls -1", ok("aaaaaaa\nbbbbbbb\nccccccc\nddddddd\neeeeeee\n.tmp\n"))
     host.on("docker image rm togather-server:bbbbbbb", ok())
-    report = cleanup.prune_after_deploy(session, deployed("ddddddd", "eeeeeee"))
+    history = ("aaaaaaa", "bbbbbbb", "ccccccc", "ddddddd", "eeeeeee")
+    report = cleanup.prune_after_deploy(session, deployed(*history))
     # keep_images 5 by default: nothing; with 3, the newest other image stays too.
     assert report.images["web1"] == []
     session.settings = dataclasses.replace(settings, deployment={
         **settings.deployment, "keep_images": 3})
-    report = cleanup.prune_after_deploy(session, deployed("ddddddd", "eeeeeee"))
+    report = cleanup.prune_after_deploy(session, deployed(*history))
     assert report.images["web1"] == ["togather-server:bbbbbbb", "togather-server:aaaaaaa"]
     assert report.releases["web1"] == ["aaaaaaa", "bbbbbbb"]
     assert host.ran("rm -rf /srv/togather/staging/releases/aaaaaaa")
+
+
+def test_prune_after_deploy_never_touches_a_tag_this_environment_never_deployed(
+        settings, tmp_path: Path) -> None:
+    """Another environment (or app) sharing the image name on this engine may be about to
+    start a tag it just built: not ours to remove, however old it looks."""
+    session = FakeSession(settings, tmp_path)
+    session.settings = dataclasses.replace(settings, deployment={
+        **settings.deployment, "keep_images": 2})
+    host = session.primary
+    host.on("docker image ls", ok("fffffff\neeeeeee\nddddddd\nccccccc\n"))
+    host.on("ls -1", ok(""))
+    host.on("docker image rm togather-server:ccccccc", ok())
+    report = cleanup.prune_after_deploy(session, deployed("ccccccc", "ddddddd", "eeeeeee"))
+    assert report.images["web1"] == ["togather-server:ccccccc"]
+    assert not host.ran("docker image rm togather-server:fffffff")
 
 
 def test_prune_after_deploy_only_warns_when_it_fails(settings, tmp_path: Path) -> None:

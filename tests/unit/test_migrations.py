@@ -7,7 +7,7 @@ import pytest
 
 from togather_tasks import commands as cmd
 from togather_tasks.config import Settings
-from togather_tasks.pipeline import describe_pending
+from togather_tasks.deploy import describe_pending
 from togather_tasks.redact import MASK, Redactor
 
 from .projects import DB_PASSWORD, Project

@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 
 from togather_tasks import commands as cmd
-from togather_tasks import hooks, notify, slots
+from togather_tasks import hooks, notify, proxy
 from togather_tasks.config import Settings
+from togather_tasks.deploy import Deploy, DeployOptions
 from togather_tasks.errors import ExitCode, Interrupted, LockLostError, TogatherError
 from togather_tasks.lock import Operator
-from togather_tasks.pipeline import Deploy, DeployOptions
+from togather_tasks.operation import Release, Step
+from togather_tasks.slots import Slots
 from togather_tasks.ulid import new_id
 
 from .fakehost import FakeHost, FakeSession, answer
@@ -32,9 +34,15 @@ def session(settings: Settings, tmp_path: Path) -> FakeSession:
 
 def new_deploy(session: FakeSession) -> Deploy:
     deploy = Deploy(session, DeployOptions())  # type: ignore[arg-type]
-    deploy.commit, deploy.sha7 = SHA, SHA[:7]
-    deploy.image = f"togather-server:{SHA[:7]}"
+    deploy.release = Release(SHA, f"togather-server:{SHA[:7]}")
+    deploy.slots = Slots("green", "blue")  # as validate plans them; the lock step settles them
     return deploy
+
+
+def table(*names: str) -> tuple[Step, ...]:
+    """Rows of the deploy's own runbook, by name."""
+    rows = {row.name: row for row in Deploy.steps}
+    return tuple(rows[name] for name in names)
 
 
 def serving(host: FakeHost, slot: str) -> None:
@@ -46,23 +54,22 @@ def stops(host: FakeHost, slot: str) -> list[str]:
     return host.ran(f"stop --timeout 30 {cmd.service(slot)}")
 
 
-def step(name: str, action=lambda: None):
-    action.__name__ = name
-    return action
+def step(name: str, action=lambda: None, *, destructive: bool = False) -> Step:
+    return Step(name, name, lambda operation, note: action(), destructive=destructive)
 
 
-def raising(name: str, exc: BaseException):
+def raising(name: str, exc: BaseException) -> Step:
     def action() -> None:
         raise exc
-    action.__name__ = name
-    return action
+    return step(name, action)
 
 
-def started_deploy(session: FakeSession, *later) -> Deploy:
+def started_deploy(session: FakeSession, *later: Step) -> Deploy:
     """A deploy from blue to green: the lock taken, green started, then `later` steps."""
     deploy = new_deploy(session)
-    serving(session.primary, "blue")
-    deploy.run_steps((deploy.acquire_lock, deploy.start, *later))
+    for host in session.all_hosts:
+        serving(host, "blue")
+    deploy.run_steps((*table("lock", "start"), *later))
     return deploy
 
 
@@ -123,7 +130,7 @@ def test_a_lock_broken_mid_step_stops_the_deploy_before_switch(session: FakeSess
 
     with pytest.raises(LockLostError) as caught:
         started_deploy(session, step("health", lock_broken_by_another_operator),
-                       step("switch", lambda: switched.append(True)))
+                       step("switch", lambda: switched.append(True), destructive=True))
 
     assert caught.value.exit_code == ExitCode.LOCK_HELD
     assert "stopping before switch" in caught.value.message
@@ -213,7 +220,6 @@ def test_an_interrupt_during_the_switch_restores_the_previous_upstream(
     host.http = sigterm_while_verifying
     proxy_running(host, settings)
     with pytest.raises(Interrupted):
-        slots.switch_traffic(settings, host, slots.SlotTarget("green", "img:abc1234",
-                                                              "abc1234"))
+        proxy.switch(settings, host, "green", "abc1234")
     assert host.files[layout.upstream_file] == blue
     assert len(host.ran("nginx -s reload")) == 2  # the switch, then the restore

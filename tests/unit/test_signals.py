@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from togather_tasks.errors import Interrupted
-from togather_tasks.signals import interruptible, shielded
+from togather_tasks.signals import deferred, interruptible, shielded
 
 TERMINATING = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
 
@@ -42,3 +42,11 @@ def test_cleanup_is_shielded_from_a_second_signal(sig: signal.Signals,
     with interruptible(), shielded():
         os.kill(os.getpid(), sig)
     assert outer_handlers == []
+
+
+def test_a_signal_while_workers_start_is_raised_once_they_have_started() -> None:
+    started = []
+    with pytest.raises(Interrupted, match="SIGTERM"), interruptible(), deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        started.append("every worker")
+    assert started == ["every worker"]

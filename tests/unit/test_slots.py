@@ -11,7 +11,7 @@ import time
 import pytest
 
 from togather_tasks import commands as cmd
-from togather_tasks import slots
+from togather_tasks import proxy, slots
 from togather_tasks.config import Settings
 from togather_tasks.errors import CommandError, HealthCheckError
 from togather_tasks.hosts import Result
@@ -97,7 +97,7 @@ def test_an_unchanged_proxy_is_only_reloaded(settings: Settings) -> None:
     host = FakeHost()
     proxy_running(host, settings)
 
-    assert slots.apply_proxy_config(settings, host) == "reloaded"
+    assert proxy.apply_config(settings, host) == "reloaded"
     assert host.ran(RECREATE) == []
     assert len(host.ran("nginx -s reload")) == 1
 
@@ -112,7 +112,7 @@ def test_a_proxy_whose_settings_changed_is_recreated_and_says_why(
     host = FakeHost()
     proxy_running(host, settings, **running)
 
-    how = slots.apply_proxy_config(settings, host)
+    how = proxy.apply_config(settings, host)
 
     assert how.startswith("recreated (") and said in how
     assert len(host.ran(RECREATE)) == 1
@@ -121,7 +121,7 @@ def test_a_proxy_whose_settings_changed_is_recreated_and_says_why(
 
 def test_a_proxy_that_is_not_running_is_started(settings: Settings) -> None:
     host = FakeHost()
-    assert slots.apply_proxy_config(settings, host) == "started"
+    assert proxy.apply_config(settings, host) == "started"
     assert len(host.ran("up --detach --no-deps proxy")) == 1
 
 
@@ -130,7 +130,7 @@ def test_a_failing_nginx_test_is_an_error_with_nginx_s_message(settings: Setting
     proxy_running(host, settings)
     host.on("nginx -s reload", failed("nginx: [emerg] unexpected end of file"))
     with pytest.raises(CommandError, match="unexpected end of file"):
-        slots.apply_proxy_config(settings, host)
+        proxy.apply_config(settings, host)
 
 
 # --- item 6: slots start from the image on the host, never pulled ----------------------------

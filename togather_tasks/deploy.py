@@ -1,10 +1,13 @@
-"""The deploy pipeline (SPEC section 5), read top to bottom like the runbook:
+"""The deploy (SPEC section 5), read top to bottom like the runbook; the table at the end of
+this module (Deploy.steps) is the order:
 
 validate -> lock -> build -> snapshot -> migrate -> start -> health -> switch -> record -> finish
 
-Until `switch` succeeds, traffic never leaves the old slot: any failure stops the new slot,
-records the failed deployment, releases the lock and exits with the step's code. After it, the
-deploy has happened; later problems are reported, never undone.
+build, start and health run on every host at once; snapshot and migrations once, on the
+primary, before any slot starts. Until `switch` succeeds on every host, traffic never leaves
+the old slot: any failure switches back the hosts that did switch, stops the new slot where no
+proxy routes to it, records the failed deployment, releases the lock and exits with the step's
+code. After it, the deploy has happened; later problems are reported, never undone.
 """
 
 from __future__ import annotations
@@ -12,22 +15,22 @@ from __future__ import annotations
 import io
 import os
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from . import cleanup, images, slots, snapshots, source
+from . import cleanup, fleet, images, proxy, slots, snapshots, source
 from . import commands as cmd
 from .errors import CommandTimeoutError, ConfigError, MigrationError, TogatherError
-from .hosts import Result
-from .operation import SlotOperation
+from .hosts import Host, Result
+from .operation import Release, SlotOperation, Step
+from .output import StepNote
 from .session import Session
-from .state import State, new_deployment, utc_now
+from .slots import Slots
+from .state import new_deployment, utc_now
 from .ulid import new_id
 
 q = shlex.quote
-STEPS = ("validate", "lock", "build", "snapshot", "migrate", "start", "health", "switch",
-         "record", "finish")
 MIN_DOCKER = (20, 10)
 
 
@@ -49,6 +52,15 @@ class DeployOptions:
     lock_wait: int = 0
 
 
+@dataclass(frozen=True)
+class Migrations:
+    """What the snapshot step found and took, and what the migrate step applied."""
+
+    pending: list[str] | None = None
+    snapshot: str | None = None
+    applied: int = 0
+
+
 @dataclass
 class DeployResult:
     deployment: dict[str, Any]
@@ -62,18 +74,11 @@ class Deploy(SlotOperation):
     operation = "deploy"
 
     def __init__(self, session: Session, options: DeployOptions) -> None:
-        super().__init__(session, 1 if options.dry_run else len(STEPS))
         self.options = options
+        super().__init__(session, dry_run=options.dry_run)
         self.deployment_id = new_id("dep")
         self.started_at: datetime = utc_now()
-        self.commit = ""
-        self.sha7 = ""
-        self.image = ""
-        self.state: State | None = None
-        self.snapshot_path: str | None = None
-        self.migrations_run = 0
-        self.pending: list[str] | None = None
-        self.release_dir = ""
+        self.db = Migrations()
         self.image_digest: str | None = None
 
     @property
@@ -86,61 +91,59 @@ class Deploy(SlotOperation):
     def run(self) -> DeployResult:
         self.s.log.event("deploy_start", deployment_id=self.deployment_id, ref=self.options.ref,
                          environment=self.settings.env, dry_run=self.options.dry_run)
-        self.validate()
+        self.run_steps(self.runbook[:1])
         if self.options.dry_run:
             plan = self.plan()
             return DeployResult({}, self.progress.timings, self._log_path(),
                                 self.s.ssh_connections(), plan)
         self.run_hook("pre-deploy", "starting", blocking=True)
-        self.run_steps((self.acquire_lock, self.build, self.snapshot, self.migrate, self.start,
-                        self.health, self.switch, self.record, self.finish))
-        self.s.audit(operation="deploy", deployment_id=self.deployment_id, version=self.sha7,
-                     result="succeeded", slot=self.new_slot, seconds=self.elapsed())
+        self.run_steps(self.runbook[1:])
+        self.s.audit(operation="deploy", deployment_id=self.deployment_id,
+                     version=self.release.sha7, result="succeeded", slot=self.slots.new,
+                     seconds=self.elapsed())
         self.run_hook("post-deploy", "succeeded")
         self.notify("completed")
         return DeployResult(self.state.current if self.state else {}, self.progress.timings,
                             self._log_path(), self.s.ssh_connections())
 
-    def validate(self) -> None:
-        with self.progress.step("validate", "configuration, git ref and hosts") as note:
-            for warning in self.settings.warnings:
-                self.s.console.warn(warning)
-            source.refresh(self.settings.source_url)
-            self.commit = source.resolve_ref(self.settings.source_root, self.options.ref)
-            self.sha7 = self.commit[:7]
-            self.image = cmd.image_ref(self.settings, self.sha7)
-            self.check_tree()
-            if source.uncommitted_changes(self.settings.source_root):
-                self.s.console.warn("the working tree has uncommitted changes; they are not "
-                                    f"deployed (building commit {self.sha7})")
-            for host in self.s.all_hosts:
-                self.check_host(host, primary=host is self.s.primary)
-            snap = self.s.store.read()
-            self.state = snap.state
-            self.new_slot = self.state.next_slot()
-            self.old_slot = self.state.active_slot
-            if self.migrations_enabled:
-                self.check_database()
-            note(f"{self.sha7} -> {self.settings.env} ({', '.join(self.settings.hosts)}), "
-                 f"slot {self.new_slot}")
+    def validate(self, note: StepNote) -> None:
+        """Step: nothing changes anywhere; every host answers, or the deploy stops here
+        naming the one that does not."""
+        for warning in self.settings.warnings:
+            self.s.console.warn(warning)
+        source.refresh(self.settings.source_url)
+        commit = source.resolve_ref(self.settings.source_root, self.options.ref)
+        self.release = Release(commit, cmd.image_ref(self.settings, commit[:7]))
+        self.check_tree()
+        if source.uncommitted_changes(self.settings.source_root):
+            self.s.console.warn("the working tree has uncommitted changes; they are not "
+                                f"deployed (building commit {self.release.sha7})")
+        self.on_hosts("validate", lambda host: self.check_host(
+            host, primary=host.name == self.settings.primary_host))
+        self.state = self.s.store.read().state
+        self.slots = Slots(self.state.next_slot(), self.state.active_slot)
+        if self.migrations_enabled:
+            self.check_database()
+        note(f"{self.release.sha7} -> {self.settings.env} ({', '.join(self.settings.hosts)}), "
+             f"slot {self.slots.new}")
 
     def check_tree(self) -> None:
-        root, build = self.settings.source_root, self.settings.build
+        root, build, sha7 = self.settings.source_root, self.settings.build, self.release.sha7
         dockerfile = f"{build['context'].rstrip('/')}/{build['dockerfile']}" \
             if build["context"] not in (".", "./") else build["dockerfile"]
         problems = []
-        if not source.has_path(root, self.commit, dockerfile):
-            problems.append(f"commit {self.sha7} has no {dockerfile} (build.dockerfile, "
+        if not source.has_path(root, self.release.commit, dockerfile):
+            problems.append(f"commit {sha7} has no {dockerfile} (build.dockerfile, "
                             "relative to build.context)")
         if self.migrations_enabled and self.settings.migrates_on_host and not source.has_path(
-                root, self.commit, self.settings.database["migrations_path"]):
-            problems.append(f"commit {self.sha7} has no "
+                root, self.release.commit, self.settings.database["migrations_path"]):
+            problems.append(f"commit {sha7} has no "
                             f"{self.settings.database['migrations_path']} "
                             "(database.migrations_path); use --skip-migrations or fix the path")
         if problems:
             raise ConfigError(problems)
 
-    def check_host(self, host, *, primary: bool) -> None:
+    def check_host(self, host: Host, *, primary: bool) -> None:
         tools = ["flock", "timeout", "sha256sum", "tar"]
         if primary and self.migrations_enabled and self.settings.has_database:
             tools += ["pg_dump", "pg_restore", "psql"]
@@ -212,8 +215,9 @@ class Deploy(SlotOperation):
     def plan(self) -> list[str]:
         """Every remote command the deploy would run (secrets are never in them)."""
         st, layout = self.settings, cmd.Layout(self.settings.remote_dir)
+        release, new, old = self.release, self.slots.new, self.slots.old
         primary = st.primary_host
-        build = images.Build(st, self.commit, self.started_at)
+        build = images.Build(st, release.commit, self.started_at)
         lines = [f"[{primary}] lock {st.state_path} (compare-and-swap under flock)",
                  *images.publish_plan(build)]
         for host in st.hosts:
@@ -221,33 +225,32 @@ class Deploy(SlotOperation):
                 f"[{host}] {cmd.host_directories(layout)}",
                 f"[{host}] upload {layout.compose_file} (mode 644), {layout.app_env} "
                 f"(secrets, mode 600)",
-                f"[{host}] upload git archive of {self.sha7} to {layout.release(self.sha7)}",
+                f"[{host}] upload git archive of {release.sha7} to "
+                f"{layout.release(release.sha7)}",
                 f"[{host}] " + images.host_plan(build),
             ]
         if self.migrations_enabled:
             lines += self.migration_plan(primary, layout)
         for host in st.hosts:
             lines += [
-                f"[{host}] write {layout.slots_env} ({self.new_slot.upper()}_IMAGE={self.image})",
-                f"[{host}] " + cmd.compose(st, "up", "--detach", "--no-deps",
-                                           cmd.service(self.new_slot)),
-                f"[{host}] GET 127.0.0.1:{st.ports[self.new_slot]}{st.health_endpoint} until "
+                f"[{host}] write {layout.slots_env} ({new.upper()}_IMAGE={release.image})",
+                f"[{host}] " + cmd.start_slot(st, new, "never"),
+                f"[{host}] GET 127.0.0.1:{st.ports[new]}{st.health_endpoint} until "
                 f"healthy (<= {st.health.retries} checks)",
-                f"[{host}] write {layout.upstream_file} -> {cmd.service(self.new_slot)}; "
-                "nginx -t; nginx -s reload; verify through the proxy",
+                f"[{host}] when every host is healthy: write {layout.upstream_file} -> "
+                f"{cmd.service(new)}; nginx -t; nginx -s reload; verify through the proxy",
             ]
-            if self.old_slot:
-                lines.append(f"[{host}] after {st.deployment['drain_seconds']}s: " + cmd.compose(
-                    st, "stop", "--timeout", str(st.deployment["stop_timeout"]),
-                    cmd.service(self.old_slot)))
+            if old:
+                lines.append(f"[{host}] after {st.deployment['drain_seconds']}s: "
+                             + cmd.stop_slot(st, old))
         lines.append(f"[{primary}] record {self.deployment_id} in {st.state_path}; release the "
                      "lock")
         return lines
 
     def migration_plan(self, primary: str, layout: cmd.Layout) -> list[str]:
-        st = self.settings
-        directory = f"{layout.release(self.sha7)}/{st.database['migrations_path']}"
-        snap = cmd.snapshot_name(st.env, "<UTC>", self.sha7)
+        st, sha7 = self.settings, self.release.sha7
+        directory = f"{layout.release(sha7)}/{st.database['migrations_path']}"
+        snap = snapshots.snapshot_name(st.env, "<UTC>", sha7)
         # A custom command cannot list what is pending: snapshot and run it every time.
         known = st.database["migration_tool"] in ("dbmate", "golang-migrate")
         pending = "if a migration is pending: " if known else ""
@@ -259,56 +262,62 @@ class Deploy(SlotOperation):
                          + cmd.dbmate_status_command(st, directory))
         elif st.database["migration_tool"] == "golang-migrate":
             lines.append(f"[{primary}] pending migrations (read-only): schema_migrations "
-                         f"version vs {st.database['migrations_path']}/*.up.sql of {self.sha7}")
+                         f"version vs {st.database['migrations_path']}/*.up.sql of {sha7}")
         if st.has_database:
             lines.append(f"[{primary}] {when}"
                          + cmd.snapshot_command(st, f"{st.snapshot_dir}/{snap}"))
-        return [*lines, f"[{primary}] {pending}" + cmd.migrate_command(st, directory, self.image)]
+        return [*lines,
+                f"[{primary}] {pending}" + cmd.migrate_command(st, directory, self.release.image)]
 
-    def acquire_lock(self) -> None:
-        with self.progress.step("lock", "taking the environment lock") as note:
-            self.take_lock(self.deployment_id, force=self.options.force,
-                           lock_wait=self.options.lock_wait)
-            # Re-read under the lock: the slot choice must come from the state we now own.
-            self.state = self.s.store.read().state
-            self.choose_slots(self.state.active_slot)
-            note(f"{self.lock['lock_id']} held by {self.lock['locked_by']}")
+    def acquire_lock(self, note: StepNote) -> None:
+        """Step: the lock, then (re-read under it) the state and the slots every host's proxy
+        agrees on."""
+        self.take_lock(self.deployment_id, force=self.options.force,
+                       lock_wait=self.options.lock_wait)
+        self.state = self.s.store.read().state
+        self.settle_slots(self.state)
+        note(f"{self.lock['lock_id']} held by {self.lock['locked_by']}")
         self.notify("started")
 
-    def build(self) -> None:
-        with self.progress.step("build", f"image {self.image}") as note:
-            build = images.Build(self.settings, self.commit, self.started_at)
-            published = images.publish(build, self.s)
-            built = []
-            for host in self.s.all_hosts:
-                slots.prepare_host(self.settings, host, primary=host is self.s.primary)
-                if images.ensure_on_host(build, host, published):
-                    built.append(host.name)
-                slots.ensure_proxy_image(self.settings, host, self.settings.build["timeout"])
-            self.release_dir = build.release_dir()
-            self.image_digest = published.digest
-            made = "pulled on" if published.digest else "built on"
-            note(f"{published.label} " + (f"{made} {', '.join(built)}" if built else "reused"))
+    def build(self, note: StepNote) -> None:
+        """Step: the image published once (the registry strategy: built and pushed, or
+        reused), then on every host at once (with the host files it runs with)."""
+        build = images.Build(self.settings, self.release.commit, self.started_at)
+        published = images.publish(build, self.s)
+        self.image_digest = published.digest
+        outcomes = self.on_hosts("build", lambda host: self.put_image(build, host, published))
+        built = [name for name, outcome in outcomes.items() if outcome.value]
+        made = "pulled on" if published.digest else "built on"
+        note(f"{published.label} " + (f"{made} {', '.join(built)}" if built else "reused")
+             + f" ({fleet.summary(outcomes)})")
 
-    def snapshot(self) -> None:
+    def put_image(self, build: images.Build, host: Host, published: images.Published) -> bool:
+        """The host's files, the image and the proxy image on one host. True when the image
+        had to be built, shipped or pulled."""
+        slots.prepare_host(self.settings, host, primary=host.name == self.settings.primary_host)
+        built = images.ensure_on_host(build, host, published)
+        proxy.ensure_image(self.settings, host, self.settings.build["timeout"])
+        return built
+
+    def snapshot(self, note: StepNote) -> None:
         """Step: find the pending migrations (read-only, under the lock, so no other deploy or
         restore can change the answer), and dump the database only if one will be applied:
         a dump protects nothing when the schema and data stay as they are."""
-        with self.progress.step("snapshot", "database snapshot") as note:
-            if not self.migrations_enabled:
-                note("skipped (--skip-migrations)" if self.options.skip_migrations
-                     else "skipped (no migration tool)")
-                return
-            if not self.settings.has_database:
-                note("skipped (no DATABASE_URL: nothing to dump)")
-                return
-            self.pending = self.find_pending()
-            if self.pending == [] and self.settings.database["snapshot"] == "when-migrating":
-                note("skipped (no pending migration)")
-                return
-            self.snapshot_path, size = snapshots.take_snapshot(self.s, self.sha7, self.state)
-            note(f"{self.snapshot_path} ({size // 1024} KiB, verified) before "
-                 f"{describe_pending(self.pending)}")
+        if not self.migrations_enabled:
+            note("skipped (--skip-migrations)" if self.options.skip_migrations
+                 else "skipped (no migration tool)")
+            return
+        if not self.settings.has_database:
+            note("skipped (no DATABASE_URL: nothing to dump)")
+            return
+        pending = self.find_pending()
+        self.db = Migrations(pending)
+        if pending == [] and self.settings.database["snapshot"] == "when-migrating":
+            note("skipped (no pending migration)")
+            return
+        path, size = snapshots.take_snapshot(self.s, self.release.sha7, self.state)
+        self.db = Migrations(pending, path)
+        note(f"{path} ({size // 1024} KiB, verified) before {describe_pending(pending)}")
 
     def find_pending(self) -> list[str] | None:
         """Migrations of this commit that the database has not applied; None when the tool
@@ -316,7 +325,7 @@ class Deploy(SlotOperation):
         tool = self.settings.database["migration_tool"]
         if tool == "golang-migrate":
             version = self.golang_migrate_row().partition("|")[0].strip()
-            files = source.list_dir(self.settings.source_root, self.commit,
+            files = source.list_dir(self.settings.source_root, self.release.commit,
                                     self.settings.database["migrations_path"])
             return cmd.golang_migrate_pending(files, int(version) if version else None)
         if tool != "dbmate":
@@ -334,37 +343,39 @@ class Deploy(SlotOperation):
 
     @property
     def migrations_dir(self) -> str:
-        return f"{self.release_dir}/{self.settings.database['migrations_path']}"
+        release_dir = cmd.Layout(self.settings.remote_dir).release(self.release.sha7)
+        return f"{release_dir}/{self.settings.database['migrations_path']}"
 
-    def migrate(self) -> None:
-        with self.progress.step("migrate", "database migrations") as note:
-            if not self.migrations_enabled:
-                note("skipped")
-                return
-            if self.pending == []:
-                # Safe to skip: the tool itself (or schema_migrations under our lock) said
-                # there is nothing to apply; and should that answer ever be wrong, skipping
-                # fails the health gate with the data untouched, where running the tool would
-                # migrate without the snapshot that was skipped.
-                note("nothing pending: migration tool not run")
-                return
-            result = self.run_migrations()
-            self.migrations_run = cmd.count_applied(self.settings.database["migration_tool"],
-                                                    result.stdout + result.stderr)
-            note(f"{self.migrations_run} applied")
+    def migrate(self, note: StepNote) -> None:
+        """Step: once, on the primary, before any new slot starts."""
+        if not self.migrations_enabled:
+            note("skipped")
+            return
+        if self.db.pending == []:
+            # Safe to skip: the tool itself (or schema_migrations under our lock) said
+            # there is nothing to apply; and should that answer ever be wrong, skipping
+            # fails the health gate with the data untouched, where running the tool would
+            # migrate without the snapshot that was skipped.
+            note("nothing pending: migration tool not run")
+            return
+        result = self.run_migrations()
+        self.db = replace(self.db, applied=cmd.count_applied(
+            self.settings.database["migration_tool"], result.stdout + result.stderr))
+        note(f"{self.db.applied} applied")
 
     def run_migrations(self) -> Result:
         st = self.settings
         try:
-            result = self.s.primary.run(cmd.migrate_command(st, self.migrations_dir, self.image),
+            result = self.s.primary.run(cmd.migrate_command(st, self.migrations_dir,
+                                                            self.release.image),
                                         timeout=st.database["migration_timeout"] + 30,
                                         check=False)
         except CommandTimeoutError:
             result = None
         restore = (f"inv db.restore --env={st.env} "
-                   f"--snapshot={os.path.basename(self.snapshot_path or '')}")
+                   f"--snapshot={os.path.basename(self.db.snapshot or '')}")
         hint = (f"Traffic is still on the old version. Snapshot taken before migrating: "
-                f"{self.snapshot_path}\nTo restore it: {restore}")
+                f"{self.db.snapshot}\nTo restore it: {restore}")
         if result is None or result.exit_status in (124, 137):
             raise MigrationError(f"migrations timed out after "
                                  f"{st.database['migration_timeout']} s", hint=hint)
@@ -374,42 +385,37 @@ class Deploy(SlotOperation):
                                  hint=hint)
         return result
 
-    def switch(self) -> None:
-        with self.progress.step("switch", f"nginx -> {self.new_slot}") as note:
-            self.switch_to_new_slot()
-            self.run_hook("post-switch", "switched")
-            note(f"traffic on {self.new_slot} ({self.sha7}), verified through the proxy")
+    def switch(self, note: StepNote) -> None:
+        outcomes = self.switch_traffic()
+        self.run_hook("post-switch", "switched")
+        note(f"traffic on {self.slots.new} ({self.release.sha7}), verified through the proxy "
+             f"({fleet.summary(outcomes)})")
 
-    def record(self) -> None:
-        with self.progress.step("record", "deployment state") as note:
-            deployment = self.deployment_record("healthy")
-            limit = self.settings.deployment["history_limit"]
-            self.state = self.s.store.update(
-                lambda state: state.record_success(deployment, limit))
-            note(f"{self.deployment_id} is current")
+    def record(self, note: StepNote) -> None:
+        deployment = self.deployment_record("healthy")
+        limit = self.settings.deployment["history_limit"]
+        self.state = self.s.store.update(lambda state: state.record_success(deployment, limit))
+        note(f"{self.deployment_id} is current")
 
-    def finish(self) -> None:
-        with self.progress.step("finish", "drain and stop the old slot") as note:
-            cleanup.prune_after_deploy(self.s, self.state)
-            if not self.old_slot:
-                note("first deployment: no old slot to stop")
-                return
-            self.drain_and_stop_old_slot()
-            note(f"{cmd.service(self.old_slot)} stopped (kept for rollback)")
+    def finish(self, note: StepNote) -> None:
+        cleanup.prune_after_deploy(self.s, self.state)
+        if not self.slots.old:
+            note("first deployment: no old slot to stop")
+            return
+        self.drain_and_stop_old_slot()
+        note(f"{cmd.service(self.slots.old)} stopped (kept for rollback)")
 
     # --- helpers --------------------------------------------------------------------------
 
-    def target(self) -> slots.SlotTarget:
-        return slots.SlotTarget(self.new_slot, self.image, self.sha7)
-
     def deployment_record(self, health_status: str) -> dict[str, Any]:
-        record = new_deployment(deployment_id=self.deployment_id, git_commit=self.commit,
-                                deployed_by=self.s.operator.email, slot=self.new_slot,
-                                image=self.image, at=utc_now())
-        record.update(health_status=health_status, migrations_run=self.migrations_run,
+        record = new_deployment(deployment_id=self.deployment_id,
+                                git_commit=self.release.commit,
+                                deployed_by=self.s.operator.email, slot=self.slots.new,
+                                image=self.release.image, at=utc_now())
+        record.update(health_status=health_status, migrations_run=self.db.applied,
                       duration_seconds=self.elapsed())
-        if self.snapshot_path:
-            record["snapshot"] = self.snapshot_path
+        if self.db.snapshot:
+            record["snapshot"] = self.db.snapshot
         if self.image_digest:
             record["image_digest"] = self.image_digest
         return record
@@ -425,22 +431,37 @@ class Deploy(SlotOperation):
                 self.s.console.warn(f"could not record the failed deployment: {exc}")
         done = ", ".join(self.progress.completed) or "nothing"
         where = "traffic was not switched: the old version keeps serving" if not self.switched \
-            else f"traffic is on {self.new_slot} ({self.sha7})"
+            else f"traffic is on {self.slots.new} ({self.release.sha7})"
         self.s.console.note(f"deploy failed ({step}). Done before the failure: {done}; "
                             f"{where}.")
-        self.s.audit(operation="deploy", deployment_id=self.deployment_id, version=self.sha7,
-                     result="failed", step=step)
+        self.s.audit(operation="deploy", deployment_id=self.deployment_id,
+                     version=self.release.sha7, result="failed", step=step)
 
     def hook_values(self, status: str) -> dict[str, object]:
         """TOGATHER_* variables for hooks (never secrets)."""
         return {"operation": "deploy", "environment": self.settings.env,
-                "version": self.sha7, "git_commit": self.commit,
-                "deployment_id": self.deployment_id, "slot": self.new_slot,
-                "previous_slot": self.old_slot, "status": status, "duration": self.elapsed()}
+                "version": self.release.sha7, "git_commit": self.release.commit,
+                "deployment_id": self.deployment_id, "slot": self.slots.new,
+                "previous_slot": self.slots.old, "status": status, "duration": self.elapsed()}
 
     def notify_fields(self) -> dict[str, object]:
-        return {"deployment_id": self.deployment_id, "version": self.sha7,
-                "git_commit": self.commit}
+        return {"deployment_id": self.deployment_id, "version": self.release.sha7,
+                "git_commit": self.release.commit}
 
     def _log_path(self) -> str | None:
         return str(self.s.log.path) if self.s.log.path else None
+
+
+Deploy.steps = (
+    Step("validate", "configuration, git ref and hosts", Deploy.validate),
+    Step("lock", "taking the environment lock", Deploy.acquire_lock),
+    Step("build", "image on every host", Deploy.build),
+    Step("snapshot", "database snapshot", Deploy.snapshot),
+    Step("migrate", "database migrations", Deploy.migrate, destructive=True),
+    Step("start", "starting the new slot", Deploy.start, undo=Deploy.stop_new_slot),
+    Step("health", "health gate on the new slot", Deploy.health),
+    Step("switch", "nginx -> the new slot", Deploy.switch, undo=Deploy.switch_back,
+         destructive=True, commit=True),
+    Step("record", "deployment state", Deploy.record, destructive=True),
+    Step("finish", "drain and stop the old slot", Deploy.finish),
+)
