@@ -621,7 +621,3 @@ def dirty_check_command(settings: Settings) -> str:
 def read_if_exists_command(path: str) -> str:
     """The file's content; nothing (and success) when there is none yet."""
     return f"if [ -e {q(path)} ]; then cat -- {q(path)}; fi"
-
-
-def make_directory_command(path: str) -> str:
-    return f"mkdir -p -- {q(path)}"

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -608,6 +608,20 @@ class RemoteHost(Host):
             raise HostError(f"cannot rename {src} to {dst} on {self.name}: "
                             f"{_one_line(exc)}") from None
 
+    @contextlib.contextmanager
+    def _channel(self, channel: paramiko.Channel, timeout: float | None) -> Iterator[None]:
+        """A command's own channel: a timeout or a broken connection becomes the typed error,
+        and the channel is closed on every exit path."""
+        try:
+            yield
+        except TimeoutError:
+            raise CommandTimeoutError(
+                f"command timed out after {timeout:g} s on {self.name}") from None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise HostError(f"connection to {self.name} lost: {_one_line(exc)}") from None
+        finally:
+            channel.close()
+
     def _stream_into(self, command: str, source: IO[bytes], timeout: float) -> Result:
         self._ensure_open()
         transport = self._conn.transport
@@ -615,7 +629,7 @@ class RemoteHost(Host):
         # One deadline for the whole command: a per-operation timeout never fires while the
         # remote side (a hung `docker load`) just stays silent and the loop below polls.
         deadline = _Deadline(timeout)
-        try:
+        with self._channel(channel, timeout):
             channel.exec_command(command)
             while chunk := source.read(1 << 16):
                 channel.settimeout(deadline.remaining())
@@ -634,13 +648,6 @@ class RemoteHost(Host):
                 else:
                     time.sleep(0.05)
             status = channel.recv_exit_status()
-        except TimeoutError:
-            raise CommandTimeoutError(
-                f"command timed out after {timeout:g} s on {self.name}") from None
-        except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise HostError(f"connection to {self.name} lost: {_one_line(exc)}") from None
-        finally:
-            channel.close()
         return Result(command, status, stdout.getvalue().decode(errors="replace"),
                       stderr.getvalue().decode(errors="replace"), 0.0)
 
@@ -649,7 +656,7 @@ class RemoteHost(Host):
         self._ensure_open()
         deadline = _Deadline(timeout) if timeout else None
         channel = self._conn.transport.open_session(timeout=CONNECT_TIMEOUT)
-        try:
+        with self._channel(channel, timeout):
             channel.exec_command(command)
             while not stop.is_set():
                 if deadline is not None:
@@ -664,13 +671,6 @@ class RemoteHost(Host):
                     time.sleep(STREAM_POLL_SECONDS)
             # Stopped: closing the channel closes the command's standard input.
             status = -1 if stop.is_set() else channel.recv_exit_status()
-        except TimeoutError:
-            raise CommandTimeoutError(
-                f"command timed out after {timeout:g} s on {self.name}") from None
-        except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise HostError(f"connection to {self.name} lost: {_one_line(exc)}") from None
-        finally:
-            channel.close()
         if status < 0 and not stop.is_set():
             raise HostError(f"connection to {self.name} lost while a command was running "
                             f"({_summary(command)})")

@@ -204,7 +204,7 @@ def write_textfile(session: Session, path: str, event: str, *, now: float, durat
     data = render(session.settings.app_name, session.settings.env, metrics).encode()
     for host in session.all_hosts:
         try:
-            host.run(cmd.make_directory_command(posixpath.dirname(path)),
+            host.run(cmd.make_dirs(posixpath.dirname(path)),
                      timeout=READ_TIMEOUT, what="creating the metrics directory")
             host.write_file(path, data, mode=TEXTFILE_MODE)
         except (TogatherError, OSError) as exc:

@@ -270,7 +270,7 @@ def test_every_host_gets_the_same_file_with_counters_from_the_primary(
     written = parse(primary.files[PATH].decode())
     assert (written.failures_total, written.last_success, written.version) == (4, 0, "abc1234")
     for host in metrics_session.all_hosts:
-        assert host.ran(cmd.make_directory_command(posixpath.dirname(PATH)))
+        assert host.ran(cmd.make_dirs(posixpath.dirname(PATH)))
 
 
 def test_a_host_that_cannot_be_written_is_a_warning_and_the_others_are_written(
@@ -302,7 +302,6 @@ def test_an_unreadable_primary_is_a_warning_and_nothing_is_written(
 # --- commands -------------------------------------------------------------------------------------
 
 
-def test_the_metrics_commands_quote_their_paths() -> None:
+def test_the_metrics_read_command_quotes_its_path() -> None:
     assert cmd.read_if_exists_command("/m d/f.prom") == \
         "if [ -e '/m d/f.prom' ]; then cat -- '/m d/f.prom'; fi"
-    assert cmd.make_directory_command("/m d") == "mkdir -p -- '/m d'"
