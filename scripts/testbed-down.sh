@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stop what scripts/testbed-up.sh and scripts/testbed-fleet.sh started, by pid file only: the
-# fleet (load balancer, registry, each host's sshd, dockerd and namespaces, the bridge), the
-# test bed sshd, dockerd, and PostgreSQL only when testbed-up started it. Packages, users, keys,
+# fleet (load balancer, registry, each host's sshd, dockerd and namespaces, the bridge), the ACME
+# test server (pebble, pebble-challtestsrv), the test bed sshd, dockerd, and PostgreSQL only when testbed-up started it. Packages, users, keys,
 # images, the databases and the ssh config stay. Idempotent: with nothing running it does nothing and exits 0.
 #   --fleet-only   stop only the fleet (`make testbed-fleet-down`); the local test bed stays up.
 set -euo pipefail
@@ -118,6 +118,8 @@ elif [ "$FLEET_ONLY" = 1 ]; then
 fi
 [ "$FLEET_ONLY" = 1 ] && exit 0
 
+stop pebble "$RUN_DIR/pebble.pid" pebble "$CONF_DIR/pebble/pebble-config.json" 10
+stop pebble-challtestsrv "$RUN_DIR/pebble-challtestsrv.pid" pebble-challtes "-dns01 127.0.0.1:8053" 10
 stop sshd "$SSHD_PIDFILE" sshd "$CONF_DIR/sshd_config" 10
 # dockerd stops its containers (10 s grace each, in parallel) and its containerd first.
 stop docker "$DOCKERD_PIDFILE" dockerd "" 90

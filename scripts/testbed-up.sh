@@ -576,4 +576,7 @@ out=$(timeout 60 ssh -F "$SSH_CONFIG" -o BatchMode=yes -o ConnectTimeout=10 "$SS
     { printf '%s\n' "$out" >&2; die "ssh $SSH_ALIAS check failed"; }
 status "ssh $DEPLOY_USER@$SSH_ALIAS" "ok ($(printf '%s' "$out" | paste -sd';' - | sed 's/;/; /g'))"
 
+# ---------- 9. the ACME test server (issue 10: HTTPS with certificates from Pebble) ----------
+TOGATHER_TESTBED_LOCK_HELD=1 bash "$REPO/scripts/testbed-acme.sh" 9>&- || die "scripts/testbed-acme.sh failed"
+
 status testbed "ready in $SECONDS s"
