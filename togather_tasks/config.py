@@ -25,6 +25,7 @@ import yaml
 from dotenv.main import DotEnv
 from dotenv.parser import parse_stream
 
+from . import tls as tls_config
 from .errors import ConfigError, UsageError
 from .redact import Redactor, is_secret_key
 
@@ -101,6 +102,8 @@ ENVIRONMENT_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # Any other name (qa, eu-prod, preview-42) starts like staging: no confirmation, the slot ports.
 OTHER_ENVIRONMENT_DEFAULTS = ENVIRONMENT_DEFAULTS["staging"]
+# The HTTPS port when proxy.tls is on and ports.https is not given.
+DEFAULT_HTTPS_PORT = 443
 OVERRIDABLE_SECTIONS = ("build", "database", "deployment", "proxy", "notifications",
                         "monitoring")
 
@@ -142,6 +145,7 @@ class Settings:
     secrets: dict[str, str] = field(repr=False)
     warnings: tuple[str, ...] = ()
     source_url: str | None = None  # app.source when it is a git URL (source.refresh)
+    tls: tls_config.TlsSettings | None = None  # proxy.tls: HTTPS at the edge (tls.py)
 
     @property
     def primary_host(self) -> str:
@@ -407,7 +411,7 @@ def _merge_environment(document: dict[str, Any], env: str, config_path: Path,
     if "hosts" not in env_block and not problems:
         problems.append(f"{config_path}: environments.{env}.hosts is required")
     ports = env_block["ports"]
-    if len(set(ports.values())) != len(ports):
+    if len({ports[k] for k in ("proxy", "blue", "green")}) != 3:
         problems.append(f"{config_path}: environments.{env}.ports: proxy, blue and green "
                         "must be three different ports")
     database = merged["database"]
@@ -424,6 +428,13 @@ def _merge_environment(document: dict[str, Any], env: str, config_path: Path,
             problems.append(f"{config_path}: build.{key} must be a path inside the repository")
     problems += [f"{config_path}: {problem}" for problem in directory_problems(
         f"environments.{env}.remote_dir", _remote_dir(env_block, env), database["snapshot_dir"])]
+    if merged["proxy"].get("tls"):
+        ports.setdefault("https", DEFAULT_HTTPS_PORT)
+        if len(set(ports.values())) != len(ports):
+            problems.append(f"{config_path}: environments.{env}.ports: https must differ from "
+                            "the proxy, blue and green ports")
+        problems += [f"{config_path}: {problem}" for problem in tls_config.problems(
+            merged["proxy"]["tls"], config_path.parent.parent, "proxy.tls")]
     return env_block, merged, problems
 
 
@@ -585,6 +596,8 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
         secrets=secrets,
         warnings=tuple(warnings),
         source_url=app["source"] if is_git_url(app.get("source") or "") else None,
+        tls=tls_config.resolve(merged["proxy"]["tls"], root, ports["https"])
+        if merged["proxy"].get("tls") else None,
     )
 
 

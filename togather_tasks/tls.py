@@ -1,0 +1,361 @@
+"""HTTPS at the edge, the pure part: the `proxy.tls` settings and their checks (run at every
+config load, before anything changes), the nginx pieces the proxy's site config is built from,
+and what the ACME client on each host is told. No SSH here (certs.py runs things on hosts).
+
+Two ways to a certificate:
+- `acme`: obtained on the host by lego (HTTP-01 through the proxy's HTTP port) on the first
+  deploy that needs it, renewed there by the long-running `acme` Compose service;
+- `certificate` + `key`: files the operator provides, uploaded to the host.
+
+Either way nginx finds the certificate and its key in one file, `tls/site.pem`, named through a
+variable so nginx reads it at each TLS handshake (nginx 1.15.9+): a renewal replaces the file
+atomically and needs no reload at all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shlex
+import stat
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtensionOID, NameOID
+
+q = shlex.quote
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+DEFAULT_RENEW_BEFORE_DAYS = 30
+# Inside the proxy container: <remote_dir>/nginx/upstream is mounted at /etc/nginx/togather.
+PROXY_CONF_DIR = "/etc/nginx/togather"
+APP_INCLUDE = "/etc/nginx/togather-app.conf"
+# One file with the key and the chain (mode 600, owned by the nginx worker) and a public copy of
+# the chain for inspection (certs.show reads it as the deploy user).
+SITE_PEM = "site.pem"
+SITE_CRT = "site.crt"
+CHALLENGE_PATH = "/.well-known/acme-challenge/"
+# RFC 1123 labels; at least two of them; lowercase (nginx and ACME compare names lowercased).
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+DOMAIN_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})+$")
+EMAIL_RE = re.compile(r"^[^@\s'\"\\]+@[^@\s'\"\\]+\.[^@\s'\"\\]+$")
+
+
+@dataclass(frozen=True)
+class AcmeSettings:
+    email: str
+    directory: str
+    ca_bundle: Path | None  # local file: a private ACME server's CA (the test bed's Pebble)
+    renew_before_days: int
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """`proxy.tls` of one environment, resolved: paths absolute, defaults applied."""
+
+    domains: tuple[str, ...]
+    https_port: int
+    redirect: bool
+    hsts: int | None  # max-age in seconds, None: no Strict-Transport-Security header
+    acme: AcmeSettings | None
+    certificate: Path | None
+    key: Path | None
+
+    @property
+    def server_name(self) -> str:
+        """The name asked for in SNI (health checks, verification)."""
+        return self.domains[0]
+
+
+def _path(root: Path, value: str | None) -> Path | None:
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def resolve(raw: dict[str, Any], root: Path, https_port: int) -> TlsSettings:
+    """The settings of a `proxy.tls` block that passed `problems` (relative paths are relative
+    to the project's root, like the secrets file)."""
+    acme = raw.get("acme")
+    certificate = _path(root, raw.get("certificate"))
+    domains = tuple(d.lower() for d in (acme or raw).get("domains") or ())
+    if not domains and certificate:
+        domains = certificate_names(load_chain(certificate.read_bytes())[0])
+    hsts = raw.get("hsts", False)
+    return TlsSettings(
+        domains=domains,
+        https_port=https_port,
+        redirect=raw.get("redirect", True),
+        hsts=None if hsts is False else int(hsts),
+        acme=AcmeSettings(
+            email=acme["email"],
+            directory=acme.get("directory", LETS_ENCRYPT),
+            ca_bundle=_path(root, acme.get("ca_bundle")),
+            renew_before_days=acme.get("renew_before_days", DEFAULT_RENEW_BEFORE_DAYS),
+        ) if acme else None,
+        certificate=certificate,
+        key=_path(root, raw.get("key")),
+    )
+
+
+# --- checks ---------------------------------------------------------------------------------
+
+
+def domain_problem(domain: str) -> str | None:
+    if domain.startswith("*."):
+        return (f"{domain}: a wildcard needs the DNS-01 challenge; the ACME client here uses "
+                "HTTP-01: list each name")
+    try:
+        ipaddress.ip_address(domain)
+    except ValueError:
+        pass
+    else:
+        return f"{domain}: an IP address, not a domain name"
+    if not DOMAIN_RE.match(domain):
+        return (f"{domain!r} is not a valid domain name (lowercase letters, digits, dashes and "
+                "dots, at least two labels, e.g. app.example.com)")
+    return None
+
+
+def problems(raw: dict[str, Any], root: Path, where: str, *,
+             now: datetime | None = None) -> list[str]:
+    """Everything wrong with a `proxy.tls` block, each as `where.key: what and the fix`.
+    Reads the local files it names (never printing their content)."""
+    now = now or datetime.now(UTC)
+    acme, certificate, key = raw.get("acme"), raw.get("certificate"), raw.get("key")
+    if acme and (certificate or key):
+        return [f"{where}: give either acme (certificates obtained automatically) or "
+                "certificate + key (files you provide), not both"]
+    if not acme and not (certificate or key):
+        return [f"{where}: give either acme: {{domains: [...], email: ...}} or certificate: "
+                "<file> + key: <file>"]
+    if acme:
+        return _acme_problems(acme, root, f"{where}.acme")
+    return _provided_problems(raw, root, where, now)
+
+
+def _acme_problems(acme: dict[str, Any], root: Path, where: str) -> list[str]:
+    found = []
+    domains = acme.get("domains") or []
+    if not domains:
+        found.append(f"{where}.domains: missing: list the domain names the certificate is for "
+                     "(e.g. [app.example.com])")
+    found += [f"{where}.domains: {p}" for d in domains if (p := domain_problem(d))]
+    if not acme.get("email"):
+        found.append(f"{where}.email: missing: the contact address the ACME server sends "
+                     "expiry notices to")
+    elif not EMAIL_RE.match(acme["email"]):
+        found.append(f"{where}.email: {acme['email']!r} is not an e-mail address")
+    bundle = _path(root, acme.get("ca_bundle"))
+    if bundle:
+        data, problem = _read(bundle, f"{where}.ca_bundle")
+        if problem:
+            found.append(problem)
+        elif not _certificates_in(data):
+            found.append(f"{where}.ca_bundle: {bundle} holds no PEM certificate")
+    return found
+
+
+def _provided_problems(raw: dict[str, Any], root: Path, where: str, now: datetime) -> list[str]:
+    certificate, key = _path(root, raw.get("certificate")), _path(root, raw.get("key"))
+    if not certificate or not key:
+        missing = "key" if certificate else "certificate"
+        return [f"{where}.{missing}: missing: a provided certificate needs both certificate "
+                "and key"]
+    found = [f"{where}.domains: {p}" for d in raw.get("domains") or []
+             if (p := domain_problem(d))]
+    cert_data, problem = _read(certificate, f"{where}.certificate")
+    key_data, key_problem = _read(key, f"{where}.key")
+    found += [p for p in (problem, key_problem) if p]
+    if not key_problem:
+        mode = stat.S_IMODE(key.stat().st_mode)
+        if mode & 0o077:
+            found.append(f"{where}.key: {key} has mode {mode:03o}: a private key must not be "
+                         f"readable by group or others: run `chmod 600 {key}`")
+    if problem or key_problem:
+        return found
+    try:
+        chain = load_chain(cert_data)
+    except ValueError:
+        return [*found, f"{where}.certificate: {certificate} is not a PEM certificate"]
+    try:
+        private = serialization.load_pem_private_key(key_data, password=None)
+    except TypeError:
+        return [*found, f"{where}.key: {key} is encrypted with a passphrase: nginx cannot "
+                        "use it unattended; give the key without a passphrase (mode 600)"]
+    except ValueError:
+        return [*found, f"{where}.key: {key} is not a PEM private key"]
+    leaf = chain[0]
+    if _spki(leaf.public_key()) != _spki(private.public_key()):
+        found.append(f"{where}.key: {key} does not match the certificate {certificate} "
+                     "(a key of another certificate?)")
+    if leaf.not_valid_after_utc <= now:
+        found.append(f"{where}.certificate: {certificate} expired on "
+                     f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: renew it")
+    names = certificate_names(leaf)
+    for domain in raw.get("domains") or []:
+        if not domain_problem(domain) and not covers(names, domain):
+            found.append(f"{where}.domains: {domain} is not covered by the certificate "
+                         f"{certificate} (it names {', '.join(names) or 'no domain'})")
+    if not raw.get("domains") and not names:
+        found.append(f"{where}.domains: the certificate {certificate} names no DNS domain: "
+                     "list the domains it serves")
+    return found
+
+
+def _read(path: Path, where: str) -> tuple[bytes, str | None]:
+    try:
+        return path.read_bytes(), None
+    except FileNotFoundError:
+        return b"", f"{where}: {path}: file not found"
+    except IsADirectoryError:
+        return b"", f"{where}: {path} is a directory, not a file"
+    except OSError as exc:
+        return b"", f"{where}: {path}: cannot read ({exc.strerror})"
+
+
+def _certificates_in(data: bytes) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        return []
+
+
+def _spki(public_key: Any) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def load_chain(data: bytes) -> list[x509.Certificate]:
+    """The certificates of a PEM file, leaf first; ValueError when there is none."""
+    return x509.load_pem_x509_certificates(data)
+
+
+def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
+    try:
+        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(n.lower() for n in san.value.get_values_for_type(x509.DNSName))
+
+
+def covers(names: tuple[str, ...], domain: str) -> bool:
+    """Whether a certificate naming `names` is valid for `domain` (one-label wildcards)."""
+    for name in names:
+        if name == domain:
+            return True
+        if name.startswith("*.") and domain.partition(".")[2] == name[2:]:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    """What an operator wants to know about a certificate being served."""
+
+    domains: tuple[str, ...]
+    issuer: str
+    not_after: datetime
+    serial: str
+
+    def days_left(self, now: datetime | None = None) -> float:
+        now = now or datetime.now(UTC)
+        return (self.not_after - now).total_seconds() / 86400
+
+    def as_dict(self, now: datetime | None = None) -> dict[str, Any]:
+        return {"domains": list(self.domains), "issuer": self.issuer,
+                "not_after": self.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "days_left": round(self.days_left(now), 1), "serial": self.serial}
+
+
+def describe(cert: x509.Certificate) -> CertificateInfo:
+    issuer = cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return CertificateInfo(
+        domains=certificate_names(cert),
+        issuer=str(issuer[0].value) if issuer else cert.issuer.rfc4514_string(),
+        not_after=cert.not_valid_after_utc,
+        serial=format(cert.serial_number, "x"),
+    )
+
+
+def needs_certificate(tls: TlsSettings, current: CertificateInfo | None,
+                      now: datetime | None = None) -> str | None:
+    """Why the ACME client must obtain a certificate now (None: the one on the host serves):
+    none yet, the domains changed, or it is within the renewal window (the renewal service
+    should have renewed it; a deploy does not serve one about to expire)."""
+    if tls.acme is None:
+        return None
+    if current is None:
+        return "no certificate on the host yet"
+    if set(current.domains) != set(tls.domains):
+        return (f"the domains changed ({', '.join(current.domains)} -> "
+                f"{', '.join(tls.domains)})")
+    if current.days_left(now) < tls.acme.renew_before_days:
+        return f"it expires in {current.days_left(now):.0f} days"
+    return None
+
+
+# --- nginx ----------------------------------------------------------------------------------
+
+
+def https_server_block(tls: TlsSettings, bind: str) -> str:
+    """The HTTPS server of the proxy's site config (http level). The certificate path holds a
+    variable, so nginx reads the file at each handshake: a renewal needs no reload. Session
+    cache and tickets let returning clients skip the full handshake."""
+    hsts = (f'    add_header Strict-Transport-Security "max-age={tls.hsts}" always;\n'
+            if tls.hsts else "")
+    return (
+        "map $ssl_server_name $togather_tls_file {\n"
+        f"    default {PROXY_CONF_DIR}/tls/{SITE_PEM};\n"
+        "}\n"
+        "server {\n"
+        f"    listen {bind}:{tls.https_port} ssl http2;\n"
+        "    ssl_certificate $togather_tls_file;\n"
+        "    ssl_certificate_key $togather_tls_file;\n"
+        "    ssl_protocols TLSv1.2 TLSv1.3;\n"
+        "    ssl_prefer_server_ciphers off;\n"
+        "    ssl_session_cache shared:togather_tls:10m;\n"
+        "    ssl_session_timeout 1d;\n"
+        "    ssl_session_tickets on;\n"
+        f"{hsts}"
+        f"    include {APP_INCLUDE};\n"
+        "}\n"
+    )
+
+
+def http_locations(tls: TlsSettings | None) -> str:
+    """What the plain HTTP server serves: without TLS, the app; with it, the ACME challenge
+    files (always over HTTP, that is how HTTP-01 works), then the app or, when `redirect` is
+    on, a 301 to the same URL over HTTPS."""
+    if tls is None:
+        return f"    include {APP_INCLUDE};\n"
+    port = "" if tls.https_port == 443 else f":{tls.https_port}"
+    rest = (f"    location / {{\n        return 301 https://$host{port}$request_uri;\n    }}\n"
+            if tls.redirect else f"    include {APP_INCLUDE};\n")
+    return (f"    location ^~ {CHALLENGE_PATH} {{\n"
+            f"        root {PROXY_CONF_DIR}/acme;\n"
+            "        default_type text/plain;\n"
+            "        try_files $uri =404;\n"
+            "    }\n"
+            f"{rest}")
+
+
+# --- the ACME client's configuration on the host ---------------------------------------------
+
+
+def acme_env(tls: TlsSettings) -> str:
+    """`<remote_dir>/acme/acme.env`, read by togather-acme in the acme container (line by line,
+    never sourced). Every value was validated: no blank, quote or line break."""
+    assert tls.acme is not None
+    lines = {
+        "ACME_DOMAINS": ",".join(tls.domains),
+        "ACME_EMAIL": tls.acme.email,
+        "ACME_DIRECTORY": tls.acme.directory,
+        "ACME_RENEW_DAYS": str(tls.acme.renew_before_days),
+        "ACME_CA_BUNDLE": "/acme/ca-bundle.pem" if tls.acme.ca_bundle else "",
+    }
+    return "".join(f"{k}={v}\n" for k, v in lines.items())
