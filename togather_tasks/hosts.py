@@ -24,6 +24,7 @@ import secrets
 import selectors
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -82,6 +83,7 @@ class HttpResponse:
     status: int
     headers: dict[str, str]
     body: bytes
+    certificate: bytes | None = None  # over HTTPS: the server's certificate (DER)
 
     def json(self) -> Any:
         return json.loads(self.body.decode("utf-8"))
@@ -211,7 +213,26 @@ class Host:
         channel of the existing connection."""
         raise NotImplementedError
 
+    def https_get(self, address: str, port: int, path: str, *, timeout: float,
+                  server_name: str, context: ssl.SSLContext) -> HttpResponse:
+        """GET https://server_name/path from address:port as seen from the host (the proxy's
+        HTTPS port), like http_get: TLS runs here, over the same plain connection, with SNI
+        `server_name`. `context` decides what is verified (tls.probe_context: nothing, for
+        the internal checks; the trust store, for the expiry report). The response carries
+        the server's certificate."""
+        deadline = _Deadline(timeout)
+        with contextlib.closing(self._tcp(address, port, timeout)) as conn:
+            tls = _TlsOver(conn, context, server_name, deadline)
+            resp = _http_exchange(tls, server_name, port, path, deadline)
+            resp.certificate = tls.certificate
+            return resp
+
     # I/O hooks
+    def _tcp(self, address: str, port: int, timeout: float) -> Any:
+        """A TCP connection to address:port from the host: a socket, or something with
+        sendall/recv/settimeout/close (an SSH channel)."""
+        raise NotImplementedError
+
     def _run(self, command: str, timeout: float | None) -> Result:
         raise NotImplementedError
 
@@ -319,6 +340,9 @@ class LocalHost(Host):
         deadline = _Deadline(timeout)
         with socket.create_connection((address, port), timeout=timeout) as sock:
             return _http_exchange(sock, address, port, path, deadline)
+
+    def _tcp(self, address: str, port: int, timeout: float) -> socket.socket:
+        return socket.create_connection((address, port), timeout=timeout)
 
 
 @dataclass
@@ -698,6 +722,16 @@ class RemoteHost(Host):
         finally:
             channel.close()
 
+    def _tcp(self, address: str, port: int, timeout: float) -> paramiko.Channel:
+        self._ensure_open()
+        try:
+            return self._conn.transport.open_channel(
+                "direct-tcpip", (address, port), ("127.0.0.1", 0), timeout=timeout)
+        except paramiko.ChannelException as exc:
+            raise ConnectionRefusedError(f"connection refused ({exc.text})") from None
+        except paramiko.SSHException as exc:
+            raise ConnectionError(_one_line(exc)) from None
+
     def close(self) -> None:
         try:
             if self._sftp is not None:
@@ -777,6 +811,59 @@ class _ReaderSocket:
 
     def makefile(self, mode: str) -> io.BufferedReader:
         return io.BufferedReader(self.reader)
+
+
+class _TlsOver:
+    """TLS over a connected socket or SSH channel: an ssl.SSLObject between two memory BIOs
+    (ssl can only wrap real sockets; a paramiko channel is not one). Offers what
+    _http_exchange uses of a socket: settimeout, sendall, recv. Every wait is bounded by the
+    deadline of the whole exchange."""
+
+    def __init__(self, conn: Any, context: ssl.SSLContext, server_name: str,
+                 deadline: _Deadline) -> None:
+        self.conn = conn
+        self.deadline = deadline
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=server_name)
+        self._step(self.tls.do_handshake)
+        self.certificate: bytes | None = self.tls.getpeercert(binary_form=True)
+
+    def _step(self, operation: Callable[..., Any], *args: Any) -> Any:
+        while True:
+            try:
+                result = operation(*args)
+            except ssl.SSLWantReadError:
+                self._flush()
+                self.conn.settimeout(self.deadline.remaining())
+                data = self.conn.recv(65536)
+                if data:
+                    self.incoming.write(data)
+                else:
+                    self.incoming.write_eof()
+                continue
+            self._flush()
+            return result
+
+    def _flush(self) -> None:
+        if data := self.outgoing.read():
+            self.conn.settimeout(self.deadline.remaining())
+            self.conn.sendall(data)
+
+    def settimeout(self, seconds: float) -> None:
+        self.conn.settimeout(seconds)
+
+    def sendall(self, data: bytes) -> None:
+        self._step(self.tls.write, data)
+
+    def recv(self, size: int) -> bytes:
+        if size <= 0:
+            return b""
+        try:
+            return self._step(self.tls.read, size)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            # The server closed (with or without close_notify): the answer ends here, as
+            # with Connection: close over plain HTTP.
+            return b""
 
 
 def _http_exchange(conn: Any, address: str, port: int, path: str,

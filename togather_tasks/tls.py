@@ -63,6 +63,9 @@ class TlsSettings:
     acme: AcmeSettings | None
     certificate: Path | None
     key: Path | None
+    # What the served certificate is checked against (inv health): None, the system trust
+    # store; a private ACME server's issuing root otherwise (the test bed's Pebble).
+    verify_ca: Path | None = None
 
     @property
     def server_name(self) -> str:
@@ -99,6 +102,7 @@ def resolve(raw: dict[str, Any], root: Path, https_port: int) -> TlsSettings:
         ) if acme else None,
         certificate=certificate,
         key=_path(root, raw.get("key")),
+        verify_ca=_path(root, raw.get("verify_ca")),
     )
 
 
@@ -127,15 +131,16 @@ def problems(raw: dict[str, Any], root: Path, where: str, *,
     Reads the local files it names (never printing their content)."""
     now = now or datetime.now(UTC)
     acme, certificate, key = raw.get("acme"), raw.get("certificate"), raw.get("key")
+    found = _bundle_problems(_path(root, raw.get("verify_ca")), f"{where}.verify_ca")
     if acme and (certificate or key):
-        return [f"{where}: give either acme (certificates obtained automatically) or "
-                "certificate + key (files you provide), not both"]
+        return [*found, f"{where}: give either acme (certificates obtained automatically) or "
+                        "certificate + key (files you provide), not both"]
     if not acme and not (certificate or key):
-        return [f"{where}: give either acme: {{domains: [...], email: ...}} or certificate: "
-                "<file> + key: <file>"]
+        return [*found, f"{where}: give either acme: {{domains: [...], email: ...}} or "
+                        "certificate: <file> + key: <file>"]
     if acme:
-        return _acme_problems(acme, root, f"{where}.acme")
-    return _provided_problems(raw, root, where, now)
+        return found + _acme_problems(acme, root, f"{where}.acme")
+    return found + _provided_problems(raw, root, where, now)
 
 
 def _acme_problems(acme: dict[str, Any], root: Path, where: str) -> list[str]:
@@ -150,14 +155,18 @@ def _acme_problems(acme: dict[str, Any], root: Path, where: str) -> list[str]:
                      "expiry notices to")
     elif not EMAIL_RE.match(acme["email"]):
         found.append(f"{where}.email: {acme['email']!r} is not an e-mail address")
-    bundle = _path(root, acme.get("ca_bundle"))
-    if bundle:
-        data, problem = _read(bundle, f"{where}.ca_bundle")
-        if problem:
-            found.append(problem)
-        elif not _certificates_in(data):
-            found.append(f"{where}.ca_bundle: {bundle} holds no PEM certificate")
-    return found
+    return found + _bundle_problems(_path(root, acme.get("ca_bundle")), f"{where}.ca_bundle")
+
+
+def _bundle_problems(bundle: Path | None, where: str) -> list[str]:
+    if bundle is None:
+        return []
+    data, problem = _read(bundle, where)
+    if problem:
+        return [problem]
+    if not _certificates_in(data):
+        return [f"{where}: {bundle} holds no PEM certificate"]
+    return []
 
 
 def _provided_problems(raw: dict[str, Any], root: Path, where: str, now: datetime) -> list[str]:

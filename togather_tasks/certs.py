@@ -1,0 +1,314 @@
+"""HTTPS certificates on the hosts: the ACME client's image and files, obtaining a certificate
+(once, synchronously, so a refusal is reported clearly), the `acme` Compose service that
+renews it before expiry, a certificate the operator provides, and what each host serves.
+
+Nothing here ever replaces a working certificate with a broken one: togather-acme installs a
+certificate only after lego got it, by rename. A refused order leaves the old certificate (and
+the old version: the switch has not happened) serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from . import commands as cmd
+from . import tls
+from .config import Settings
+from .errors import TogatherError
+from .hosts import Host
+
+q = shlex.quote
+ACME_IMAGE_FILES = ("Dockerfile", "togather-acme")
+ACME_SERVICE = "acme"
+OBTAIN_TIMEOUT = 300
+# lego's errors name the ACME problem type and the domain: those lines are what to show.
+_ACME_PROBLEM = re.compile(r"(urn:ietf:params:acme:error:\S+.*|error: .*)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where HTTPS lives under an environment's remote directory. nginx/ is what the proxy
+    mounts at /etc/nginx/togather (read-only)."""
+
+    root: str
+
+    @property
+    def tls_dir(self) -> str:
+        return f"{self.root}/nginx/tls"
+
+    @property
+    def webroot(self) -> str:
+        return f"{self.root}/nginx/acme"
+
+    @property
+    def acme_dir(self) -> str:
+        """The ACME account key and lego's data: kept across deploys and proxy recreations."""
+        return f"{self.root}/acme"
+
+    @property
+    def acme_env(self) -> str:
+        return f"{self.acme_dir}/acme.env"
+
+    @property
+    def ca_bundle(self) -> str:
+        return f"{self.acme_dir}/ca-bundle.pem"
+
+    @property
+    def image_dir(self) -> str:
+        return f"{self.root}/acme-image"
+
+    @property
+    def served_chain(self) -> str:
+        return f"{self.tls_dir}/{tls.SITE_CRT}"
+
+
+# --- commands (pure) ------------------------------------------------------------------------
+
+
+def acme_image_ref() -> str:
+    """Tagged by content, like the proxy image: a changed script builds a new image."""
+    digest = hashlib.sha256()
+    for name in ACME_IMAGE_FILES:
+        digest.update((cmd.DOCKER_DIR / "acme" / name).read_bytes())
+    return f"togather-acme:{digest.hexdigest()[:12]}"
+
+
+def acme_compose(settings: Settings, *args: str) -> str:
+    """Compose with the `acme` profile (the service exists only where HTTPS is on) and its
+    image named through the environment (slots.env knows nothing of it)."""
+    return f"ACME_IMAGE={q(acme_image_ref())} " + cmd.compose(settings, "--profile", "acme",
+                                                               *args)
+
+
+def directories(paths: Paths) -> str:
+    """tls/ and acme/ under the mounted nginx directory are read by nginx's workers (the
+    challenge files, the certificate by its owner); the ACME data is the deploy user's alone."""
+    return (cmd.private_directories(paths.root, paths.tls_dir, paths.webroot, paths.acme_dir,
+                                    paths.image_dir)
+            + f" && chmod 755 {q(paths.tls_dir)} {q(paths.webroot)}"
+            + f" && chmod 700 {q(paths.acme_dir)}")
+
+
+def obtain_command(settings: Settings) -> str:
+    return acme_compose(settings, "run", "--rm", "-T", "--no-deps", ACME_SERVICE, "obtain")
+
+
+def renew_command(settings: Settings, *, force: bool) -> str:
+    return acme_compose(settings, "run", "--rm", "-T", "--no-deps", ACME_SERVICE, "renew",
+                        *(["--force"] if force else []))
+
+
+def install_command(settings: Settings, incoming: str) -> str:
+    return acme_compose(settings, "run", "--rm", "-T", "--no-deps", "--volume",
+                        q(f"{incoming}:/incoming:ro"), ACME_SERVICE, "install")
+
+
+def start_renewer(settings: Settings) -> str:
+    """The long-running renewal service; Compose recreates it only when it changed."""
+    return acme_compose(settings, "up", "--detach", "--no-deps", ACME_SERVICE)
+
+
+def stop_renewer(settings: Settings) -> str:
+    return acme_compose(settings, "rm", "--stop", "--force", ACME_SERVICE)
+
+
+def acme_failure(output: str) -> str:
+    """The lines of lego's output that say why: the ACME problem (with the domain it names),
+    else the last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    found = [m.group(1) for line in lines if (m := _ACME_PROBLEM.search(line))]
+    return "; ".join(dict.fromkeys(found[-3:])) or (lines[-1] if lines else "no output")
+
+
+# --- on a host ------------------------------------------------------------------------------
+
+
+def served_certificate(settings: Settings, host: Host) -> tls.CertificateInfo | None:
+    """The certificate the host's proxy serves (its public copy), None when there is none."""
+    text = host.run(cmd.read_file(Paths(settings.remote_dir).served_chain), timeout=30).stdout
+    try:
+        return tls.describe(tls.load_chain(text.encode())[0]) if text.strip() else None
+    except ValueError:
+        return None
+
+
+def ensure_image(settings: Settings, host: Host) -> None:
+    paths = Paths(settings.remote_dir)
+    image = acme_image_ref()
+    if host.run(cmd.image_exists(image), check=False).ok:
+        return
+    for name in ACME_IMAGE_FILES:
+        host.write_file(f"{paths.image_dir}/{name}",
+                        (cmd.DOCKER_DIR / "acme" / name).read_bytes(), mode=0o755)
+    host.run(cmd.build_proxy_image(image, paths.image_dir), timeout=settings.build["timeout"],
+             what="building the ACME client image")
+
+
+def prepare(settings: Settings, host: Host) -> None:
+    """Directories, the client image and its configuration on the host."""
+    settings_tls = _tls(settings)
+    paths = Paths(settings.remote_dir)
+    host.run(directories(paths), timeout=30, what="creating the HTTPS directories")
+    ensure_image(settings, host)
+    if settings_tls.acme:
+        host.write_file(paths.acme_env, tls.acme_env(settings_tls).encode(), mode=0o600)
+        if settings_tls.acme.ca_bundle:
+            host.write_file(paths.ca_bundle, settings_tls.acme.ca_bundle.read_bytes(),
+                            mode=0o644)
+
+
+def ensure(settings: Settings, host: Host) -> str:
+    """The certificate this configuration wants, on the host, and (ACME) its renewal service
+    running. Returns what happened, for the operator."""
+    settings_tls = _tls(settings)
+    prepare(settings, host)
+    current = served_certificate(settings, host)
+    if settings_tls.acme is None:
+        return upload_provided(settings, host, current)
+    reason = tls.needs_certificate(settings_tls, current)
+    if reason:
+        obtain(settings, host, reason)
+        current = served_certificate(settings, host)
+        how = f"obtained ({reason})"
+    else:
+        how = "reused"
+    host.run(start_renewer(settings), timeout=120, what="starting the certificate renewal")
+    return f"certificate {how}: {describe(current)}"
+
+
+def obtain(settings: Settings, host: Host, reason: str) -> None:
+    settings_tls = _tls(settings)
+    result = host.run(obtain_command(settings), timeout=OBTAIN_TIMEOUT, check=False)
+    if not result.ok:
+        raise TogatherError(
+            f"{host.name}: the ACME server did not issue a certificate for "
+            f"{', '.join(settings_tls.domains)} ({reason}): "
+            f"{acme_failure(result.stdout + chr(10) + result.stderr)}",
+            hint="Nothing was switched: the old version and its certificate keep serving. "
+                 "Check that each domain resolves to this host and that its port "
+                 f"{settings.ports['proxy']} is reachable from the ACME server "
+                 f"({settings_tls.acme.directory if settings_tls.acme else ''}).")
+
+
+def upload_provided(settings: Settings, host: Host, current: tls.CertificateInfo | None) -> str:
+    """A provided certificate and key, installed by the acme container (it alone may give
+    the key to nginx's worker); skipped when the host already serves this certificate."""
+    settings_tls = _tls(settings)
+    if settings_tls.certificate is None or settings_tls.key is None:
+        raise TogatherError("proxy.tls: a provided certificate needs certificate and key")
+    chain = settings_tls.certificate.read_bytes()
+    wanted = tls.describe(tls.load_chain(chain)[0])
+    if current is not None and current.serial == wanted.serial \
+            and current.not_after == wanted.not_after:
+        return f"provided certificate already installed: {describe(current)}"
+    paths = Paths(settings.remote_dir)
+    incoming = f"{paths.acme_dir}/incoming"
+    host.run(cmd.private_directories(incoming), timeout=30)
+    try:
+        host.write_file(f"{incoming}/site.crt", chain, mode=0o644)
+        host.write_file(f"{incoming}/site.key", settings_tls.key.read_bytes(), mode=0o600)
+        result = host.run(install_command(settings, incoming), timeout=120, check=False)
+    finally:
+        host.run(cmd.remove_trees(incoming), timeout=30, check=False)
+    if not result.ok:
+        raise TogatherError(f"{host.name}: installing the provided certificate failed: "
+                            f"{acme_failure(result.stderr)}")
+    return f"provided certificate installed: {describe(wanted)}"
+
+
+def renew(settings: Settings, host: Host, *, force: bool) -> tuple[str, tls.CertificateInfo]:
+    """Renew now (`force`: whatever the expiry). Returns `renewed` or `not due` and the
+    certificate served afterwards."""
+    settings_tls = _tls(settings)
+    if settings_tls.acme is None:
+        raise TogatherError("proxy.tls uses a provided certificate: renew it yourself, "
+                            "update proxy.tls.certificate and key, and deploy")
+    prepare(settings, host)
+    result = host.run(renew_command(settings, force=force), timeout=OBTAIN_TIMEOUT,
+                      check=False)
+    if not result.ok:
+        raise TogatherError(f"{host.name}: renewal failed: "
+                            f"{acme_failure(result.stdout + chr(10) + result.stderr)}",
+                            hint="The current certificate keeps serving.")
+    current = served_certificate(settings, host)
+    if current is None:
+        raise TogatherError(f"{host.name}: no certificate installed after the renewal")
+    outcome = "renewed" if "renewed" in result.stdout.split() else "not due"
+    return outcome, current
+
+
+def describe(info: tls.CertificateInfo | None) -> str:
+    if info is None:
+        return "none"
+    return (f"{', '.join(info.domains)}, issued by {info.issuer}, expires "
+            f"{info.not_after:%Y-%m-%d} ({info.days_left():.0f} days)")
+
+
+def _tls(settings: Settings) -> tls.TlsSettings:
+    if settings.tls is None:
+        raise TogatherError(f"{settings.env} has no proxy.tls in config/deployment.yml: "
+                            "nothing to do for HTTPS")
+    return settings.tls
+
+
+# --- checking what is served ----------------------------------------------------------------
+
+
+def probe_context() -> ssl.SSLContext:
+    """For the internal checks through the proxy (the switch verification): TLS without
+    verification, the certificate is reported separately."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def verify_context(trust: Path | None) -> ssl.SSLContext:
+    """For the expiry report: the system trust store, or the configured CA file."""
+    context = ssl.create_default_context(cafile=str(trust) if trust else None)
+    return context
+
+
+@dataclass(frozen=True)
+class Served:
+    """What one host's proxy serves over HTTPS."""
+
+    status: int | None
+    certificate: tls.CertificateInfo | None
+    verified: bool
+    problem: str = ""
+
+
+def check_served(settings: Settings, host: Host, address: str, path: str,
+                 timeout: float) -> Served:
+    """GET path over HTTPS from the proxy's address on the host with SNI = the first domain:
+    once verifying (trust store or proxy.tls.verify_ca), else once without, to still report
+    the certificate and say why it does not verify."""
+    settings_tls = _tls(settings)
+    get = host.https_get
+    kwargs = {"timeout": timeout, "server_name": settings_tls.server_name}
+    try:
+        resp = get(address, settings_tls.https_port, path,
+                   context=verify_context(settings_tls.verify_ca), **kwargs)
+        return Served(resp.status, _info(resp.certificate), True)
+    except ssl.SSLCertVerificationError as exc:
+        reason = exc.verify_message or str(exc)
+    except (OSError, ConnectionError, TogatherError) as exc:
+        return Served(None, None, False, f"no HTTPS answer: {exc}")
+    try:
+        resp = get(address, settings_tls.https_port, path, context=probe_context(), **kwargs)
+    except (OSError, ConnectionError, TogatherError) as exc:
+        return Served(None, None, False, f"no HTTPS answer: {exc}")
+    return Served(resp.status, _info(resp.certificate), False,
+                  f"the certificate does not verify: {reason}")
+
+
+def _info(der: bytes | None) -> tls.CertificateInfo | None:
+    return tls.describe(x509.load_der_x509_certificate(der)) if der else None
