@@ -244,6 +244,24 @@ def renew(settings: Settings, host: Host, *, force: bool) -> tuple[str, tls.Cert
     return outcome, current
 
 
+def host_certificate(settings: Settings, host: Host) -> dict[str, object]:
+    """certs.show for one host: the installed certificate (its public copy on disk) and what
+    the proxy serves over HTTPS (SNI = the first domain)."""
+    from .proxy import address
+    installed = served_certificate(settings, host)
+    served = check_served(settings, host, address(settings), settings.health_endpoint,
+                          timeout=10)
+    summary = describe(installed)
+    if served.problem:
+        summary += f"; {served.problem}"
+    elif served.certificate and installed and served.certificate.serial != installed.serial:
+        summary += f"; the proxy serves another certificate (serial {served.certificate.serial})"
+    else:
+        summary += "; served over HTTPS" + (", verified" if served.verified else "")
+    return {"installed": installed.as_dict() if installed else None,
+            "served": served.as_dict(), "summary": summary}
+
+
 def describe(info: tls.CertificateInfo | None) -> str:
     if info is None:
         return "none"
@@ -284,6 +302,11 @@ class Served:
     certificate: tls.CertificateInfo | None
     verified: bool
     problem: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {"http_status": self.status, "verified": self.verified,
+                "certificate": self.certificate.as_dict() if self.certificate else None,
+                "problem": self.problem}
 
 
 def check_served(settings: Settings, host: Host, address: str, path: str,

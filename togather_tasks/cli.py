@@ -903,7 +903,54 @@ def _debug_flag_reaches_tasks() -> None:
     Program.update_config = update_config  # type: ignore[method-assign]
 
 
+@togather_task(name="show", help={"env": ENV_HELP, "json_": "machine-readable output",
+                                 "hosts": HOSTS_HELP})
+def certs_show(c, env=None, json_=False, hosts=None):
+    """The HTTPS certificate each host serves (proxy.tls): domains, issuer, expiry, and
+    whether it verifies. Read-only."""
+
+    def body(session: Session) -> None:
+        from .certs import host_certificate
+        from .fleet import on_each, raise_first_failure
+        st = session.settings
+        outcomes = on_each(session.chosen_hosts(hosts), lambda host: host_certificate(st, host),
+                           parallel=st.deployment["parallel"], into={})
+        raise_first_failure(outcomes)
+        per_host = {name: outcome.value for name, outcome in outcomes.items()}
+        if json_:
+            session.console.always(jsonlib.dumps({"environment": st.env, "hosts": per_host},
+                                                 indent=2))
+            return
+        for name, info in per_host.items():
+            session.console.print(f"{name}: {info['summary']}")
+
+    run_command(c, env, "certs.show", body, quiet=json_)
+
+
+@togather_task(name="renew", help={"env": ENV_HELP, "force": "renew now, whatever the expiry",
+                                  "hosts": HOSTS_HELP})
+@refused_under_invoke_dry
+def certs_renew(c, env=None, force=False, hosts=None):
+    """Renew the ACME certificate on each host now when it is due (--force: in any case) and
+    report the new expiry. The proxy picks it up at the next handshake: no reload."""
+
+    def body(session: Session) -> None:
+        from .certs import describe, renew
+        from .fleet import on_each, raise_first_failure
+        st = session.settings
+        outcomes = on_each(session.chosen_hosts(hosts), lambda host: renew(st, host, force=force),
+                           parallel=st.deployment["parallel"], into={})
+        raise_first_failure(outcomes)
+        for name, outcome in outcomes.items():
+            how, info = outcome.value
+            session.console.print(f"{name}: {how}: {describe(info)}")
+
+    run_command(c, env, "certs.renew", body, log=True)
+
+
 NAMESPACES = (
+    ("certs", "HTTPS certificates (proxy.tls): what each host serves; renew now.",
+     (certs_show, certs_renew)),
     ("config", "Check and show an environment's configuration (no host contact).",
      (config_validate, config_show)),
     ("db", "Database snapshots: take, list, restore.", (db_snapshot, db_snapshots, db_restore)),
