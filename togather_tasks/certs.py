@@ -262,6 +262,52 @@ def host_certificate(settings: Settings, host: Host) -> dict[str, object]:
             "served": served.as_dict(), "summary": summary}
 
 
+# A provided certificate is renewed by hand: say so this long before it expires.
+PROVIDED_WARN_DAYS = 30
+
+
+@dataclass(frozen=True)
+class HttpsHealth:
+    """inv health's HTTPS line for one host, and what is wrong or close to it."""
+
+    line: str
+    problem: str
+    warning: str
+    doc: dict[str, object]
+
+
+def https_health(settings: Settings, host: Host) -> HttpsHealth:
+    """The app's health endpoint over HTTPS through this host's proxy, and the certificate it
+    presents: days left, issuer, whether it verifies. A problem: no answer, not 200, expired
+    or unverifiable. A warning: within the renewal window (ACME: the renewal service should
+    have renewed it by now) or, for a provided one, a month before expiry."""
+    from .proxy import address
+    settings_tls = _tls(settings)
+    served = check_served(settings, host, address(settings), settings.health_endpoint,
+                          timeout=float(settings.health.timeout))
+    url = f"https://{settings_tls.server_name}:{settings_tls.https_port}"
+    info = served.certificate
+    problem, warning = served.problem, ""
+    if not problem and served.status != 200:
+        problem = f"{url}{settings.health_endpoint} answered HTTP {served.status}"
+    if info is not None:
+        window = settings_tls.acme.renew_before_days if settings_tls.acme \
+            else PROVIDED_WARN_DAYS
+        if info.days_left() <= 0:
+            problem = problem or f"the certificate expired on {info.not_after:%Y-%m-%d}"
+        elif info.days_left() < window:
+            warning = (f"the certificate of {url} expires in {info.days_left():.0f} days "
+                       f"({info.not_after:%Y-%m-%d})")
+    trust = str(settings_tls.verify_ca) if settings_tls.verify_ca else "the system trust store"
+    verdict = f"verified against {trust}" if served.verified else "NOT verified"
+    line = (f"{url} via {host.name}: "
+            + (f"HTTP {served.status}, " if served.status else "")
+            + f"certificate {describe(info)}, {verdict}"
+            + (f"; {problem}" if problem else ""))
+    return HttpsHealth(line, problem, warning, {"url": url, **served.as_dict(),
+                                                "trust": trust})
+
+
 def describe(info: tls.CertificateInfo | None) -> str:
     if info is None:
         return "none"

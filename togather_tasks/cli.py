@@ -575,6 +575,8 @@ def health(c, env=None, slot="active", expected_version=None, json_=False, hosts
                     if not h.verdict.acceptable(require_healthy=require)]
         if slot == "active" and not verdict.acceptable(require_healthy=require):
             problems.insert(0, verdict.summary())
+        https = _https_health(session, hosts) if st.tls and slot == "active" else {}
+        problems += [f"{name}: HTTPS: {h.problem}" for name, h in https.items() if h.problem]
         ok = not problems
         if json_:
             doc = {"environment": st.env, "url": where, "status": verdict.status,
@@ -583,18 +585,37 @@ def health(c, env=None, slot="active", expected_version=None, json_=False, hosts
                    "checks": verdict.checks}
             if len(per_host) > 1 or hosts:
                 doc["hosts"] = {name: h.as_dict(require) for name, h in per_host.items()}
+            if https:
+                doc["https"] = {name: h.doc for name, h in https.items()}
             session.console.always(jsonlib.dumps(doc, indent=2))
         else:
             _print_health(session.console, where, verdict, elapsed_ms)
             if len(per_host) > 1 or (hosts and slot == "active"):
                 for name, h in per_host.items():
                     session.console.print(h.line(name))
+            for h in https.values():
+                session.console.print(h.line)
+        for h in https.values():
+            if h.warning:
+                session.console.warn(h.warning)
             if ok and verdict.status == "degraded":
                 session.console.warn("degraded: the app runs but reports a warning")
         if problems:
             raise HealthCheckError(f"{st.env} is not healthy: {'; '.join(problems)}")
 
     run_command(c, env, "health", body, quiet=json_)
+
+
+def _https_health(session: Session, hosts: str | None) -> dict[str, Any]:
+    """proxy.tls: the health endpoint over HTTPS through each host's proxy and the
+    certificate it presents (certs.https_health)."""
+    from .certs import https_health
+    from .fleet import on_each, raise_first_failure
+    st = session.settings
+    outcomes = on_each(session.chosen_hosts(hosts), lambda host: https_health(st, host),
+                       parallel=st.deployment["parallel"], into={})
+    raise_first_failure(outcomes)
+    return {name: outcome.value for name, outcome in outcomes.items()}
 
 
 def _print_health(console: Console, where: str, verdict, elapsed_ms: int) -> None:

@@ -1,0 +1,231 @@
+"""HTTPS on the host side without a host: the nginx pieces, the ACME client's command lines
+and files, lego's errors, and TLS over a plain connection (hosts.https_get) against a real
+local TLS server."""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from togather_tasks import certs, tls
+from togather_tasks.hosts import LocalHost
+
+from .projects import Project
+from .test_tls_config import ACME, make_cert, with_tls
+
+
+def tls_settings(**changes: object) -> tls.TlsSettings:
+    base = tls.TlsSettings(("app.example.com", "www.example.com"), 443, True, None,
+                           tls.AcmeSettings("ops@example.com", tls.LETS_ENCRYPT, None, 30),
+                           None, None)
+    return dataclasses.replace(base, **changes)
+
+
+# --- nginx ----------------------------------------------------------------------------------
+
+
+def test_https_server_block_loads_the_certificate_per_handshake() -> None:
+    block = tls.https_server_block(tls_settings(https_port=9443), "127.0.0.1")
+    assert "listen 127.0.0.1:9443 ssl http2;" in block
+    # A variable in the path: nginx reads the file at each handshake (no reload on renewal).
+    assert "map $ssl_server_name $togather_tls_file {\n" \
+           "    default /etc/nginx/togather/tls/site.pem;\n}" in block
+    assert "ssl_certificate $togather_tls_file;" in block
+    assert "ssl_certificate_key $togather_tls_file;" in block
+    assert "ssl_session_cache shared:togather_tls:10m;" in block
+    assert "ssl_session_tickets on;" in block
+    assert "ssl_protocols TLSv1.2 TLSv1.3;" in block
+    assert "include /etc/nginx/togather-app.conf;" in block
+    assert "Strict-Transport-Security" not in block
+
+
+def test_hsts_only_when_configured() -> None:
+    block = tls.https_server_block(tls_settings(hsts=31536000), "0.0.0.0")
+    assert 'add_header Strict-Transport-Security "max-age=31536000" always;' in block
+
+
+def test_http_without_tls_serves_the_app() -> None:
+    assert tls.http_locations(None) == "    include /etc/nginx/togather-app.conf;\n"
+
+
+def test_http_redirects_except_the_challenge() -> None:
+    text = tls.http_locations(tls_settings(https_port=9443))
+    assert text == (
+        "    location ^~ /.well-known/acme-challenge/ {\n"
+        "        root /etc/nginx/togather/acme;\n"
+        "        default_type text/plain;\n"
+        "        try_files $uri =404;\n"
+        "    }\n"
+        "    location / {\n"
+        "        return 301 https://$host:9443$request_uri;\n"
+        "    }\n")
+
+
+def test_redirect_to_the_default_port_names_no_port() -> None:
+    assert "return 301 https://$host$request_uri;" in tls.http_locations(tls_settings())
+
+
+def test_without_redirect_http_serves_the_app_and_the_challenge() -> None:
+    text = tls.http_locations(tls_settings(redirect=False))
+    assert "location ^~ /.well-known/acme-challenge/" in text
+    assert "return 301" not in text
+    assert text.endswith("    include /etc/nginx/togather-app.conf;\n")
+
+
+# --- the ACME client ------------------------------------------------------------------------
+
+
+def test_acme_env() -> None:
+    assert tls.acme_env(tls_settings()) == (
+        "ACME_DOMAINS=app.example.com,www.example.com\n"
+        "ACME_EMAIL=ops@example.com\n"
+        "ACME_DIRECTORY=https://acme-v02.api.letsencrypt.org/directory\n"
+        "ACME_RENEW_DAYS=30\n"
+        "ACME_CA_BUNDLE=\n")
+
+
+def test_acme_env_with_a_private_ca(tmp_path: Path) -> None:
+    acme = tls.AcmeSettings("ops@example.com", "https://127.0.0.1:14000/dir",
+                            tmp_path / "ca.pem", 20)
+    text = tls.acme_env(tls_settings(acme=acme))
+    assert "ACME_CA_BUNDLE=/acme/ca-bundle.pem\n" in text
+    assert "ACME_RENEW_DAYS=20\n" in text
+
+
+def test_paths() -> None:
+    paths = certs.Paths("/srv/togather/staging")
+    assert paths.tls_dir == "/srv/togather/staging/nginx/tls"
+    assert paths.webroot == "/srv/togather/staging/nginx/acme"
+    assert paths.acme_dir == "/srv/togather/staging/acme"
+    assert paths.served_chain == "/srv/togather/staging/nginx/tls/site.crt"
+
+
+def test_directories_keep_the_acme_data_private() -> None:
+    command = certs.directories(certs.Paths("/srv/t"))
+    assert command == (
+        "umask 027 && mkdir -p /srv/t /srv/t/nginx/tls /srv/t/nginx/acme /srv/t/acme "
+        "/srv/t/acme-image && chmod o-rwx /srv/t"
+        " && chmod 755 /srv/t/nginx/tls /srv/t/nginx/acme && chmod 700 /srv/t/acme")
+
+
+def test_acme_commands(project: Project) -> None:
+    project.write_config(with_tls(ACME))
+    settings = project.load("staging")
+    image = certs.acme_image_ref()
+    assert image.startswith("togather-acme:") and len(image) == len("togather-acme:") + 12
+    compose = ("docker compose --project-name togather-test-staging --project-directory "
+               "/srv/togather/staging --file /srv/togather/staging/compose.yml --env-file "
+               "/srv/togather/staging/slots.env --profile acme")
+    assert certs.obtain_command(settings) == \
+        f"ACME_IMAGE={image} {compose} run --rm -T --no-deps acme obtain"
+    assert certs.renew_command(settings, force=True) == \
+        f"ACME_IMAGE={image} {compose} run --rm -T --no-deps acme renew --force"
+    assert certs.renew_command(settings, force=False).endswith("acme renew")
+    assert certs.start_renewer(settings) == \
+        f"ACME_IMAGE={image} {compose} up --detach --no-deps acme"
+    assert certs.install_command(settings, "/srv/x y/in").endswith(
+        "run --rm -T --no-deps --volume '/srv/x y/in:/incoming:ro' acme install")
+
+
+def test_acme_failure_names_the_problem_and_the_domain() -> None:
+    output = ("2026/12/06 07:07:01 [INFO] [nx.togather.test] acme: Obtaining bundled SAN "
+              "certificate\n"
+              "2026/12/06 07:07:01 Could not obtain certificates:\n"
+              "\terror: one or more domains had a problem:\n"
+              "[nx.togather.test] acme: error: 400 :: urn:ietf:params:acme:error:dns :: "
+              "NXDOMAIN looking up A for nx.togather.test\n")
+    message = certs.acme_failure(output)
+    assert "urn:ietf:params:acme:error:dns :: NXDOMAIN looking up A for nx.togather.test" \
+        in message
+
+
+def test_acme_failure_without_a_problem_line() -> None:
+    assert certs.acme_failure("starting\nconnection refused\n") == "connection refused"
+    assert certs.acme_failure("") == "no output"
+
+
+# --- TLS over a plain connection --------------------------------------------------------------
+
+
+class _Health(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        body = b'{"ok": true}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Seen-Host", self.headers.get("Host", ""))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def https_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    crt, key = make_cert(tmp_path, ["app.example.com"])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(crt, key)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], crt
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_https_get_without_verification(https_server: tuple[int, Path]) -> None:
+    port, _ = https_server
+    resp = LocalHost().https_get("127.0.0.1", port, "/health", timeout=5,
+                                 server_name="app.example.com", context=certs.probe_context())
+    assert resp.status == 200
+    assert resp.json() == {"ok": True}
+    assert resp.headers["x-seen-host"] == f"app.example.com:{port}"
+    info = tls.describe(x509.load_der_x509_certificate(resp.certificate))
+    assert info.domains == ("app.example.com",)
+
+
+def test_https_get_verifies_against_a_ca_file(https_server: tuple[int, Path]) -> None:
+    port, crt = https_server
+    resp = LocalHost().https_get("127.0.0.1", port, "/", timeout=5,
+                                 server_name="app.example.com",
+                                 context=certs.verify_context(crt))
+    assert resp.status == 200
+
+
+def test_https_get_refuses_an_unknown_issuer(https_server: tuple[int, Path]) -> None:
+    port, _ = https_server
+    with pytest.raises(ssl.SSLCertVerificationError):
+        LocalHost().https_get("127.0.0.1", port, "/", timeout=5,
+                              server_name="app.example.com", context=certs.verify_context(None))
+
+
+def test_https_get_refuses_another_name(https_server: tuple[int, Path]) -> None:
+    port, crt = https_server
+    with pytest.raises(ssl.SSLCertVerificationError, match="app.example.com|match"):
+        LocalHost().https_get("127.0.0.1", port, "/", timeout=5,
+                              server_name="other.example.com",
+                              context=certs.verify_context(crt))
+
+
+def test_https_get_to_a_plain_http_port_fails_cleanly() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(OSError):
+            LocalHost().https_get("127.0.0.1", server.server_address[1], "/", timeout=5,
+                                  server_name="app.example.com",
+                                  context=certs.probe_context())
+    finally:
+        server.shutdown()
+        server.server_close()
