@@ -18,7 +18,6 @@ import ssl
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -35,16 +34,21 @@ CONF = Path("/etc/togather-testbed")
 ACME_ROOT = CONF / "acme-root.pem"
 PEBBLE_API_CA = CONF / "pebble" / "api-ca.pem"
 DIRECTORY = "https://127.0.0.1:14000/dir"
-CHALLTESTSRV = "http://127.0.0.1:8055"
+CHALLTESTSRV = ("127.0.0.1", 8055)  # pebble-challtestsrv's management API
 HTTP01_PORT = 9080
 NOBODY = 65534  # the nginx worker in the proxy image
 
 
 def challtestsrv(endpoint: str, **body: Any) -> None:
-    request = urllib.request.Request(f"{CHALLTESTSRV}/{endpoint}",
-                                     data=json.dumps(body).encode(), method="POST")
-    with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310 - loopback
-        assert resp.status == 200
+    """Tell Pebble's DNS something (add-a, clear-a, set-servfail, clear-servfail)."""
+    conn = http.client.HTTPConnection(*CHALLTESTSRV, timeout=5)
+    try:
+        conn.request("POST", f"/{endpoint}", body=json.dumps(body))
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200, f"challtestsrv /{endpoint}: HTTP {resp.status}"
+    finally:
+        conn.close()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,9 +58,7 @@ def pebble() -> None:
             pytest.fail(f"{path} missing: the test bed's ACME server is not set up "
                         "(make testbed runs scripts/testbed-acme.sh)")
     try:
-        urllib.request.urlopen(f"{CHALLTESTSRV}/", timeout=5)  # noqa: S310 - loopback
-    except urllib.error.HTTPError:
-        pass
+        socket.create_connection(CHALLTESTSRV, timeout=5).close()
     except OSError as exc:
         pytest.fail(f"pebble-challtestsrv not answering on {CHALLTESTSRV}: {exc}")
 
