@@ -32,7 +32,7 @@ SLOTS = ("blue", "green")
 VERIFY_HEADER = "X-Togather-Verify"
 _LEGACY_SLOT = re.compile(r"\$togather_slot \{\s*default (blue|green);")
 _TOKEN = re.compile(r'^"([0-9a-f]{32,})" 1;$', re.MULTILINE)
-_DIRECTIVE = re.compile(r"^\s*(listen|server) ([^;]+);", re.MULTILINE)
+_DIRECTIVE = re.compile(r"^[ \t]*(listen|server) (\S+)[^;{\n]*;", re.MULTILINE)
 
 
 # --- the site configuration (pure) ------------------------------------------------------------
