@@ -143,14 +143,24 @@ def private_directories(root: str, *inside: str) -> str:
 
 
 def host_directories(layout: Layout) -> str:
-    """Every directory a deploy writes into on a host. nginx's workers (www-data inside the
-    proxy) test the state files at request time and serve the maintenance pages, so the
-    mounted directory and its state directory let others through: others on the host still
-    cannot reach them, the remote directory above is closed to them."""
-    return (private_directories(layout.root, layout.proxy_state_dir, layout.maintenance_pages,
-                                layout.releases, layout.proxy_dir)
-            + f" && chmod 755 {q(layout.proxy_conf_dir)} {q(layout.proxy_state_dir)}"
-              f" {q(layout.maintenance_pages)}")
+    """Every directory a deploy writes into on a host."""
+    return (private_directories(layout.root, layout.releases, layout.proxy_dir) + " && "
+            + proxy_directories(layout))
+
+
+def proxy_directories(layout: Layout) -> str:
+    """The directory mounted in the proxy and its state directories. nginx's workers
+    (www-data inside the proxy) test the state files at request time and serve the
+    maintenance pages, so these let others through: others on the host still cannot reach
+    them, the remote directory above is closed to them."""
+    opened = " ".join(q(d) for d in (layout.proxy_conf_dir, layout.proxy_state_dir,
+                                     layout.maintenance_pages))
+    return (f"umask 027 && mkdir -p {q(layout.proxy_state_dir)} {q(layout.maintenance_pages)}"
+            f" && chmod 755 {opened}")
+
+
+def make_open_dir(path: str) -> str:
+    return f"umask 022 && mkdir -p {q(path)}"
 
 
 def image_ref(settings: Settings, sha7: str) -> str:
@@ -305,6 +315,23 @@ def read_routes(layout: Layout) -> str:
     file when there is one: what the proxy routes to, in one round trip."""
     return (f"ls -1 {q(layout.proxy_state_dir)} 2>/dev/null; echo --; "
             f"cat {q(layout.upstream_file)} 2>/dev/null; true")
+
+
+def maintenance_on(layout: Layout, page_dir: str) -> str:
+    """Link state/maintenance to pages/<page_dir> in one rename (the link is relative: the
+    proxy sees the same tree under another path), then drop the other page directories."""
+    temporary = f"{layout.proxy_state_dir}/.maintenance.new"
+    return (f"ln -sfn {q('pages/' + page_dir)} {q(temporary)}"
+            f" && mv -fT {q(temporary)} {q(layout.maintenance_link)}"
+            f" && find {q(layout.maintenance_pages)} -mindepth 1 -maxdepth 1"
+            f" ! -name {q(page_dir)} -exec rm -rf {{}} +")
+
+
+def maintenance_off(layout: Layout) -> str:
+    """Unlink state/maintenance (traffic flows from the next request), then the pages."""
+    return (f"rm -f {q(layout.maintenance_link)}"
+            f" && {{ find {q(layout.maintenance_pages)} -mindepth 1 -maxdepth 1"
+            " -exec rm -rf {} + 2>/dev/null || true; }")
 
 
 def proxy_files(layout: Layout) -> str:

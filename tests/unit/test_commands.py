@@ -180,10 +180,24 @@ def test_the_remote_directories_are_created_closed_to_others_and_the_root_is_clo
     layout = cmd.Layout("/srv/togather/my app")
     root = "'/srv/togather/my app"
     assert cmd.host_directories(layout) == (
-        f"umask 027 && mkdir -p {root}' {root}/nginx/state' {root}/nginx/state/pages' "
-        f"{root}/releases' {root}/proxy' && chmod o-rwx {root}' && "
+        f"umask 027 && mkdir -p {root}' {root}/releases' {root}/proxy' && "
+        f"chmod o-rwx {root}' && umask 027 && "
+        f"mkdir -p {root}/nginx/state' {root}/nginx/state/pages' && "
         # nginx's workers test the markers: the mounted directories let them through.
         f"chmod 755 {root}/nginx' {root}/nginx/state' {root}/nginx/state/pages'")
+
+
+def test_the_maintenance_commands_are_exact() -> None:
+    layout = cmd.Layout("/srv/togather/staging")
+    state = "/srv/togather/staging/nginx/state"
+    assert cmd.maintenance_on(layout, "1765000000000000000-r60") == (
+        f"ln -sfn pages/1765000000000000000-r60 {state}/.maintenance.new && "
+        f"mv -fT {state}/.maintenance.new {state}/maintenance && "
+        f"find {state}/pages -mindepth 1 -maxdepth 1 ! -name 1765000000000000000-r60 "
+        "-exec rm -rf {} +")
+    assert cmd.maintenance_off(layout) == (
+        f"rm -f {state}/maintenance && {{ find {state}/pages -mindepth 1 -maxdepth 1 "
+        "-exec rm -rf {} + 2>/dev/null || true; }")
 
 
 # --- snapshots ---------------------------------------------------------------------------------
