@@ -311,9 +311,12 @@ def proxy_workers(settings: Settings) -> str:
 
 
 def read_routes(layout: Layout) -> str:
-    """The slot markers (one name per line) and, after a `--` line, the pre-marker upstream
-    file when there is one: what the proxy routes to, in one round trip."""
-    return (f"ls -1 {q(layout.proxy_state_dir)} 2>/dev/null; echo --; "
+    """The state files as nginx tests them (a regular file `green`, `blue`; anything named
+    `maintenance`), one name per line, and after a `--` line the pre-marker upstream file
+    when there is one: what the proxy routes to, in one round trip."""
+    state = q(layout.proxy_state_dir)
+    return (f"for n in green blue; do [ -f {state}/$n ] && echo $n; done; "
+            f"[ -e {state}/maintenance ] && echo maintenance; echo --; "
             f"cat {q(layout.upstream_file)} 2>/dev/null; true")
 
 

@@ -147,7 +147,7 @@ class ProxyDisk:
         self.layout = cmd.Layout(settings.remote_dir)
         self.refuse_marks = False
         self.marks_allowed: int | None = None  # then refused (see refuse_marks)
-        host.on(f"ls -1 {self.layout.proxy_state_dir}", self._read_routes)
+        host.on("for n in green blue; do", self._read_routes)
         host.on("printf '%s\\n' \"$(cat", self._proxy_files)
         host.on(f"mv -fT {self.layout.proxy_state_dir}", self._mark)
         host.on(f"rm -f {self.layout.slot_marker('blue')}", self._unmark)
@@ -173,8 +173,8 @@ class ProxyDisk:
         return names[0] if names else None
 
     def _read_routes(self, command: str) -> Result:
-        prefix = self.layout.proxy_state_dir + "/"
-        names = sorted(p[len(prefix):] for p in self.host.files if p.startswith(prefix))
+        names = [n for n in ("green", "blue", "maintenance")
+                 if self.layout.slot_marker(n) in self.host.files]
         legacy = self.host.files.get(self.layout.upstream_file, b"").decode()
         return ok("".join(f"{n}\n" for n in names) + "--\n" + legacy)
 

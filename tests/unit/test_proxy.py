@@ -109,8 +109,8 @@ def test_the_verification_map_holds_one_token_and_reads_back() -> None:
 
 @pytest.mark.parametrize(("output", "marker", "legacy", "maintenance"), [
     ("--\n", None, None, False),
-    ("blue\npages\n--\n", "blue", None, False),
-    ("green\nmaintenance\npages\n--\n", "green", None, True),
+    ("blue\n--\n", "blue", None, False),
+    ("green\nmaintenance\n--\n", "green", None, True),
     ("--\n" + LEGACY_GREEN, None, "green", False),
     ("blue\n--\n" + LEGACY_GREEN, "blue", "green", False),
 ])
@@ -129,7 +129,8 @@ def test_the_marker_commands_are_exact() -> None:
         f"{{ [ -e {state}/green ] || : > {state}/green; }}")
     assert cmd.unmark_slots(layout) == f"rm -f {state}/blue {state}/green"
     assert cmd.read_routes(layout) == (
-        f"ls -1 {state} 2>/dev/null; echo --; "
+        f"for n in green blue; do [ -f {state}/$n ] && echo $n; done; "
+        f"[ -e {state}/maintenance ] && echo maintenance; echo --; "
         "cat /srv/togather/staging/nginx/upstream/active.conf 2>/dev/null; true")
 
 
