@@ -119,7 +119,7 @@ class LoadGenerator:
     def __init__(self, port: int, path: str = "/", workers: int = 16, *,
                  max_requests: int = DEFAULT_MAX_REQUESTS,
                  max_seconds: float = DEFAULT_MAX_SECONDS, host: str = "127.0.0.1",
-                 timeout: float = REQUEST_TIMEOUT) -> None:
+                 timeout: float = REQUEST_TIMEOUT, retries: int = 1) -> None:
         if not 0 < int(port) < 65536:
             raise ValueError(f"invalid port {port}")
         if not path.startswith("/"):
@@ -131,6 +131,9 @@ class LoadGenerator:
         self.max_requests = max(1, min(int(max_requests), HARD_MAX_REQUESTS))
         self.max_seconds = max(0.1, min(float(max_seconds), HARD_MAX_SECONDS))
         self.timeout = min(float(timeout), 30.0)
+        # Retries on a fresh connection after an attempt that got no response: 1 is what
+        # browsers and `requests` do; 0 counts every such attempt as a failure.
+        self.retries = max(0, min(int(retries), 1))
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._issued = 0
@@ -255,7 +258,7 @@ class LoadGenerator:
                      stats: _WorkerStats) -> http.client.HTTPConnection | None:
         """One request, retried once on a fresh connection if the first attempt got no
         response. Returns the connection to keep using (None when it was closed)."""
-        for attempt in (1, 2):
+        for attempt in range(1, self.retries + 2):
             if conn is None:
                 conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             started = time.monotonic()
@@ -264,7 +267,7 @@ class LoadGenerator:
             except _NoResponse as exc:
                 conn.close()
                 conn = None
-                if attempt == 1:
+                if attempt <= self.retries:
                     stats.retried += 1
                     stats.retry_reasons[exc.kind] += 1
                     continue
@@ -314,13 +317,13 @@ def _percentile(sorted_values: list[float], pct: float) -> float:
 def run_during(action: Callable[[], T], min_requests: int, *, port: int, path: str = "/",
                workers: int = 16, max_seconds: float = DEFAULT_MAX_SECONDS,
                max_requests: int = DEFAULT_MAX_REQUESTS, warmup_s: float = 1.0,
-               host: str = "127.0.0.1") -> tuple[LoadResult, T, float]:
+               host: str = "127.0.0.1", retries: int = 1) -> tuple[LoadResult, T, float]:
     """Start the load, wait `warmup_s`, run `action` (e.g. a subprocess `inv deploy`), keep the
     load until the action has returned AND at least `min_requests` were sent (or a cap ends the
     run), then stop. Returns (load result, action's return value, action's wall time in s).
     If the action raises, the load is stopped and the exception propagates."""
     gen = LoadGenerator(port, path, workers, max_requests=max_requests,
-                        max_seconds=max_seconds, host=host)
+                        max_seconds=max_seconds, host=host, retries=retries)
     gen.start()
     try:
         time.sleep(min(warmup_s, gen.max_seconds / 2))

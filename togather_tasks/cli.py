@@ -969,6 +969,61 @@ def certs_renew(c, env=None, force=False, hosts=None):
     run_command(c, env, "certs.renew", body, log=True)
 
 
+@togather_task(name="on", help={
+    "env": ENV_HELP,
+    "message": "the text the page shows (plain text; default: a short notice)",
+    "retry_after": "seconds for the Retry-After header (default 300)"},
+    ints=("retry_after",))
+@refused_under_invoke_dry
+def maintenance_on(c, env=None, message=None, retry_after=None):
+    """Maintenance mode on every host: the proxy answers 503 with the page (no reload).
+
+    Deploys and rollbacks keep it on; `inv maintenance.off` ends it. No lock: it touches no
+    file a deploy touches, so it can go up in front of a deploy that is running."""
+
+    def body(session: Session) -> None:
+        from .fleet import on_each, raise_first_failure
+        from .maintenance import notice, turn_on
+        n = notice(message, retry_after, session.operator.email)
+        outcomes = on_each(session.all_hosts, lambda host: turn_on(session.settings, host, n),
+                           parallel=session.settings.deployment["parallel"], into={},
+                           fail_fast=False)
+        for outcome in outcomes.values():
+            session.console.note(f"  {outcome.line()}"
+                                 + (f": {outcome.error}" if outcome.error else ""))
+        session.audit(operation="maintenance.on", retry_after=n.retry_after,
+                      hosts=[name for name, o in outcomes.items() if o.ok])
+        raise_first_failure(outcomes)
+        session.console.print(f"maintenance mode is on for {session.settings.env}: HTTP 503, "
+                              f"Retry-After {n.retry_after}s")
+
+    run_command(c, env, "maintenance", body, log=True)
+
+
+@togather_task(name="off", help={"env": ENV_HELP})
+@refused_under_invoke_dry
+def maintenance_off(c, env=None):
+    """Maintenance mode off on every host: traffic flows again from the next request."""
+
+    def body(session: Session) -> None:
+        from .fleet import on_each, raise_first_failure
+        from .maintenance import turn_off
+        outcomes = on_each(session.all_hosts, lambda host: turn_off(session.settings, host),
+                           parallel=session.settings.deployment["parallel"], into={},
+                           fail_fast=False)
+        for outcome in outcomes.values():
+            session.console.note(f"  {outcome.line()}"
+                                 + (f": {outcome.error}" if outcome.error else ""))
+        session.audit(operation="maintenance.off",
+                      hosts=[name for name, o in outcomes.items() if o.ok])
+        raise_first_failure(outcomes)
+        was_on = any(o.value for o in outcomes.values())
+        session.console.print(f"maintenance mode is off for {session.settings.env}"
+                              + ("" if was_on else " (it was not on)"))
+
+    run_command(c, env, "maintenance", body, log=True)
+
+
 NAMESPACES = (
     ("certs", "HTTPS certificates (proxy.tls): what each host serves; renew now.",
      (certs_show, certs_renew)),
@@ -979,6 +1034,8 @@ NAMESPACES = (
      (hosts_setup, hosts_trust)),
     ("lock", "The environment's deploy lock: who holds it; take or release it by hand.",
      (lock_status, lock_acquire, lock_release)),
+    ("maintenance", "Maintenance mode: every host's proxy answers 503 with a page.",
+     (maintenance_on, maintenance_off)),
 )
 
 

@@ -20,6 +20,10 @@ from .errors import StateError
 
 q = shlex.quote
 DOCKER_DIR = Path(__file__).parent / "docker"
+# The files the proxy image is built from (in DOCKER_DIR/nginx); its tag hashes them.
+PROXY_IMAGE_FILES = ("Dockerfile", "nginx.conf", "togather-app.conf")
+# Where the proxy container sees Layout.proxy_conf_dir.
+PROXY_MOUNT = "/etc/nginx/togather"
 SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword"})
 # The state schema's image_ref: no blank, quote, `=`, `$` or line break.
 IMAGE_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,511}")
@@ -73,16 +77,48 @@ class Layout:
         return f"{self.root}/.pgpass"
 
     @property
+    def proxy_conf_dir(self) -> str:
+        """Mounted read-only in the proxy at PROXY_MOUNT: site.conf, verify.map, state/, and
+        (HTTPS) tls/ and acme/."""
+        return f"{self.root}/nginx"
+
+    @property
+    def site_file(self) -> str:
+        return f"{self.proxy_conf_dir}/site.conf"
+
+    @property
+    def site_loaded(self) -> str:
+        """The sha256 of the site.conf the running nginx last loaded (start, reload)."""
+        return f"{self.proxy_conf_dir}/site.loaded"
+
+    @property
+    def verify_map(self) -> str:
+        return f"{self.proxy_conf_dir}/verify.map"
+
+    @property
+    def proxy_state_dir(self) -> str:
+        """Read by nginx at request time: the slot marker and the maintenance link."""
+        return f"{self.proxy_conf_dir}/state"
+
+    def slot_marker(self, slot: str) -> str:
+        return f"{self.proxy_state_dir}/{slot}"
+
+    @property
+    def maintenance_link(self) -> str:
+        return f"{self.proxy_state_dir}/maintenance"
+
+    @property
+    def maintenance_pages(self) -> str:
+        return f"{self.proxy_state_dir}/pages"
+
+    @property
     def upstream_dir(self) -> str:
-        return f"{self.root}/nginx/upstream"
+        """The layout before the no-reload switch (read once, to take a host over)."""
+        return f"{self.proxy_conf_dir}/upstream"
 
     @property
     def upstream_file(self) -> str:
         return f"{self.upstream_dir}/active.conf"
-
-    @property
-    def upstream_backup(self) -> str:
-        return f"{self.upstream_dir}/previous.conf.bak"
 
     @property
     def proxy_dir(self) -> str:
@@ -108,8 +144,23 @@ def private_directories(root: str, *inside: str) -> str:
 
 def host_directories(layout: Layout) -> str:
     """Every directory a deploy writes into on a host."""
-    return private_directories(layout.root, layout.upstream_dir, layout.releases,
-                               layout.proxy_dir)
+    return (private_directories(layout.root, layout.releases, layout.proxy_dir) + " && "
+            + proxy_directories(layout))
+
+
+def proxy_directories(layout: Layout) -> str:
+    """The directory mounted in the proxy and its state directories. nginx's workers
+    (www-data inside the proxy) test the state files at request time and serve the
+    maintenance pages, so these let others through: others on the host still cannot reach
+    them, the remote directory above is closed to them."""
+    opened = " ".join(q(d) for d in (layout.proxy_conf_dir, layout.proxy_state_dir,
+                                     layout.maintenance_pages))
+    return (f"umask 027 && mkdir -p {q(layout.proxy_state_dir)} {q(layout.maintenance_pages)}"
+            f" && chmod 755 {opened}")
+
+
+def make_open_dir(path: str) -> str:
+    return f"umask 022 && mkdir -p {q(path)}"
 
 
 def image_ref(settings: Settings, sha7: str) -> str:
@@ -185,9 +236,10 @@ def image_exists_command(image: str) -> str:
 
 
 def proxy_image_ref() -> str:
-    """Tagged by content so a changed nginx.conf or Dockerfile builds a new proxy image."""
+    """Tagged by content so a changed nginx.conf, include or Dockerfile builds a new proxy
+    image (and recreates the proxy: see proxy.changes)."""
     digest = hashlib.sha256()
-    for name in ("Dockerfile", "nginx.conf"):
+    for name in PROXY_IMAGE_FILES:
         digest.update((DOCKER_DIR / "nginx" / name).read_bytes())
     return f"togather-proxy:{digest.hexdigest()[:12]}"
 
@@ -244,11 +296,69 @@ def reload_proxy(settings: Settings) -> str:
 
 
 def running_proxy(settings: Settings) -> str:
-    """The running proxy's image and published port (`IMAGE {json}`), empty when none runs:
-    one round trip."""
+    """The running proxy's image and network mode (`IMAGE MODE`), empty when none runs: one
+    round trip."""
     return (f"id=$({compose(settings, 'ps', '--quiet', '--status', 'running', 'proxy')}"
             ' | head -n 1); [ -z "$id" ] || docker inspect --format '
-            + q("{{.Config.Image}} {{json .HostConfig.PortBindings}}") + ' "$id"')
+            + q("{{.Config.Image}} {{.HostConfig.NetworkMode}}") + ' "$id"')
+
+
+def proxy_workers(settings: Settings) -> str:
+    """The proxy's processes as the host sees them (`docker top`): a reload replaces the
+    workers, a switch must not."""
+    return (f"id=$({compose(settings, 'ps', '--quiet', '--status', 'running', 'proxy')}"
+            ' | head -n 1); [ -n "$id" ] && docker top "$id" -o pid,args')
+
+
+def read_routes(layout: Layout) -> str:
+    """The state files as nginx tests them (a regular file `green`, `blue`; anything named
+    `maintenance`), one name per line, and after a `--` line the pre-marker upstream file
+    when there is one: what the proxy routes to, in one round trip."""
+    state = q(layout.proxy_state_dir)
+    return (f"for n in green blue; do [ -f {state}/$n ] && echo $n; done; "
+            f"[ -e {state}/maintenance ] && echo maintenance; echo --; "
+            f"cat {q(layout.upstream_file)} 2>/dev/null; true")
+
+
+def maintenance_on(layout: Layout, page_dir: str) -> str:
+    """Link state/maintenance to pages/<page_dir> in one rename (the link is relative: the
+    proxy sees the same tree under another path), then drop the other page directories."""
+    temporary = f"{layout.proxy_state_dir}/.maintenance.new"
+    return (f"ln -sfn {q('pages/' + page_dir)} {q(temporary)}"
+            f" && mv -fT {q(temporary)} {q(layout.maintenance_link)}"
+            f" && find {q(layout.maintenance_pages)} -mindepth 1 -maxdepth 1"
+            f" ! -name {q(page_dir)} -exec rm -rf {{}} +")
+
+
+def maintenance_off(layout: Layout) -> str:
+    """Unlink state/maintenance (traffic flows from the next request), then the pages."""
+    return (f"rm -f {q(layout.maintenance_link)}"
+            f" && {{ find {q(layout.maintenance_pages)} -mindepth 1 -maxdepth 1"
+            " -exec rm -rf {} + 2>/dev/null || true; }")
+
+
+def proxy_files(layout: Layout) -> str:
+    """What the switch needs to know of the proxy's files, in one round trip: the digest of
+    the site nginx last loaded (one line), the verification map, `--`, the site.conf."""
+    return (f'printf \'%s\\n\' "$(cat {q(layout.site_loaded)} 2>/dev/null)"; '
+            f"cat {q(layout.verify_map)} 2>/dev/null; echo --; "
+            f"cat {q(layout.site_file)} 2>/dev/null; true")
+
+
+def mark_slot(layout: Layout, slot: str) -> str:
+    """Route to `slot`: rename the other slot's marker onto it (rename(2): at every instant
+    exactly one marker exists), or create it when there is none (first deploy)."""
+    other = "green" if slot == "blue" else "blue"
+    target = layout.slot_marker(slot)
+    source = q(layout.slot_marker(other))
+    return (f"{{ mv -fT {source} {q(target)} 2>/dev/null || [ ! -e {source} ]; }}"
+            f" && {{ [ -e {q(target)} ] || : > {q(target)}; }}")
+
+
+def unmark_slots(layout: Layout) -> str:
+    """No slot marked (a first deploy undone): nginx then defaults to blue, which runs
+    nothing."""
+    return remove_files(layout.slot_marker("blue"), layout.slot_marker("green"))
 
 
 def image_exists(image: str) -> str:
@@ -307,8 +417,6 @@ def slots_env(settings: Settings, images: dict[str, str]) -> str:
         "GREEN_IMAGE": images.get("green", f"{settings.image}:none"),
         "BLUE_PORT": str(settings.ports["blue"]),
         "GREEN_PORT": str(settings.ports["green"]),
-        "PROXY_PORT": str(settings.ports["proxy"]),
-        "PROXY_BIND": settings.proxy["bind"],
         "PROXY_IMAGE": proxy_image_ref(),
         "STOP_GRACE_PERIOD": f"{settings.deployment['stop_timeout']}s",
         "LOG_MAX_SIZE": settings.deployment["log_rotation"]["max_size"],
@@ -429,21 +537,6 @@ def passwordless_url(settings: Settings) -> str:
     host = f"[{parts['host']}]" if ":" in parts["host"] else parts["host"]
     return (f"postgres://{quote(parts['user'], safe='')}@{host}:{parts['port']}/"
             f"{quote(parts['dbname'], safe='')}?{'&'.join(params)}")
-
-
-def upstream_conf(settings: Settings, slot: str) -> str:
-    """The active slot for nginx. The backend is a name resolved through Docker's DNS at
-    request time (resolver in nginx.conf), so a slot container restarted with a new address
-    keeps receiving traffic without a reload."""
-    return (
-        "# Written by togather-tasks: the active slot.\n"
-        'map "" $togather_backend {\n'
-        f"    default {service(slot)}:{settings.app_port};\n"
-        "}\n"
-        'map "" $togather_slot {\n'
-        f"    default {slot};\n"
-        "}\n"
-    )
 
 
 def snapshot_command(settings: Settings, path: str) -> str:

@@ -237,8 +237,9 @@ class Deploy(SlotOperation):
                 f"[{host}] " + cmd.start_slot(st, new, "never"),
                 f"[{host}] GET 127.0.0.1:{st.ports[new]}{st.health_endpoint} until "
                 f"healthy (<= {st.health.retries} checks)",
-                f"[{host}] when every host is healthy: write {layout.upstream_file} -> "
-                f"{cmd.service(new)}; nginx -t; nginx -s reload; verify through the proxy",
+                f"[{host}] when every host is healthy: write {layout.site_file} (nginx -t "
+                f"and reload only if it changed); rename the slot marker to "
+                f"{layout.slot_marker(new)}; verify through the proxy",
             ]
             if old:
                 lines.append(f"[{host}] after {st.deployment['drain_seconds']}s: "

@@ -207,10 +207,11 @@ class Host:
             self.observer(self, Result(command, status, "", "", time.monotonic() - start))
         return status
 
-    def http_get(self, address: str, port: int, path: str, *, timeout: float) -> HttpResponse:
+    def http_get(self, address: str, port: int, path: str, *, timeout: float,
+                 headers: dict[str, str] | None = None) -> HttpResponse:
         """GET http://address:port/path as seen from the host itself (a slot or the proxy on
         the host's loopback), without exposing anything: over SSH it is a direct-tcpip
-        channel of the existing connection."""
+        channel of the existing connection (so a header's value is on no command line)."""
         raise NotImplementedError
 
     def https_get(self, address: str, port: int, path: str, *, timeout: float,
@@ -336,10 +337,11 @@ class LocalHost(Host):
         r = self._context.run(command, pty=True, warn=True, hide=False, in_stream=sys.stdin)
         return r.exited
 
-    def http_get(self, address: str, port: int, path: str, *, timeout: float) -> HttpResponse:
+    def http_get(self, address: str, port: int, path: str, *, timeout: float,
+                 headers: dict[str, str] | None = None) -> HttpResponse:
         deadline = _Deadline(timeout)
         with socket.create_connection((address, port), timeout=timeout) as sock:
-            return _http_exchange(sock, address, port, path, deadline)
+            return _http_exchange(sock, address, port, path, deadline, headers)
 
     def _tcp(self, address: str, port: int, timeout: float) -> socket.socket:
         return socket.create_connection((address, port), timeout=timeout)
@@ -708,7 +710,8 @@ class RemoteHost(Host):
             raise HostError(f"connection to {self.name} lost: {_one_line(exc)}") from None
         return r.exited
 
-    def http_get(self, address: str, port: int, path: str, *, timeout: float) -> HttpResponse:
+    def http_get(self, address: str, port: int, path: str, *, timeout: float,
+                 headers: dict[str, str] | None = None) -> HttpResponse:
         self._ensure_open()
         try:
             channel = self._conn.transport.open_channel(
@@ -718,7 +721,7 @@ class RemoteHost(Host):
         except paramiko.SSHException as exc:
             raise ConnectionError(_one_line(exc)) from None
         try:
-            return _http_exchange(channel, address, port, path, _Deadline(timeout))
+            return _http_exchange(channel, address, port, path, _Deadline(timeout), headers)
         finally:
             channel.close()
 
@@ -867,11 +870,12 @@ class _TlsOver:
 
 
 def _http_exchange(conn: Any, address: str, port: int, path: str,
-                   deadline: _Deadline) -> HttpResponse:
+                   deadline: _Deadline, headers: dict[str, str] | None = None) -> HttpResponse:
     """One GET over an open socket or direct-tcpip channel, bounded in time and size."""
     conn.settimeout(deadline.remaining())
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {address}:{port}\r\n"
-                 "Connection: close\r\nUser-Agent: togather-tasks\r\n\r\n".encode())
+                 f"Connection: close\r\nUser-Agent: togather-tasks\r\n{extra}\r\n".encode())
     resp = http.client.HTTPResponse(_ReaderSocket(_BoundedReader(conn, deadline)))  # type: ignore[arg-type]
     resp.begin()
     return HttpResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())

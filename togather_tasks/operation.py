@@ -269,16 +269,14 @@ class SlotOperation:
 
     def switch_traffic(self) -> fleet.Outcomes:
         """Every host's proxy to the new slot, all at once (milliseconds each): all or none.
-        A host whose switch fails restores its own upstream (proxy.switch); those that did
+        A host whose switch fails restores its own slot marker (proxy.switch); those that did
         switch are switched back by this step's undo before anything is stopped."""
         target = self.target()
         outcomes = self.on_hosts("switch", lambda host: proxy.switch(
             self.settings, host, target.slot, target.sha7))
         for name, outcome in outcomes.items():
-            if outcome.value.how.startswith("recreated"):
-                self.s.console.warn(f"{name}: the nginx proxy was {outcome.value.how} to apply "
-                                    "its configuration: connections were refused for about "
-                                    "a second")
+            for note in outcome.value.notes():
+                self.s.console.warn(f"{name}: {note}")
         return outcomes
 
     def switch_back(self) -> None:

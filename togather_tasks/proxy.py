@@ -1,12 +1,21 @@
-"""The nginx proxy on each host: which slot it routes to, switching it to another slot (write
-the upstream, `nginx -t`, graceful reload, verify through the proxy, restore on any failure),
-and keeping the running proxy in line with its configured image, port and bind address."""
+"""The nginx proxy on each host: its per-environment site configuration (`site_conf`), which
+slot it routes to (a marker file nginx reads at request time), switching it to another slot
+(one rename, verified through the proxy, undone on any failure), and keeping the running proxy
+in line with its image, network mode and site configuration.
+
+Why a marker and no reload: a graceful reload closes idle client keep-alive connections (wrk
+saw socket errors during every deploy), and `proxy_pass http://$variable` to a host:port
+opened a new upstream connection per request (throughput fell by two thirds under sustained
+load, ephemeral ports in TIME_WAIT). Now each slot is an upstream group with a keep-alive pool,
+the variable names the group, and the switch is a rename(2) on the host's disk: it survives a
+proxy restart and a reboot, and open connections stay open.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import json
+import hashlib
 import re
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -17,7 +26,108 @@ from .health import running_version
 from .hosts import Host
 from .signals import shielded
 
-_UPSTREAM_SLOT = re.compile(r"\$togather_slot \{\s*default (blue|green);")
+SLOTS = ("blue", "green")
+# The header that lets the tool's own check through maintenance mode; its value is a random
+# token per host (verify.map, mode 600), never a well-known one.
+VERIFY_HEADER = "X-Togather-Verify"
+_LEGACY_SLOT = re.compile(r"\$togather_slot \{\s*default (blue|green);")
+_TOKEN = re.compile(r'^"([0-9a-f]{32,})" 1;$', re.MULTILINE)
+_DIRECTIVE = re.compile(r"^[ \t]*(listen|server) (\S+)[^;{\n]*;", re.MULTILINE)
+
+
+# --- the site configuration (pure) ------------------------------------------------------------
+
+
+def upstream_block(slot: str, port: int, keepalive: int) -> str:
+    """One slot's upstream group: its published port on the host's loopback and a pool of
+    idle keep-alive connections per worker. The app keeps idle connections longer (75 s in
+    the demo) than nginx does here, so nginx never reuses one the app is closing."""
+    return (f"upstream togather_{slot} {{\n"
+            f"    server 127.0.0.1:{port};\n"
+            f"    keepalive {keepalive};\n"
+            f"    keepalive_timeout 30s;\n"
+            f"}}\n")
+
+
+def listen_address(settings: Settings) -> str:
+    bind, port = settings.proxy["bind"], settings.ports["proxy"]
+    return f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
+
+
+def http_server(settings: Settings) -> str:
+    """The plain-HTTP server: the app through the shared include."""
+    return ("server {\n"
+            f"    listen {listen_address(settings)} default_server;\n"
+            "    include /etc/nginx/togather-app.conf;\n"
+            "}\n")
+
+
+def server_blocks(settings: Settings) -> list[str]:
+    """The site's server blocks, in order (an HTTPS server is one more entry)."""
+    return [http_server(settings)]
+
+
+def site_conf(settings: Settings) -> str:
+    """The environment's site.conf (included in the http block of the image's nginx.conf):
+    one upstream group per slot and the server blocks. Changing it is the only change that
+    needs `nginx -t && nginx -s reload`; the switch never does."""
+    keepalive = settings.proxy.get("keepalive", 32)
+    blocks = [upstream_block(slot, settings.ports[slot], keepalive) for slot in SLOTS]
+    return (f"# Written by togather-tasks for the {settings.env} environment; rewritten by "
+            "every deploy.\n" + "\n".join([*blocks, *server_blocks(settings)]))
+
+
+def site_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def site_changes(old: str, new: str) -> str:
+    """What changed between two site.conf texts, for the operator: `listen A -> B`, ..."""
+    before, after = _DIRECTIVE.findall(old), _DIRECTIVE.findall(new)
+    if not old.strip():
+        return "site.conf written"
+    if len(before) != len(after):
+        return "site.conf changed"
+    changed = [f"{kind} {was} -> {now}" for (kind, was), (_, now) in zip(before, after,
+                                                                        strict=True)
+               if was != now]
+    return ", ".join(changed) or "site.conf changed"
+
+
+def verify_map(token: str) -> str:
+    """The map entry nginx.conf includes: this token (and no other value) is verified."""
+    return f'"{token}" 1;\n'
+
+
+def token_in(text: str) -> str | None:
+    match = _TOKEN.search(text)
+    return match.group(1) if match else None
+
+
+@dataclass(frozen=True)
+class Routes:
+    """What a host's disk says about its proxy: the slot marker (None: none yet), the slot
+    of a pre-marker upstream file (a host deployed by an older version), maintenance on."""
+
+    marker: str | None
+    legacy: str | None
+    maintenance: bool
+
+    @property
+    def slot(self) -> str | None:
+        return self.marker or self.legacy
+
+
+def parse_routes(output: str) -> Routes:
+    """commands.read_routes's output."""
+    names, _, legacy = output.partition("--\n")
+    entries = set(names.split())
+    marker = "green" if "green" in entries else "blue" if "blue" in entries else None
+    match = _LEGACY_SLOT.search(legacy)
+    return Routes(marker, match.group(1) if match else None, "maintenance" in entries)
+
+
+# --- on a host ----------------------------------------------------------------------------
 
 
 def ensure_image(settings: Settings, host: Host, timeout: float) -> bool:
@@ -31,91 +141,119 @@ def ensure_image(settings: Settings, host: Host, timeout: float) -> bool:
     return True
 
 
-def read_upstream(settings: Settings, host: Host) -> str:
-    return host.run(cmd.read_file(cmd.Layout(settings.remote_dir).upstream_file),
-                    timeout=30).stdout
-
-
-def upstream_slot(upstream: str) -> str | None:
-    """The slot an upstream file (see commands.upstream_conf) routes to, if any."""
-    match = _UPSTREAM_SLOT.search(upstream)
-    return match.group(1) if match else None
+def read_routes(settings: Settings, host: Host) -> Routes:
+    return parse_routes(host.run(cmd.read_routes(cmd.Layout(settings.remote_dir)),
+                                 timeout=30).stdout)
 
 
 def address(settings: Settings) -> str:
     bind = settings.proxy["bind"]
-    return "127.0.0.1" if bind == "0.0.0.0" else bind  # noqa: S104 - comparing, not binding
-
-
-def serving_slot(settings: Settings, host: Host) -> str | None:
-    """The slot nginx really routes to right now (its X-Togather-Slot header), or None when
-    no proxy answers (first deploy). The state file can lag behind after a crash between the
-    switch and the record step; building into the slot that is serving would be an outage."""
-    try:
-        resp = host.http_get(address(settings), settings.ports["proxy"],
-                             settings.version_endpoint or settings.health_endpoint, timeout=5)
-    except (OSError, ConnectionError, HostError):
-        return None
-    except Exception:  # noqa: BLE001 - a proxy answering garbage tells us nothing
-        return None
-    slot = resp.headers.get("x-togather-slot")
-    return slot if slot in ("blue", "green") else None
+    if bind == "0.0.0.0":  # noqa: S104 - comparing, not binding
+        return "127.0.0.1"
+    return "::1" if bind == "::" else bind
 
 
 def routed_slot(settings: Settings, host: Host) -> str | None:
-    """The slot this host's proxy routes to: what it answers, else (proxy down) what its
-    upstream file says and it will load when it comes back. None: no slot (first deploy)."""
-    return serving_slot(settings, host) or upstream_slot(read_upstream(settings, host))
+    """The slot this host's proxy routes to: its marker, which nginx reads on every request
+    (whether the proxy runs or not: it is what it serves when it comes back); on a host not
+    yet taken over, the slot of its old upstream file. None: no slot (first deploy)."""
+    return read_routes(settings, host).slot
+
+
+def serving_slot(settings: Settings, host: Host) -> str | None:
+    """The slot nginx serves right now: the marker is read at request time, so what the
+    disk says is what it serves."""
+    return routed_slot(settings, host)
 
 
 def changes(settings: Settings, inspected: str) -> list[str]:
-    """How the running proxy (commands.running_proxy's output) differs from the
-    configuration, one phrase per difference; empty when it matches."""
-    image, _, bindings = inspected.strip().partition(" ")
-    try:
-        published = (json.loads(bindings or "null") or {}).get("80/tcp") or [{}]
-    except (ValueError, AttributeError):
-        published = [{}]
-    port, bind = published[0].get("HostPort"), published[0].get("HostIp") or "0.0.0.0"  # noqa: S104
-    wanted = {"image": cmd.proxy_image_ref(), "port": str(settings.ports["proxy"]),
-              "bind address": settings.proxy["bind"]}
-    running = {"image": image, "port": port, "bind address": bind}
+    """How the running proxy (commands.running_proxy's output) differs from what a recreate
+    would start, one phrase per difference; empty when it matches. The listen address and
+    the slots' ports are in site.conf (a reload, see apply_config)."""
+    image, _, mode = inspected.strip().partition(" ")
+    wanted = {"image": cmd.proxy_image_ref(), "network": "host"}
+    running = {"image": image, "network": mode.strip() or "?"}
     return [f"{what} {running[what]} -> {value}" for what, value in wanted.items()
             if running[what] != value]
 
 
-def apply_config(settings: Settings, host: Host) -> str:
-    """Make the running proxy serve the upstream file with the configured settings: start it
-    when it is not running (first deploy, host rebooted), recreate it when its image, port or
-    bind address differ from the configuration (package upgrade, deployment.yml edited: a
-    reload cannot move a published port), else `nginx -t` and a graceful reload. Returns what
-    happened: `reloaded`, `started` or `recreated (what changed)`."""
+@dataclass(frozen=True)
+class Site:
+    """The site configuration this run wants, and what is on the host."""
+
+    text: str
+    on_host: str
+    stale: bool  # the running nginx (if any) did not load `text`
+
+
+def write_site(settings: Settings, host: Host) -> tuple[Site, str]:
+    """Put site.conf and the verification token on the host (the token made once per host)
+    and say whether nginx has to load the site. Returns it and the token."""
+    layout = cmd.Layout(settings.remote_dir)
+    out = host.run(cmd.proxy_files(layout), timeout=30).stdout
+    loaded, _, rest = out.partition("\n")
+    mapping, _, on_host = rest.partition("--\n")
+    token = token_in(mapping)
+    if token is None:
+        token = secrets.token_hex(16)
+        host.write_file(layout.verify_map, verify_map(token).encode(), mode=0o600)
+    text = site_conf(settings)
+    site = Site(text, on_host, stale=loaded.strip() != site_digest(text))
+    if on_host != text:
+        host.write_file(layout.site_file, text.encode(), mode=0o644)
+    return site, token
+
+
+def take_over(settings: Settings, host: Host, routes: Routes) -> None:
+    """A host deployed before the marker: mark the slot its old upstream file routes to, so
+    the new proxy serves what the old one did until the switch moves it."""
+    if routes.marker is None and routes.legacy is not None:
+        host.run(cmd.mark_slot(cmd.Layout(settings.remote_dir), routes.legacy), timeout=30,
+                 what="marking the slot the old proxy served")
+
+
+def apply_config(settings: Settings, host: Host, site: Site) -> str:
+    """Make the running proxy serve this configuration: start it when it is not running
+    (first deploy, host rebooted), recreate it when its image or network mode differ (a
+    package upgrade, a host deployed by an older version), else reload it when the site
+    changed (`nginx -t` first; a failed test puts the old site.conf back). Returns what
+    happened: `started`, `recreated (...)`, `reloaded (...)` or `unchanged`."""
+    layout = cmd.Layout(settings.remote_dir)
     inspected = host.run(cmd.running_proxy(settings), timeout=60, check=False).stdout
     if not inspected.strip():
         host.run(cmd.start_proxy(settings), timeout=300, what="starting the nginx proxy")
-        return "started"
-    differences = changes(settings, inspected)
-    if differences:
+        how = "started"
+    elif differences := changes(settings, inspected):
         host.run(cmd.start_proxy(settings, recreate=True), timeout=300,
                  what="recreating the nginx proxy")
-        return f"recreated ({', '.join(differences)})"
-    result = host.run(cmd.reload_proxy(settings), timeout=60, check=False)
-    if not result.ok:
-        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise CommandError(f"nginx -t (configuration test) or reload failed on {host.name}: "
-                           f"{detail}", exit_status=result.exit_status)
-    return "reloaded"
+        how = f"recreated ({', '.join(differences)})"
+    elif site.stale:
+        result = host.run(cmd.reload_proxy(settings), timeout=60, check=False)
+        if not result.ok:
+            if site.on_host and site.on_host != site.text:
+                host.write_file(layout.site_file, site.on_host.encode(), mode=0o644)
+            detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise CommandError(f"nginx -t (configuration test) or reload failed on "
+                               f"{host.name}: {detail}", exit_status=result.exit_status)
+        how = f"reloaded ({site_changes(site.on_host, site.text)})"
+    else:
+        return "unchanged"
+    host.write_file(layout.site_loaded, f"{site_digest(site.text)}\n".encode(), mode=0o644)
+    return how
 
 
-def verify(settings: Settings, host: Host, slot: str, version: str | None) -> str | None:
+def verify(settings: Settings, host: Host, slot: str, version: str | None,
+           token: str | None = None) -> str | None:
     """Ask the proxy until a fresh connection lands on `slot` (running `version`, when
-    known). Returns None on success, else what was seen last."""
+    known); with the host's token, through maintenance mode too. Returns None on success,
+    else what was seen last."""
     last = "no answer"
+    headers = {VERIFY_HEADER: token} if token else None
     for _ in range(settings.proxy["verify_attempts"]):
         try:
             resp = host.http_get(address(settings), settings.ports["proxy"],
                                  settings.version_endpoint or settings.health_endpoint,
-                                 timeout=5)
+                                 timeout=5, headers=headers)
             seen_slot = resp.headers.get("x-togather-slot")
             # Without a version endpoint (an http-mode app) the slot header alone tells.
             seen_version = running_version(resp.body) if settings.version_endpoint else None
@@ -131,24 +269,43 @@ def verify(settings: Settings, host: Host, slot: str, version: str | None) -> st
 
 @dataclass(frozen=True)
 class Switched:
-    """A switch that succeeded on one host: how the proxy took it, and the upstream it
-    replaced (what switching back writes)."""
+    """A switch that succeeded on one host: what happened to the proxy itself (`started`,
+    `unchanged`, `reloaded (...)`, `recreated (...)`), the slot it routed to before (what
+    switching back marks; None on a first deploy), and whether maintenance mode is on."""
 
     how: str
-    previous: str
+    previous: str | None
+    maintenance: bool = False
+
+    def notes(self) -> list[str]:
+        """What the operator should hear about this host's switch."""
+        notes = []
+        if self.how.startswith("recreated"):
+            notes.append(f"the nginx proxy was {self.how} to apply its configuration: "
+                         "connections were refused for about a second")
+        elif self.how.startswith("reloaded"):
+            notes.append(f"the nginx proxy was {self.how}: its site configuration changed")
+        if self.maintenance:
+            notes.append("maintenance mode is on and stays on: the proxy answers 503 with "
+                         "the maintenance page (inv maintenance.off ends it)")
+        return notes
 
 
 def switch(settings: Settings, host: Host, slot: str, version: str | None) -> Switched:
-    """Write the upstream for `slot`, test, reload, verify that `slot` (running `version`,
-    when known) answers; on any failure, Ctrl-C and SIGTERM included, put the old upstream
-    back so traffic stays on (or returns to) the old slot."""
+    """Route the host's proxy to `slot`: the site configuration in place (the proxy started,
+    recreated or reloaded only if that changed), then one rename of the slot marker, then a
+    check through the proxy that `slot` (running `version`, when known) answers. On any
+    failure, Ctrl-C and SIGTERM included, the marker goes back, so traffic stays on (or
+    returns to) the old slot."""
     layout = cmd.Layout(settings.remote_dir)
-    previous = read_upstream(settings, host)
-    host.write_file(layout.upstream_file, cmd.upstream_conf(settings, slot).encode(),
-                    mode=0o644)
+    routes = read_routes(settings, host)
+    previous = routes.slot
     try:
-        how = apply_config(settings, host)
-        seen = verify(settings, host, slot, version)
+        site, token = write_site(settings, host)
+        take_over(settings, host, routes)
+        how = apply_config(settings, host, site)
+        host.run(cmd.mark_slot(layout, slot), timeout=30, what=f"marking the {slot} slot")
+        seen = verify(settings, host, slot, version, token)
         if seen is not None:
             raise HealthCheckError(
                 f"after the switch the proxy does not serve {slot}/{version or 'any version'} "
@@ -158,34 +315,34 @@ def switch(settings: Settings, host: Host, slot: str, version: str | None) -> Sw
             restore(settings, host, previous)
         if isinstance(exc, TogatherError) and not isinstance(exc, HealthCheckError):
             raise HealthCheckError(f"switching traffic to {slot} failed: {exc.message}",
-                                   hint="The previous nginx upstream was restored; traffic "
+                                   hint="The previous slot marker was restored; traffic "
                                         "stays on the old slot.") from None
         raise
-    return Switched(how, previous)
+    if routes.legacy is not None:
+        host.run(cmd.remove_trees(layout.upstream_dir), timeout=30, check=False)
+    return Switched(how, previous, routes.maintenance)
 
 
-def restore(settings: Settings, host: Host, previous: str) -> None:
+def restore(settings: Settings, host: Host, previous: str | None) -> None:
+    """The marker as it was: `previous` marked, or no marker at all (nginx then defaults to
+    blue, on a host where nothing was routed before)."""
     layout = cmd.Layout(settings.remote_dir)
-    if previous:
-        host.write_file(layout.upstream_file, previous.encode(), mode=0o644)
-        # If this fails, the running nginx never loaded the bad config: it still serves the
-        # old slot.
-        with contextlib.suppress(TogatherError):
-            apply_config(settings, host)
-    else:
-        host.run(cmd.remove_files(layout.upstream_file), timeout=30, check=False)
+    command = cmd.mark_slot(layout, previous) if previous else cmd.unmark_slots(layout)
+    host.run(command, timeout=30, check=False)
 
 
-def switch_back(settings: Settings, host: Host, previous: str, version: str | None) -> None:
-    """Undo a switch that succeeded on this host (another host's failed): the previous
-    upstream again, verified through the proxy before anything may be stopped. A host whose
+def switch_back(settings: Settings, host: Host, previous: str | None,
+                version: str | None) -> None:
+    """Undo a switch that succeeded on this host (another host's failed): the previous slot
+    marked again, verified through the proxy before anything may be stopped. A host whose
     proxy routed nowhere before (first deploy) keeps the new slot: there is nothing to go
     back to, and the failure path leaves a routed slot running."""
-    slot = upstream_slot(previous)
-    if slot is None:
+    if previous is None:
         return
     restore(settings, host, previous)
-    seen = verify(settings, host, slot, version)
+    token = token_in(host.run(cmd.read_file(cmd.Layout(settings.remote_dir).verify_map),
+                              timeout=30).stdout)
+    seen = verify(settings, host, previous, version, token)
     if seen is not None:
-        raise HealthCheckError(f"{host.name}: switching back to {slot} could not be verified "
-                               f"(last answer: {seen})")
+        raise HealthCheckError(f"{host.name}: switching back to {previous} could not be "
+                               f"verified (last answer: {seen})")

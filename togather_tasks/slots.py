@@ -82,7 +82,7 @@ def prepare_host(settings: Settings, host: Host, *, primary: bool) -> None:
                     .encode(), mode=0o600)
     if primary and settings.has_database:
         write_pgpass(settings, host)
-    for name in ("Dockerfile", "nginx.conf"):
+    for name in cmd.PROXY_IMAGE_FILES:
         host.write_file(f"{layout.proxy_dir}/{name}",
                         (cmd.DOCKER_DIR / "nginx" / name).read_bytes(), mode=0o644)
 

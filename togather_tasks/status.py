@@ -7,24 +7,30 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import proxy, slots
+from . import maintenance, proxy, slots
 from .config import Settings
 from .health import Verdict
 from .hosts import Host
 
 
 def host_status(settings: Settings, host: Host) -> dict[str, Any]:
-    """`{"routes_to": slot|None, "slots": {slot: {"image", "container"}}}` for one host."""
+    """`{"routes_to": slot|None, "slots": {slot: {"image", "container"}}, "maintenance":
+    {"on", "message", "retry_after", "since", "by"}}` for one host."""
     images = slots.read_slot_images(settings, host)
+    notice = maintenance.read(settings, host)
     return {"routes_to": proxy.routed_slot(settings, host),
             "slots": {slot: {"image": images.get(slot), "container": slots.slot_container_state(
-                settings, host, slot).split(" ")[0]} for slot in ("blue", "green")}}
+                settings, host, slot).split(" ")[0]} for slot in ("blue", "green")},
+            "maintenance": {"on": notice is not None, **(notice or {})}}
 
 
 def describe_hosts(per_host: dict[str, dict[str, Any]]) -> list[str]:
     lines = []
     for name, info in per_host.items():
         lines.append(f"host {name}: proxy -> {info['routes_to'] or '-'}")
+        notice = info.get("maintenance") or {}
+        if notice.get("on"):
+            lines.append(f"  maintenance {maintenance.describe(notice)}")
         lines += [f"  {slot:<5} {slot_info['container']:<10} {slot_info['image'] or '-'}"
                   for slot, slot_info in info["slots"].items()]
     return lines

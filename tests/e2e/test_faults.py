@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PENDING_MIGRATION, DemoApp, Running, run
+from conftest import PENDING_MIGRATION, DemoApp, Running, free_ports, run
 
 STEP_BOUNDARIES = ("build", "snapshot", "migrate", "start", "health", "switch", "record",
                    "finish")
@@ -278,8 +278,15 @@ def test_database_refusing_connections(demo_app: DemoApp) -> None:
 
 
 def test_nginx_config_test_failing_keeps_the_old_slot(demo_app: DemoApp) -> None:
+    """A switch needs no reload; a site change (here a new proxy port) does, and a failing
+    `nginx -t` then keeps the old slot, the old site.conf and the old listen address."""
     first = demo_app.head
     deploy_ok(demo_app)
+    site = Path(demo_app.remote_dir, "nginx", "site.conf").read_text()
+    [new_port] = free_ports(1, exclude=set(demo_app.ports.values()))
+    demo_app.write_config(environments={"staging": {
+        "ports": {**demo_app.ports, "proxy": new_port},
+        "public_url": f"http://127.0.0.1:{new_port}"}})
     demo_app.commit("v2", {"app/VERSION_NOTE": "2\n"})
     demo_app.compose("exec", "-T", "proxy", "sh", "-c",
                      "echo 'this is not nginx;' >> /etc/nginx/nginx.conf", check=True)
@@ -291,8 +298,9 @@ def test_nginx_config_test_failing_keeps_the_old_slot(demo_app: DemoApp) -> None
     assert_serving(demo_app, first)
     assert demo_app.container_state("green") == "exited"
     assert_unlocked(demo_app)
-    upstream = Path(demo_app.remote_dir, "nginx", "upstream", "active.conf").read_text()
-    assert "app-blue" in upstream
+    assert Path(demo_app.remote_dir, "nginx", "site.conf").read_text() == site
+    assert sorted(p.name for p in Path(demo_app.remote_dir, "nginx", "state").iterdir()
+                  if p.name in ("blue", "green")) == ["blue"]
 
 
 def test_migration_timeout(demo_app: DemoApp) -> None:

@@ -78,12 +78,14 @@ def test_a_fleet_deploy_switches_both_hosts_and_a_failed_switch_is_undone_everyw
     print(f"\nfirst fleet deploy (builds included): {seconds:.1f}s")
 
     v2 = app.commit("v2", {"app/VERSION_NOTE": "two\n"})[:7]
-    upstream_dir = f"{app.remote_dir}/nginx/upstream"
-    app.ssh("host2", f"chmod 555 {upstream_dir}")  # host2 cannot write its new upstream
+    # host2 cannot rename its slot marker: a directory is in the way (nginx, testing for a
+    # regular file, keeps serving blue).
+    blocker = f"{app.remote_dir}/nginx/state/green"
+    app.ssh("host2", f"mkdir {blocker}")
     try:
         failed, _ = _fleet_deploy(app)
     finally:
-        app.ssh("host2", f"chmod 755 {upstream_dir}")
+        app.ssh("host2", f"rmdir {blocker}")
 
     assert failed.returncode != 0, failed.stdout + failed.stderr
     assert "Traceback" not in failed.stderr

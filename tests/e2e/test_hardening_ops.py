@@ -90,13 +90,16 @@ def test_a_proxy_port_changed_in_the_config_is_applied_by_the_next_deploy(
     result = demo_app.deploy()
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"port {demo_app.ports['proxy']} -> {new_port}" in result.stderr
+    # A new listen address is a site change: `nginx -t` and a reload, no recreate.
+    assert (f"reloaded (listen 127.0.0.1:{demo_app.ports['proxy']} -> 127.0.0.1:{new_port})"
+            in result.stderr)
+    assert "recreated" not in result.stderr
     demo_app.ports["proxy"] = new_port
     assert_serving(demo_app, demo_app.head)
     demo_app.commit("v3", {"app/VERSION_NOTE": "3\n"})
     again = demo_app.deploy()
     assert again.returncode == 0
-    assert "recreated" not in again.stderr
+    assert "recreated" not in again.stderr and "reloaded" not in again.stderr
 
 
 def test_a_health_endpoint_that_never_answers_fails_within_the_gate_s_deadline(

@@ -264,7 +264,8 @@ def test_dry_run_changes_nothing(demo_app):
             "image": image_exists(f"togather-server:{second[:7]}"),
             "schema": dump_schema(app.database),
             "migrations": app.psql("SELECT version FROM schema_migrations ORDER BY 1;"),
-            "upstream": (Path(app.remote_dir) / "nginx/upstream/active.conf").read_text(),
+            "proxy": (sorted(p.name for p in (Path(app.remote_dir) / "nginx/state").iterdir()),
+                      (Path(app.remote_dir) / "nginx/site.conf").read_text()),
         }
 
     before = snapshot()

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from togather_tasks import commands as cmd
 from togather_tasks.config import Settings
 from togather_tasks.hosts import Host, HttpResponse, LocalHost, Result
 from togather_tasks.lock import Operator
@@ -45,6 +46,7 @@ class FakeHost(Host):
         self.journal = journal if journal is not None else []
         self.rules: list[tuple[str, Rule]] = []
         self.http: Callable[[str, int, str, float], HttpResponse] = self._refuse
+        self.request_headers: list[dict[str, str]] = []
         self._busy = threading.Lock()
 
     def on(self, fragment: str, answer: Result | Rule) -> None:
@@ -84,7 +86,9 @@ class FakeHost(Host):
     def _stream_into(self, command: str, source: IO[bytes], timeout: float) -> Result:
         return self._run(command, timeout)
 
-    def http_get(self, address: str, port: int, path: str, *, timeout: float) -> HttpResponse:
+    def http_get(self, address: str, port: int, path: str, *, timeout: float,
+                 headers: dict[str, str] | None = None) -> HttpResponse:
+        self.request_headers.append(dict(headers or {}))
         return self.http(address, port, path, timeout)
 
     @staticmethod
@@ -129,3 +133,67 @@ class FakeSession:
     @property
     def output(self) -> str:
         return self.console.out.getvalue() + self.console.err.getvalue()
+
+
+class ProxyDisk:
+    """The proxy's files on a FakeHost, with the shell commands that touch them answered as
+    the shell would (commands.read_routes, proxy_files, mark_slot, unmark_slots): the slot
+    marker is a file in `host.files`, and nginx (the test's http function) serves what it
+    says. `refuse_marks` makes the marker's directory read-only."""
+
+    def __init__(self, host: FakeHost, settings: Settings) -> None:
+        self.host = host
+        host.disk = self  # type: ignore[attr-defined]
+        self.layout = cmd.Layout(settings.remote_dir)
+        self.refuse_marks = False
+        self.marks_allowed: int | None = None  # then refused (see refuse_marks)
+        host.on("for n in green blue; do", self._read_routes)
+        host.on("printf '%s\\n' \"$(cat", self._proxy_files)
+        host.on(f"mv -fT {self.layout.proxy_state_dir}", self._mark)
+        host.on(f"rm -f {self.layout.slot_marker('blue')}", self._unmark)
+
+    def load_site(self, settings: Settings, token: str = "ab" * 16) -> None:
+        """The running nginx loaded the site `settings` want; the host has its token."""
+        from togather_tasks import proxy
+
+        text = proxy.site_conf(settings)
+        self.host.files[self.layout.site_file] = text.encode()
+        self.host.files[self.layout.site_loaded] = f"{proxy.site_digest(text)}\n".encode()
+        self.host.files[self.layout.verify_map] = proxy.verify_map(token).encode()
+
+    def mark(self, slot: str | None) -> None:
+        for name in ("blue", "green"):
+            self.host.files.pop(self.layout.slot_marker(name), None)
+        if slot:
+            self.host.files[self.layout.slot_marker(slot)] = b""
+
+    @property
+    def slot(self) -> str | None:
+        names = [n for n in ("green", "blue") if self.layout.slot_marker(n) in self.host.files]
+        return names[0] if names else None
+
+    def _read_routes(self, command: str) -> Result:
+        names = [n for n in ("green", "blue", "maintenance")
+                 if self.layout.slot_marker(n) in self.host.files]
+        legacy = self.host.files.get(self.layout.upstream_file, b"").decode()
+        return ok("".join(f"{n}\n" for n in names) + "--\n" + legacy)
+
+    def _proxy_files(self, command: str) -> Result:
+        files = self.host.files
+        loaded = files.get(self.layout.site_loaded, b"").decode().strip()
+        return ok(f"{loaded}\n" + files.get(self.layout.verify_map, b"").decode() + "--\n"
+                  + files.get(self.layout.site_file, b"").decode())
+
+    def _mark(self, command: str) -> Result:
+        if self.marks_allowed is not None:
+            self.refuse_marks = self.marks_allowed <= 0
+            self.marks_allowed -= 1
+        if self.refuse_marks:
+            return failed("mv: cannot move: Permission denied")
+        target = shlex.split(command)[4].rsplit("/", 1)[-1]
+        self.mark(target)
+        return ok()
+
+    def _unmark(self, command: str) -> Result:
+        self.mark(None)
+        return ok()

@@ -216,7 +216,7 @@ def test_lock_commands_on_the_local_host(project: Project, capsys, tmp_path: Pat
 # What each task does under `inv -R`: its own dry run, a refusal, or simply run (read-only).
 DRY_RUN_TASKS = {"deploy", "rollback", "cleanup", "hosts.setup"}
 REFUSED_UNDER_DRY = {"lock.acquire", "lock.release", "db.snapshot", "db.restore", "hosts.trust",
-                     "exec", "certs.renew"}
+                     "exec", "certs.renew", "maintenance.on", "maintenance.off"}
 READ_ONLY_TASKS = {"status", "history", "health", "lock.status", "config.validate",
                    "config.show", "db.snapshots", "logs", "audit", "certs.show"}
 # Reads nothing and changes nothing. (init, refused under -R too, takes no --env: tested alone.)
@@ -366,7 +366,7 @@ def test_list_shows_namespace_help(project: Project, capsys) -> None:
     assert result.returncode == 0
     lines = {line.split("]")[0].split()[0]: line for line in result.stdout.splitlines()
              if "tasks]" in line}
-    assert set(lines) == {"certs", "config", "db", "hosts", "lock"}
+    assert set(lines) == {"certs", "config", "db", "hosts", "lock", "maintenance"}
     assert all(len(line.split("]", 1)[1].strip()) > 10 for line in lines.values())
 
 

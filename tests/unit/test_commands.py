@@ -11,7 +11,7 @@ from urllib.parse import quote
 import pytest
 
 from togather_tasks import commands as cmd
-from togather_tasks import snapshots
+from togather_tasks import proxy, snapshots
 from togather_tasks.config import Settings
 
 from .projects import ADMIN_API_KEY, DB_PASSWORD, JWT_SECRET, Project
@@ -43,7 +43,10 @@ def every_command(settings: Settings) -> list[str]:
         cmd.restore_command(settings, "/srv/togather/staging/snapshots/s.dump", "scratch"),
         cmd.dirty_check_command(settings),
         cmd.slots_env(settings, {"blue": "togather-server:abc1234"}),
-        cmd.upstream_conf(settings, "green"),
+        cmd.read_routes(cmd.Layout(settings.remote_dir)),
+        cmd.mark_slot(cmd.Layout(settings.remote_dir), "green"),
+        cmd.proxy_files(cmd.Layout(settings.remote_dir)),
+        proxy.site_conf(settings),
     ]
 
 
@@ -77,8 +80,16 @@ COMPOSE = ("docker compose --project-name togather-test-staging --project-direct
      f"{COMPOSE} exec -T proxy sh -c 'nginx -t -q && nginx -s reload'"),
     (lambda st: cmd.running_proxy(st),
      f"id=$({COMPOSE} ps --quiet --status running proxy | head -n 1); [ -z \"$id\" ] || "
-     "docker inspect --format '{{.Config.Image}} {{json .HostConfig.PortBindings}}' \"$id\""),
-], ids=["start", "stop", "ps", "logs", "proxy-up", "proxy-recreate", "reload", "running-proxy"])
+     "docker inspect --format '{{.Config.Image}} {{.HostConfig.NetworkMode}}' \"$id\""),
+    (lambda st: cmd.proxy_workers(st),
+     f"id=$({COMPOSE} ps --quiet --status running proxy | head -n 1); [ -n \"$id\" ] && "
+     "docker top \"$id\" -o pid,args"),
+    (lambda st: cmd.proxy_files(cmd.Layout(st.remote_dir)),
+     "printf '%s\\n' \"$(cat /srv/togather/staging/nginx/site.loaded 2>/dev/null)\"; "
+     "cat /srv/togather/staging/nginx/verify.map 2>/dev/null; echo --; "
+     "cat /srv/togather/staging/nginx/site.conf 2>/dev/null; true"),
+], ids=["start", "stop", "ps", "logs", "proxy-up", "proxy-recreate", "reload", "running-proxy",
+        "proxy-workers", "proxy-files"])
 def test_slot_and_proxy_commands_are_exact(settings: Settings, build, expected: str) -> None:
     assert build(settings) == expected
 
@@ -113,21 +124,14 @@ def test_compose_quotes_the_remote_directory(settings: Settings) -> None:
 def test_layout_paths(settings: Settings) -> None:
     layout = cmd.Layout(settings.remote_dir)
     assert layout.upstream_file == "/srv/togather/staging/nginx/upstream/active.conf"
+    assert layout.proxy_conf_dir == "/srv/togather/staging/nginx"
+    assert layout.site_file == "/srv/togather/staging/nginx/site.conf"
+    assert layout.verify_map == "/srv/togather/staging/nginx/verify.map"
+    assert layout.slot_marker("green") == "/srv/togather/staging/nginx/state/green"
+    assert layout.maintenance_link == "/srv/togather/staging/nginx/state/maintenance"
     assert layout.pgpass == "/srv/togather/staging/.pgpass"
     assert layout.app_env == "/srv/togather/staging/app.env"
     assert layout.release("abc1234") == "/srv/togather/staging/releases/abc1234"
-
-
-@pytest.mark.parametrize("slot", ["blue", "green"])
-def test_upstream_conf_is_exact(settings: Settings, slot: str) -> None:
-    assert cmd.upstream_conf(settings, slot) == (
-        "# Written by togather-tasks: the active slot.\n"
-        'map "" $togather_backend {\n'
-        f"    default app-{slot}:8080;\n"
-        "}\n"
-        'map "" $togather_slot {\n'
-        f"    default {slot};\n"
-        "}\n")
 
 
 def test_image_ref(settings: Settings) -> None:
@@ -149,8 +153,6 @@ def test_slots_env_content(settings: Settings) -> None:
         "GREEN_IMAGE": "togather-server:none",
         "BLUE_PORT": "9081",
         "GREEN_PORT": "9082",
-        "PROXY_PORT": "9080",
-        "PROXY_BIND": "0.0.0.0",
         "PROXY_IMAGE": cmd.proxy_image_ref(),
         "STOP_GRACE_PERIOD": "30s",
         "LOG_MAX_SIZE": "10m",
@@ -176,10 +178,26 @@ def test_parse_env_lines(text: str, expected: dict[str, str]) -> None:
 
 def test_the_remote_directories_are_created_closed_to_others_and_the_root_is_closed() -> None:
     layout = cmd.Layout("/srv/togather/my app")
+    root = "'/srv/togather/my app"
     assert cmd.host_directories(layout) == (
-        "umask 027 && mkdir -p '/srv/togather/my app' '/srv/togather/my app/nginx/upstream' "
-        "'/srv/togather/my app/releases' '/srv/togather/my app/proxy' && "
-        "chmod o-rwx '/srv/togather/my app'")
+        f"umask 027 && mkdir -p {root}' {root}/releases' {root}/proxy' && "
+        f"chmod o-rwx {root}' && umask 027 && "
+        f"mkdir -p {root}/nginx/state' {root}/nginx/state/pages' && "
+        # nginx's workers test the markers: the mounted directories let them through.
+        f"chmod 755 {root}/nginx' {root}/nginx/state' {root}/nginx/state/pages'")
+
+
+def test_the_maintenance_commands_are_exact() -> None:
+    layout = cmd.Layout("/srv/togather/staging")
+    state = "/srv/togather/staging/nginx/state"
+    assert cmd.maintenance_on(layout, "1765000000000000000-r60") == (
+        f"ln -sfn pages/1765000000000000000-r60 {state}/.maintenance.new && "
+        f"mv -fT {state}/.maintenance.new {state}/maintenance && "
+        f"find {state}/pages -mindepth 1 -maxdepth 1 ! -name 1765000000000000000-r60 "
+        "-exec rm -rf {} +")
+    assert cmd.maintenance_off(layout) == (
+        f"rm -f {state}/maintenance && {{ find {state}/pages -mindepth 1 -maxdepth 1 "
+        "-exec rm -rf {} + 2>/dev/null || true; }")
 
 
 # --- snapshots ---------------------------------------------------------------------------------

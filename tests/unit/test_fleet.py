@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from togather_tasks import commands as cmd
-from togather_tasks import fleet, proxy
+from togather_tasks import fleet
 from togather_tasks.config import Settings
 from togather_tasks.deploy import Deploy, DeployOptions
 from togather_tasks.errors import (
@@ -32,7 +32,7 @@ from togather_tasks.slots import Slots, choose_slots
 from togather_tasks.state import new_deployment, utc_now
 from togather_tasks.ulid import new_id
 
-from .fakehost import FakeHost, FakeSession, answer, failed, ok
+from .fakehost import FakeHost, FakeSession, ProxyDisk, answer, ok
 from .test_health import body as health_body
 from .test_slots import proxy_running
 
@@ -49,17 +49,18 @@ def fast(settings: Settings, **deployment: object) -> Settings:
 
 def simulate(host: FakeHost, settings: Settings, *, routes: str = "blue",
              unhealthy: bool = False) -> None:
-    """A host whose proxy serves what its upstream file says (nginx loads what is written),
-    and whose slots answer their version: blue the old one, green the new one."""
-    upstream = cmd.Layout(settings.remote_dir).upstream_file
-    host.files[upstream] = cmd.upstream_conf(settings, routes).encode()
+    """A host whose proxy serves what its slot marker says (nginx reads it per request), and
+    whose slots answer their version: blue the old one, green the new one."""
+    disk = ProxyDisk(host, settings)
+    disk.load_site(settings)
+    disk.mark(routes)
     proxy_running(host, settings)
     host.on("--quiet app-", ok("c0ffee\n"))
     host.on("docker inspect --format '{{.State.Status}}", ok("running 0 0\n"))
 
     def http(address: str, port: int, path: str, timeout: float) -> HttpResponse:
         if port == settings.ports["proxy"]:
-            slot = proxy.upstream_slot(host.files.get(upstream, b"").decode())
+            slot = disk.slot
             if path == settings.version_endpoint:
                 return answer(200, slot=slot,
                               body=json.dumps({"version": VERSIONS.get(slot or "")}).encode())
@@ -92,8 +93,12 @@ def deploy_from_start(session: FakeSession) -> Deploy:
 
 
 def routes(session: FakeSession) -> dict[str, str | None]:
-    upstream = cmd.Layout(session.settings.remote_dir).upstream_file
-    return {h.name: proxy.upstream_slot(h.files[upstream].decode()) for h in session.all_hosts}
+    return {h.name: h.disk.slot for h in session.all_hosts}
+
+
+def marks(journal: list[tuple[str, str]], host: str) -> list[int]:
+    """Where in the journal `host` renamed its slot marker."""
+    return [i for i, (h, c) in enumerate(journal) if h == host and "mv -fT" in c]
 
 
 def stopped(session: FakeSession, slot: str) -> list[str]:
@@ -117,8 +122,7 @@ def test_a_fleet_deploy_switches_every_host_and_stops_the_old_slot_everywhere(
 
 def test_host2s_switch_fails_host1_is_switched_back_and_verified_before_anything_stops(
         fleet_session: FakeSession) -> None:
-    web2 = fleet_session.host("web2")
-    web2.on("nginx -t", failed("nginx: [emerg] unexpected end of file"))
+    fleet_session.host("web2").disk.refuse_marks = True
 
     with pytest.raises(HealthCheckError, match="switching traffic to green failed: .* on web2"):
         deploy_from_start(fleet_session)
@@ -126,9 +130,9 @@ def test_host2s_switch_fails_host1_is_switched_back_and_verified_before_anything
     assert routes(fleet_session) == {"web1": "blue", "web2": "blue"}
     journal = fleet_session.journal
     first_stop = next(i for i, (_, c) in enumerate(journal) if " stop --timeout" in c)
-    web1_back = max(i for i, (h, c) in enumerate(journal)
-                    if h == "web1" and "nginx -s reload" in c)
+    web1_back = max(marks(journal, "web1"))
     assert web1_back < first_stop
+    assert not [c for _, c in journal if "nginx -s reload" in c]
     assert sorted(stopped(fleet_session, "green")) == ["web1", "web2"]
     assert stopped(fleet_session, "blue") == []
     assert "web1: switched back to the blue slot" in fleet_session.output
@@ -139,16 +143,17 @@ def test_host2s_switch_fails_host1_is_switched_back_and_verified_before_anything
 
 def test_a_host_that_cannot_switch_back_keeps_its_new_slot_running(
         fleet_session: FakeSession) -> None:
-    fleet_session.host("web2").on("nginx -t", failed("nginx: [emerg] bad"))
-    web1 = fleet_session.host("web1")
-    reloads = iter([ok(), failed("nginx: reload failed")])
-    web1.on("nginx -t", lambda command: next(reloads, failed("nginx: reload failed")))
+    fleet_session.host("web2").disk.refuse_marks = True
+    fleet_session.host("web1").disk.marks_allowed = 1  # the switch, not the switch back
 
     with pytest.raises(HealthCheckError):
         deploy_from_start(fleet_session)
 
-    assert routes(fleet_session)["web1"] == "blue"  # the file is back; nginx never loaded it
+    assert routes(fleet_session) == {"web1": "green", "web2": "blue"}
     assert stopped(fleet_session, "blue") == []
+    assert stopped(fleet_session, "green") == ["web2"]  # web1's proxy routes to it
+    assert "web1: switching back to blue could not be verified" in fleet_session.output
+    assert "left the new green slot running on web1" in fleet_session.output
 
 
 def test_host2_unhealthy_keeps_every_host_on_the_old_slot(settings: Settings,
@@ -161,7 +166,7 @@ def test_host2_unhealthy_keeps_every_host_on_the_old_slot(settings: Settings,
         deploy_from_start(session)
 
     assert routes(session) == {"web1": "blue", "web2": "blue"}
-    assert not [c for _, c in session.journal if "nginx -s reload" in c]
+    assert not [c for _, c in session.journal if "mv -fT" in c]
     assert sorted(stopped(session, "green")) == ["web1", "web2"]
     [entry] = history(session)
     assert entry["health_status"] == "unhealthy"
@@ -228,7 +233,7 @@ def test_hosts_that_disagree_are_repaired_towards_the_state_files_slot_first(
 
     assert "the hosts' proxies disagree (web1 -> green, web2 -> blue)" in fleet_session.output
     journal = fleet_session.journal
-    repaired = next(i for i, (h, c) in enumerate(journal) if h == "web1" and "reload" in c)
+    repaired = marks(journal, "web1")[0]
     first_start = next(i for i, (_, c) in enumerate(journal) if "up --detach --no-deps --pull"
                        in c)
     assert repaired < first_start

@@ -20,7 +20,7 @@ from togather_tasks.operation import Release, Step
 from togather_tasks.slots import Slots
 from togather_tasks.ulid import new_id
 
-from .fakehost import FakeHost, FakeSession, answer
+from .fakehost import FakeHost, FakeSession, ProxyDisk, answer
 from .projects import JWT_SECRET
 from .test_slots import proxy_running
 
@@ -29,7 +29,10 @@ SHA = "abc1234" + "0" * 33
 
 @pytest.fixture
 def session(settings: Settings, tmp_path: Path) -> FakeSession:
-    return FakeSession(settings, tmp_path / "state")
+    session = FakeSession(settings, tmp_path / "state")
+    for host in session.all_hosts:
+        ProxyDisk(host, session.settings)
+    return session
 
 
 def new_deploy(session: FakeSession) -> Deploy:
@@ -46,7 +49,8 @@ def table(*names: str) -> tuple[Step, ...]:
 
 
 def serving(host: FakeHost, slot: str) -> None:
-    """The host's proxy answers from `slot`."""
+    """The host's slot marker names `slot` and its proxy answers from it."""
+    host.disk.mark(slot)
     host.http = lambda *a: answer(200, slot=slot, body=b'{"version": "old1234"}')
 
 
@@ -85,7 +89,7 @@ def test_failure_after_a_cut_switch_leaves_the_slot_the_proxy_routes_to_running(
     host = session.primary
 
     def switch_cut_before_restore() -> None:
-        serving(host, "green")  # the new upstream was loaded, then the connection dropped
+        serving(host, "green")  # the marker was renamed, then the connection dropped
         raise TogatherError("connection lost during the switch")
 
     with pytest.raises(TogatherError):
@@ -101,13 +105,11 @@ def test_failure_before_the_switch_stops_the_new_slot(session: FakeSession) -> N
     assert len(stops(session.primary, "green")) == 1
 
 
-def test_proxy_down_the_upstream_file_says_where_it_routes(session: FakeSession) -> None:
+def test_proxy_down_the_slot_marker_says_where_it_routes(session: FakeSession) -> None:
     host = session.primary
-    layout = cmd.Layout(session.settings.remote_dir)
 
     def proxy_died_after_the_switch() -> None:
-        host.files[layout.upstream_file] = cmd.upstream_conf(session.settings,
-                                                             "green").encode()
+        host.disk.mark("green")
         host.http = FakeHost._refuse
         raise TogatherError("proxy died")
 
@@ -204,15 +206,15 @@ def test_failure_message_is_redacted_in_history_hook_and_webhook(
     assert "the app printed" in entry["message"]
 
 
-# --- item 1: the switch restores the previous upstream on any exception ----------------------
+# --- item 1: the switch restores the previous slot marker on any exception -------------------
 
 
-def test_an_interrupt_during_the_switch_restores_the_previous_upstream(
+def test_an_interrupt_during_the_switch_restores_the_previous_slot_marker(
         settings: Settings) -> None:
     host = FakeHost()
-    layout = cmd.Layout(settings.remote_dir)
-    blue = cmd.upstream_conf(settings, "blue").encode()
-    host.files[layout.upstream_file] = blue
+    disk = ProxyDisk(host, settings)
+    disk.load_site(settings)
+    disk.mark("blue")
 
     def sigterm_while_verifying(*args):
         raise Interrupted("SIGTERM")
@@ -221,5 +223,6 @@ def test_an_interrupt_during_the_switch_restores_the_previous_upstream(
     proxy_running(host, settings)
     with pytest.raises(Interrupted):
         proxy.switch(settings, host, "green", "abc1234")
-    assert host.files[layout.upstream_file] == blue
-    assert len(host.ran("nginx -s reload")) == 2  # the switch, then the restore
+    assert disk.slot == "blue"
+    assert len(host.ran("mv -fT")) == 2  # the switch, then the restore
+    assert host.ran("nginx -s reload") == []

@@ -1,6 +1,5 @@
-"""Slot operations against an in-memory host: the health gate's deadline, the switch's restore
-on any exception, the proxy recreated when its published settings change, and slots started
-without pulling images the tool put there itself."""
+"""Slot operations against an in-memory host: the health gate's deadline, and slots started
+without pulling images the tool put there itself (the proxy's own tests: test_proxy.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import time
 import pytest
 
 from togather_tasks import commands as cmd
-from togather_tasks import proxy, slots
+from togather_tasks import slots
 from togather_tasks.config import Settings
 from togather_tasks.errors import CommandError, HealthCheckError
 from togather_tasks.hosts import Result
@@ -34,13 +33,11 @@ def console() -> Console:
     return Console(Redactor())
 
 
-def proxy_running(host: FakeHost, settings: Settings, *, port: int | None = None,
-                  bind: str | None = None, image: str | None = None) -> None:
-    """The host runs a proxy; with the configured image, port and bind unless told."""
-    published = {"80/tcp": [{"HostIp": bind or settings.proxy["bind"],
-                             "HostPort": str(port or settings.ports["proxy"])}]}
-    host.on("{{.Config.Image}} {{json", ok(f"{image or cmd.proxy_image_ref()} "
-                                          f"{json.dumps(published)}\n"))
+def proxy_running(host: FakeHost, settings: Settings, *, network: str = "host",
+                  image: str | None = None) -> None:
+    """The host runs a proxy; with the configured image in the host's network unless told."""
+    host.on("{{.Config.Image}} {{.HostConfig.NetworkMode}}",
+            ok(f"{image or cmd.proxy_image_ref()} {network}\n"))
 
 
 def running_containers(host: FakeHost) -> None:
@@ -85,52 +82,6 @@ def test_health_gate_still_passes_a_healthy_slot(project: Project) -> None:
     host.http = lambda *a: answer(200, body=json.dumps(document).encode())
     verdict = slots.health_gate(settings, host, TARGET, console())
     assert verdict.version == "abc1234"
-
-
-# --- item 26: a deploy applies the proxy's configuration -----------------------------------
-
-
-RECREATE = "--force-recreate proxy"
-
-
-def test_an_unchanged_proxy_is_only_reloaded(settings: Settings) -> None:
-    host = FakeHost()
-    proxy_running(host, settings)
-
-    assert proxy.apply_config(settings, host) == "reloaded"
-    assert host.ran(RECREATE) == []
-    assert len(host.ran("nginx -s reload")) == 1
-
-
-@pytest.mark.parametrize(("running", "said"), [
-    ({"port": 8080}, "port 8080 -> 9080"),
-    ({"bind": "127.0.0.1"}, "bind address 127.0.0.1 -> 0.0.0.0"),
-    ({"image": "togather-proxy:0ld0ld0ld0ld"}, "image togather-proxy:0ld0ld0ld0ld -> "),
-])
-def test_a_proxy_whose_settings_changed_is_recreated_and_says_why(
-        settings: Settings, running: dict, said: str) -> None:
-    host = FakeHost()
-    proxy_running(host, settings, **running)
-
-    how = proxy.apply_config(settings, host)
-
-    assert how.startswith("recreated (") and said in how
-    assert len(host.ran(RECREATE)) == 1
-    assert host.ran("nginx -s reload") == []
-
-
-def test_a_proxy_that_is_not_running_is_started(settings: Settings) -> None:
-    host = FakeHost()
-    assert proxy.apply_config(settings, host) == "started"
-    assert len(host.ran("up --detach --no-deps proxy")) == 1
-
-
-def test_a_failing_nginx_test_is_an_error_with_nginx_s_message(settings: Settings) -> None:
-    host = FakeHost()
-    proxy_running(host, settings)
-    host.on("nginx -s reload", failed("nginx: [emerg] unexpected end of file"))
-    with pytest.raises(CommandError, match="unexpected end of file"):
-        proxy.apply_config(settings, host)
 
 
 # --- item 6: slots start from the image on the host, never pulled ----------------------------
@@ -191,4 +142,5 @@ def test_prepare_host_closes_the_directories_before_writing_any_file(
     assert host.events[0] == cmd.host_directories(layout)
     assert host.events[1:] == [
         "write compose.yml 644", "write app.env 600", cmd.private_directories(layout.root),
-        "write .pgpass 600", "write Dockerfile 644", "write nginx.conf 644"]
+        "write .pgpass 600", "write Dockerfile 644", "write nginx.conf 644",
+        "write togather-app.conf 644"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from togather_tasks import commands as cmd
-from togather_tasks import status
+from togather_tasks import maintenance, status
 from togather_tasks.config import Settings
 from togather_tasks.errors import UsageError
 
@@ -35,12 +35,29 @@ def test_each_host_says_where_its_proxy_routes_and_what_runs_in_each_slot(
 
     assert per_host["web1"] == {"routes_to": "blue", "slots": {
         "blue": {"image": "togather-server:0bd1234", "container": "running"},
-        "green": {"image": None, "container": "running"}}}
+        "green": {"image": None, "container": "running"}}, "maintenance": {"on": False}}
     assert per_host["web2"]["routes_to"] == "green"
     assert status.describe_hosts(per_host)[:3] == [
         "host web1: proxy -> blue",
         "  blue  running    togather-server:0bd1234",
         "  green running    -"]
+
+
+def test_status_shows_maintenance_with_its_message_and_since_when(fleet: FakeSession) -> None:
+    web2 = fleet.host("web2")
+    layout = cmd.Layout(fleet.settings.remote_dir)
+    web2.files[f"{layout.maintenance_link}/info.json"] = maintenance.info_json(
+        maintenance.Notice("Back at 5", 120, "2026-12-06T07:00:00Z", "ops@example.com")).encode()
+
+    per_host = {h.name: status.host_status(fleet.settings, h) for h in fleet.all_hosts}
+
+    assert per_host["web2"]["maintenance"] == {
+        "on": True, "message": "Back at 5", "retry_after": 120, "since": "2026-12-06T07:00:00Z",
+        "by": "ops@example.com"}
+    lines = status.describe_hosts(per_host)
+    assert ("  maintenance on since 2026-12-06T07:00:00Z (by ops@example.com, Retry-After "
+            "120s): Back at 5") in lines
+    assert not any("maintenance" in line for line in lines[:3])  # web1: off, not shown
 
 
 def test_a_host_without_a_slot_container_says_missing(fleet: FakeSession) -> None:

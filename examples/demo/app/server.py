@@ -17,6 +17,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -55,6 +56,9 @@ POOL_MIN, POOL_MAX = 1, 4  # serves /health; the job worker has its own connecti
 CONNECT_ARGS = {"connect_timeout": 2, "tcp_user_timeout": 3000, "application_name": "togather-demo"}
 HEARTBEAT_MAX_AGE = 10.0  # seconds without a successful worker run before job_queue fails
 DRAIN_SECONDS = 5.0  # how long shutdown waits for in-flight requests
+# An idle keep-alive connection is kept this long: longer than the proxy keeps its idle
+# upstream connections (keepalive_timeout 30s), so the proxy never reuses one being closed.
+IDLE_KEEPALIVE_SECONDS = 75
 
 STARTED = time.monotonic()
 # A burst of concurrent probes waits for a free connection instead of exhausting the pool.
@@ -216,6 +220,7 @@ class App:
         self.expected_version = expected_migration_version()
         self.in_flight = 0
         self.in_flight_lock = threading.Condition()
+        self.connections = Connections()
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """Run all checks; 503 if any fails, 200 otherwise (degraded when any warns)."""
@@ -326,12 +331,68 @@ class App:
         return check("fail", f"GET / returned HTTP {status}", started)
 
 
+class Connections:
+    """The open client connections and whether each is between two requests, so that a stop
+    closes the idle keep-alive ones at once (a proxy's pool, a client's kept socket) while
+    the busy ones finish their request and are closed after its response."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[socket.socket, bool] = {}
+        self.closing = False
+
+    def opened(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._idle[sock] = True
+
+    def busy(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._idle[sock] = False
+
+    def idle(self, sock: socket.socket) -> bool:
+        """Mark `sock` idle; True when it must be closed instead (the server is stopping)."""
+        with self._lock:
+            self._idle[sock] = True
+            return self.closing
+
+    def closed(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._idle.pop(sock, None)
+
+    def close_idle(self) -> int:
+        """From now on every connection closes after its response; the idle ones now (the
+        handler's blocked read returns end-of-file). Returns how many were closed."""
+        with self._lock:
+            self.closing = True
+            idle = [sock for sock, is_idle in self._idle.items() if is_idle]
+        for sock in idle:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        return len(idle)
+
+
 class Handler(BaseHTTPRequestHandler):
-    """HTTP/1.0, one request per connection: idle keep-alive sockets can't delay shutdown."""
+    """HTTP/1.1 with keep-alive (the proxy keeps a pool of connections to each slot); a stop
+    closes idle connections and lets busy ones finish (see Connections)."""
 
     app: App
-    timeout = 10  # slow or idle clients get dropped instead of holding a thread forever
+    protocol_version = "HTTP/1.1"
+    timeout = IDLE_KEEPALIVE_SECONDS  # an idle or slow client is dropped after this
     server_version = "togather-demo"
+
+    def setup(self) -> None:
+        super().setup()
+        self.app.connections.opened(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.app.connections.closed(self.connection)
+
+    def parse_request(self) -> bool:
+        self.app.connections.busy(self.connection)
+        return super().parse_request()
 
     def do_GET(self) -> None:
         with self.app.in_flight_lock:
@@ -354,6 +415,8 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self.send_json(404, {"error": "not found"})
         finally:
+            if self.app.connections.idle(self.connection):
+                self.close_connection = True
             with self.app.in_flight_lock:
                 self.app.in_flight -= 1
                 self.app.in_flight_lock.notify_all()
@@ -381,7 +444,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
-        self.send_header("Connection", "close")
+        if self.app.connections.closing:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
 
@@ -424,6 +489,8 @@ def main() -> int:
     log(f"{signal.Signals(stopping[0]).name} received, shutting down")
     server.shutdown()  # stop accepting; then let in-flight requests finish
     server.server_close()
+    idle = app.connections.close_idle()
+    log(f"closed {idle} idle connection(s); waiting for in-flight requests")
     with app.in_flight_lock:
         app.in_flight_lock.wait_for(lambda: app.in_flight == 0, timeout=DRAIN_SECONDS)
     app.worker.stop_event.set()

@@ -1,0 +1,210 @@
+"""The switch without a reload, on the staging test bed (issue 10).
+
+One client holds ONE keep-alive connection through the proxy during a deploy and a rollback:
+the socket stays open, no request fails, and the same socket gets the new version after each
+switch. nginx's worker processes are the same before and after (no reload), the switch state
+survives `docker restart` of the proxy, and a host deployed by the previous version (upstream
+file + bridge-network proxy) is taken over by the first deploy.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+LEGACY = Path(__file__).parent / "legacy_proxy"
+HOLD_MAX_SECONDS = 300  # the client's loop ends by then whatever happens
+REQUEST_GAP = 0.02
+
+
+def proxy_container(app) -> str:
+    [proxy] = [c["id"] for c in app.containers()
+               if c["service"] == "proxy" and c["state"] == "running"]
+    return proxy
+
+
+def worker_pids(app) -> set[str]:
+    out = subprocess.run(["docker", "top", proxy_container(app), "-o", "pid,args"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    pids = {line.split()[0] for line in out.splitlines() if "worker process" in line}
+    assert pids, out
+    return pids
+
+
+@dataclass
+class HeldConnection:
+    """GET /version over one keep-alive connection, again and again, until stopped. Never
+    reconnects (auto_open off): a closed socket is an error, not a silent new connection."""
+
+    port: int
+    seen: list[tuple[str | None, str]] = field(default_factory=list)  # (slot, version) changes
+    errors: list[str] = field(default_factory=list)
+    local_ports: set[int] = field(default_factory=set)
+    requests: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        self.conn.connect()
+        self.conn.auto_open = 0
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        deadline = time.monotonic() + HOLD_MAX_SECONDS
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                self.local_ports.add(self.conn.sock.getsockname()[1])
+                self.conn.request("GET", "/version")
+                resp = self.conn.getresponse()
+                body = resp.read()
+                self.requests += 1
+                if resp.status != 200:
+                    self.errors.append(f"HTTP {resp.status}")
+                    continue
+                label = (resp.getheader("X-Togather-Slot"), json.loads(body)["version"])
+                if not self.seen or self.seen[-1] != label:
+                    self.seen.append(label)
+            except Exception as exc:  # noqa: BLE001 - every failure is what the test counts
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                return
+            time.sleep(REQUEST_GAP)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+        self.conn.close()
+
+
+def test_one_keepalive_connection_survives_deploy_and_rollback_without_a_reload(
+        demo_app) -> None:
+    app = demo_app
+    v1 = app.head[:7]
+    app.deploy(check=True)
+    slot, body = app.served()
+    assert (slot, body["version"]) == ("blue", v1)
+    workers = worker_pids(app)
+    v2 = app.commit("v2", {"app/RELEASE": "v2\n"})[:7]
+
+    held = HeldConnection(app.ports["proxy"])
+    try:
+        deployed = app.deploy()
+        after_deploy = list(held.seen)
+        rolled_back = app.inv("rollback", app.env_flag)
+        time.sleep(0.5)
+    finally:
+        held.finish()
+
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    assert rolled_back.returncode == 0, rolled_back.stdout + rolled_back.stderr
+    assert held.errors == [], held.errors
+    assert len(held.local_ports) == 1, "the client's connection was replaced"
+    assert after_deploy[0] == ("blue", v1) and after_deploy[-1] == ("green", v2), after_deploy
+    assert held.seen == [("blue", v1), ("green", v2), ("blue", v1)], held.seen
+    assert held.requests > 100
+    assert worker_pids(app) == workers, "nginx was reloaded (its workers changed)"
+    assert "reload" not in deployed.stderr + rolled_back.stderr
+
+
+def test_the_switch_state_survives_a_proxy_restart(demo_app) -> None:
+    app = demo_app
+    app.deploy(check=True)
+    v2 = app.commit("v2", {"app/RELEASE": "v2\n"})[:7]
+    app.deploy(check=True)
+    assert (Path(app.remote_dir) / "nginx/state/green").exists()
+    assert not (Path(app.remote_dir) / "nginx/state/blue").exists()
+
+    subprocess.run(["docker", "restart", "--time", "2", proxy_container(app)], check=True,
+                   capture_output=True, timeout=60)
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            slot, body = app.served()
+            break
+        except (OSError, AssertionError):
+            time.sleep(0.2)
+    assert (slot, body["version"]) == ("green", v2)
+    status = json.loads(app.inv("status", app.env_flag, "--json", check=True).stdout)
+    assert [h["routes_to"] for h in status["hosts"].values()] == ["green"]
+
+
+def _start_legacy_proxy(app) -> str:
+    """What the previous version left on a host: its compose.yml, slots.env with the
+    published port, nginx/upstream/active.conf routing to blue, and its proxy (built from its
+    nginx.conf) on the project's bridge network. Returns the legacy image's tag."""
+    root = Path(app.remote_dir)
+    tag = "togather-proxy:legacy-e2e"
+    subprocess.run(["docker", "build", "--quiet", "-t", tag, str(LEGACY / "nginx")],
+                   check=True, capture_output=True, timeout=600)
+    shutil.copy(LEGACY / "compose.yml", root / "compose.yml")
+    env = (root / "slots.env").read_text()
+    env = "".join(line + "\n" for line in env.splitlines()
+                  if not line.startswith(("PROXY_IMAGE=", "PROXY_PORT=", "PROXY_BIND=")))
+    (root / "slots.env").write_text(env + f"PROXY_IMAGE={tag}\nPROXY_PORT={app.ports['proxy']}\n"
+                                    "PROXY_BIND=127.0.0.1\n")
+    upstream = root / "nginx" / "upstream"
+    upstream.mkdir(parents=True, exist_ok=True)
+    (upstream / "active.conf").write_text(
+        'map "" $togather_backend {\n    default app-blue:8080;\n}\n'
+        'map "" $togather_slot {\n    default blue;\n}\n')
+    for name in ("site.conf", "site.loaded", "verify.map"):
+        (root / "nginx" / name).unlink()
+    shutil.rmtree(root / "nginx" / "state")
+    subprocess.run(["chown", "-R", "deploy:deploy", str(root)], check=True, timeout=30)
+    app.compose("up", "--detach", "--no-deps", "--force-recreate", "proxy", check=True)
+    return tag
+
+
+def test_a_host_deployed_by_the_previous_version_is_taken_over_by_the_next_deploy(
+        demo_app) -> None:
+    """e2e: the new version's first deploy meets an old-layout proxy and moves it over."""
+    app = demo_app
+    v1 = app.head[:7]
+    app.deploy(check=True)
+    tag = _start_legacy_proxy(app)
+    mode = subprocess.run(["docker", "inspect", "--format", "{{.HostConfig.NetworkMode}}",
+                           proxy_container(app)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert mode != "host"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            served = app.served()
+            break
+        except (OSError, AssertionError):
+            time.sleep(0.2)
+    assert (served[0], served[1]["version"]) == ("blue", v1), "the legacy proxy does not serve"
+    status = json.loads(app.inv("status", app.env_flag, "--json", check=True).stdout)
+    assert [h["routes_to"] for h in status["hosts"].values()] == ["blue"]
+
+    v2 = app.commit("v2", {"app/RELEASE": "v2\n"})[:7]
+    result = app.deploy()
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"recreated (image {tag} -> togather-proxy:" in result.stderr
+    assert f"network {mode} -> host" in result.stderr
+    slot, body = app.served()
+    assert (slot, body["version"]) == ("green", v2)
+    root = Path(app.remote_dir)
+    assert (root / "nginx/state/green").exists()
+    assert not (root / "nginx/upstream").exists()
+    assert subprocess.run(["docker", "inspect", "--format", "{{.HostConfig.NetworkMode}}",
+                           proxy_container(app)], capture_output=True, text=True,
+                          check=True).stdout.strip() == "host"
+    # And the next one is a plain switch: nothing recreated or reloaded.
+    app.commit("v3", {"app/RELEASE": "v3\n"})
+    again = app.deploy()
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "recreated" not in again.stderr and "reloaded" not in again.stderr
+    assert app.served()[0] == "blue"
