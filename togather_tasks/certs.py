@@ -12,14 +12,12 @@ from __future__ import annotations
 import hashlib
 import re
 import shlex
-import ssl
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography import x509
 
 from . import commands as cmd
-from . import tls
+from . import proxy, tls
 from .config import Settings
 from .errors import TogatherError
 from .hosts import Host
@@ -29,7 +27,9 @@ ACME_IMAGE_FILES = ("Dockerfile", "togather-acme")
 ACME_SERVICE = "acme"
 OBTAIN_TIMEOUT = 300
 # lego's errors name the ACME problem type and the domain: those lines are what to show.
-_ACME_PROBLEM = re.compile(r"(urn:ietf:params:acme:error:\S+.*|error: .*)$", re.IGNORECASE)
+_ACME_PROBLEM = re.compile(r"urn:ietf:params:acme:error:(\S+) :: (.*)$")
+_LEGO_ERROR = re.compile(r"error: (.*)$", re.IGNORECASE)
+_LOG_PREFIX = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\[\w+\] )?")
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,10 @@ def stop_renewer(settings: Settings) -> str:
 def acme_failure(output: str) -> str:
     """The lines of lego's output that say why: the ACME problem (with the domain it names),
     else the last line."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    found = [m.group(1) for line in lines if (m := _ACME_PROBLEM.search(line))]
+    lines = [_LOG_PREFIX.sub("", line.strip()) for line in output.splitlines() if line.strip()]
+    found = [f"{m.group(1)}: {m.group(2)}" for line in lines
+             if (m := _ACME_PROBLEM.search(line))]
+    found = found or [m.group(1) for line in lines if (m := _LEGO_ERROR.search(line))]
     return "; ".join(dict.fromkeys(found[-3:])) or (lines[-1] if lines else "no output")
 
 
@@ -162,6 +164,17 @@ def prepare(settings: Settings, host: Host) -> None:
         if settings_tls.acme.ca_bundle:
             host.write_file(paths.ca_bundle, settings_tls.acme.ca_bundle.read_bytes(),
                             mode=0o644)
+
+
+def ensure_on_host(settings: Settings, host: Host) -> str:
+    """The deploy's certificate step on one host: the proxy serving this configuration's
+    site (its HTTP server answers the ACME challenge; the slot marker is not touched, the old
+    version keeps serving), then the certificate (`ensure`). The switch that follows finds
+    the site in place: no second reload."""
+    site, _ = proxy.write_site(settings, host)
+    proxy.take_over(settings, host, proxy.read_routes(settings, host))
+    proxy.apply_config(settings, host, site)
+    return ensure(settings, host)
 
 
 def ensure(settings: Settings, host: Host) -> str:
@@ -247,9 +260,8 @@ def renew(settings: Settings, host: Host, *, force: bool) -> tuple[str, tls.Cert
 def host_certificate(settings: Settings, host: Host) -> dict[str, object]:
     """certs.show for one host: the installed certificate (its public copy on disk) and what
     the proxy serves over HTTPS (SNI = the first domain)."""
-    from .proxy import address
     installed = served_certificate(settings, host)
-    served = check_served(settings, host, address(settings), settings.health_endpoint,
+    served = check_served(settings, host, proxy.address(settings), settings.health_endpoint,
                           timeout=10)
     summary = describe(installed)
     if served.problem:
@@ -281,9 +293,8 @@ def https_health(settings: Settings, host: Host) -> HttpsHealth:
     presents: days left, issuer, whether it verifies. A problem: no answer, not 200, expired
     or unverifiable. A warning: within the renewal window (ACME: the renewal service should
     have renewed it by now) or, for a provided one, a month before expiry."""
-    from .proxy import address
     settings_tls = _tls(settings)
-    served = check_served(settings, host, address(settings), settings.health_endpoint,
+    served = check_served(settings, host, proxy.address(settings), settings.health_endpoint,
                           timeout=float(settings.health.timeout))
     url = f"https://{settings_tls.server_name}:{settings_tls.https_port}"
     info = served.certificate
@@ -325,21 +336,6 @@ def _tls(settings: Settings) -> tls.TlsSettings:
 # --- checking what is served ----------------------------------------------------------------
 
 
-def probe_context() -> ssl.SSLContext:
-    """For the internal checks through the proxy (the switch verification): TLS without
-    verification, the certificate is reported separately."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def verify_context(trust: Path | None) -> ssl.SSLContext:
-    """For the expiry report: the system trust store, or the configured CA file."""
-    context = ssl.create_default_context(cafile=str(trust) if trust else None)
-    return context
-
-
 @dataclass(frozen=True)
 class Served:
     """What one host's proxy serves over HTTPS."""
@@ -365,14 +361,14 @@ def check_served(settings: Settings, host: Host, address: str, path: str,
     kwargs = {"timeout": timeout, "server_name": settings_tls.server_name}
     try:
         resp = get(address, settings_tls.https_port, path,
-                   context=verify_context(settings_tls.verify_ca), **kwargs)
+                   context=tls.verify_context(settings_tls.verify_ca), **kwargs)
         return Served(resp.status, _info(resp.certificate), True)
-    except ssl.SSLCertVerificationError as exc:
+    except tls.CertificateVerificationError as exc:
         reason = exc.verify_message or str(exc)
     except (OSError, ConnectionError, TogatherError) as exc:
         return Served(None, None, False, f"no HTTPS answer: {exc}")
     try:
-        resp = get(address, settings_tls.https_port, path, context=probe_context(), **kwargs)
+        resp = get(address, settings_tls.https_port, path, context=tls.probe_context(), **kwargs)
     except (OSError, ConnectionError, TogatherError) as exc:
         return Served(None, None, False, f"no HTTPS answer: {exc}")
     return Served(resp.status, _info(resp.certificate), False,

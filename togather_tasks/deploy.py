@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from . import cleanup, fleet, images, proxy, slots, snapshots, source
+from . import certs, cleanup, fleet, images, proxy, slots, snapshots, source
 from . import commands as cmd
 from .errors import CommandTimeoutError, ConfigError, MigrationError, TogatherError
 from .hosts import Host, Result
@@ -237,6 +237,7 @@ class Deploy(SlotOperation):
                 f"[{host}] " + cmd.start_slot(st, new, "never"),
                 f"[{host}] GET 127.0.0.1:{st.ports[new]}{st.health_endpoint} until "
                 f"healthy (<= {st.health.retries} checks)",
+                *self.certificate_plan(host),
                 f"[{host}] when every host is healthy: write {layout.site_file} (nginx -t "
                 f"and reload only if it changed); rename the slot marker to "
                 f"{layout.slot_marker(new)}; verify through the proxy",
@@ -247,6 +248,19 @@ class Deploy(SlotOperation):
         lines.append(f"[{primary}] record {self.deployment_id} in {st.state_path}; release the "
                      "lock")
         return lines
+
+    def certificate_plan(self, host: str) -> list[str]:
+        settings_tls = self.settings.tls
+        if settings_tls is None:
+            return []
+        if settings_tls.acme is None:
+            how = f"upload {settings_tls.certificate} and its key (mode 600) unless installed"
+        else:
+            how = (f"obtain a certificate for {', '.join(settings_tls.domains)} from "
+                   f"{settings_tls.acme.directory} (HTTP-01) unless the host has one; "
+                   + certs.start_renewer(self.settings))
+        return [f"[{host}] HTTPS: write {cmd.Layout(self.settings.remote_dir).site_file} with "
+                f"the ACME challenge location (nginx -t and reload if it changed); {how}"]
 
     def migration_plan(self, primary: str, layout: cmd.Layout) -> list[str]:
         st, sha7 = self.settings, self.release.sha7
@@ -298,6 +312,8 @@ class Deploy(SlotOperation):
         slots.prepare_host(self.settings, host, primary=host.name == self.settings.primary_host)
         built = images.ensure_on_host(build, host, published)
         proxy.ensure_image(self.settings, host, self.settings.build["timeout"])
+        if self.settings.tls:
+            certs.prepare(self.settings, host)
         return built
 
     def snapshot(self, note: StepNote) -> None:
@@ -386,6 +402,17 @@ class Deploy(SlotOperation):
                                  hint=hint)
         return result
 
+    def certificate(self, note: StepNote) -> None:
+        """Step (proxy.tls): the certificate on every host before any switch, obtained from
+        the ACME server once and kept; a refusal stops the deploy with the old version and
+        the old certificate serving."""
+        if self.settings.tls is None:
+            note("skipped (no proxy.tls)")
+            return
+        outcomes = self.on_hosts("certificate",
+                                 lambda host: certs.ensure_on_host(self.settings, host))
+        note("; ".join(f"{name}: {outcome.value}" for name, outcome in outcomes.items()))
+
     def switch(self, note: StepNote) -> None:
         outcomes = self.switch_traffic()
         self.run_hook("post-switch", "switched")
@@ -461,6 +488,7 @@ Deploy.steps = (
     Step("migrate", "database migrations", Deploy.migrate, destructive=True),
     Step("start", "starting the new slot", Deploy.start, undo=Deploy.stop_new_slot),
     Step("health", "health gate on the new slot", Deploy.health),
+    Step("certificate", "HTTPS certificate on every host", Deploy.certificate),
     Step("switch", "nginx -> the new slot", Deploy.switch, undo=Deploy.switch_back,
          destructive=True, commit=True),
     Step("record", "deployment state", Deploy.record, destructive=True),

@@ -212,10 +212,13 @@ class Host:
         """GET http://address:port/path as seen from the host itself (a slot or the proxy on
         the host's loopback), without exposing anything: over SSH it is a direct-tcpip
         channel of the existing connection (so a header's value is on no command line)."""
-        raise NotImplementedError
+        deadline = _Deadline(timeout)
+        with contextlib.closing(self._tcp(address, port, timeout)) as conn:
+            return _http_exchange(conn, address, port, path, deadline, headers)
 
     def https_get(self, address: str, port: int, path: str, *, timeout: float,
-                  server_name: str, context: ssl.SSLContext) -> HttpResponse:
+                  server_name: str, context: ssl.SSLContext,
+                  headers: dict[str, str] | None = None) -> HttpResponse:
         """GET https://server_name/path from address:port as seen from the host (the proxy's
         HTTPS port), like http_get: TLS runs here, over the same plain connection, with SNI
         `server_name`. `context` decides what is verified (tls.probe_context: nothing, for
@@ -224,7 +227,7 @@ class Host:
         deadline = _Deadline(timeout)
         with contextlib.closing(self._tcp(address, port, timeout)) as conn:
             tls = _TlsOver(conn, context, server_name, deadline)
-            resp = _http_exchange(tls, server_name, port, path, deadline)
+            resp = _http_exchange(tls, server_name, port, path, deadline, headers)
             resp.certificate = tls.certificate
             return resp
 
@@ -336,12 +339,6 @@ class LocalHost(Host):
     def _interact(self, command: str) -> int:
         r = self._context.run(command, pty=True, warn=True, hide=False, in_stream=sys.stdin)
         return r.exited
-
-    def http_get(self, address: str, port: int, path: str, *, timeout: float,
-                 headers: dict[str, str] | None = None) -> HttpResponse:
-        deadline = _Deadline(timeout)
-        with socket.create_connection((address, port), timeout=timeout) as sock:
-            return _http_exchange(sock, address, port, path, deadline, headers)
 
     def _tcp(self, address: str, port: int, timeout: float) -> socket.socket:
         return socket.create_connection((address, port), timeout=timeout)
@@ -709,21 +706,6 @@ class RemoteHost(Host):
         except (OSError, paramiko.SSHException, EOFError, ThreadException) as exc:
             raise HostError(f"connection to {self.name} lost: {_one_line(exc)}") from None
         return r.exited
-
-    def http_get(self, address: str, port: int, path: str, *, timeout: float,
-                 headers: dict[str, str] | None = None) -> HttpResponse:
-        self._ensure_open()
-        try:
-            channel = self._conn.transport.open_channel(
-                "direct-tcpip", (address, port), ("127.0.0.1", 0), timeout=timeout)
-        except paramiko.ChannelException as exc:
-            raise ConnectionRefusedError(f"connection refused ({exc.text})") from None
-        except paramiko.SSHException as exc:
-            raise ConnectionError(_one_line(exc)) from None
-        try:
-            return _http_exchange(channel, address, port, path, _Deadline(timeout), headers)
-        finally:
-            channel.close()
 
     def _tcp(self, address: str, port: int, timeout: float) -> paramiko.Channel:
         self._ensure_open()

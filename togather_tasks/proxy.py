@@ -20,10 +20,11 @@ import time
 from dataclasses import dataclass
 
 from . import commands as cmd
+from . import tls
 from .config import Settings
 from .errors import CommandError, HealthCheckError, HostError, TogatherError
 from .health import running_version
-from .hosts import Host
+from .hosts import Host, HttpResponse
 from .signals import shielded
 
 SLOTS = ("blue", "green")
@@ -49,22 +50,27 @@ def upstream_block(slot: str, port: int, keepalive: int) -> str:
             f"}}\n")
 
 
-def listen_address(settings: Settings) -> str:
-    bind, port = settings.proxy["bind"], settings.ports["proxy"]
+def listen_address(settings: Settings, port: int | None = None) -> str:
+    bind, port = settings.proxy["bind"], port or settings.ports["proxy"]
     return f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
 
 
 def http_server(settings: Settings) -> str:
-    """The plain-HTTP server: the app through the shared include."""
+    """The plain-HTTP server: the app through the shared include; with HTTPS on, the ACME
+    challenge path and (by default) a redirect to HTTPS instead of the app (tls.py)."""
     return ("server {\n"
             f"    listen {listen_address(settings)} default_server;\n"
-            "    include /etc/nginx/togather-app.conf;\n"
+            f"{tls.http_locations(settings.tls)}"
             "}\n")
 
 
 def server_blocks(settings: Settings) -> list[str]:
-    """The site's server blocks, in order (an HTTPS server is one more entry)."""
-    return [http_server(settings)]
+    """The site's server blocks, in order: plain HTTP, then HTTPS when proxy.tls is on."""
+    if settings.tls is None:
+        return [http_server(settings)]
+    return [http_server(settings),
+            tls.https_server_block(settings.tls,
+                                   listen_address(settings, settings.tls.https_port))]
 
 
 def site_conf(settings: Settings) -> str:
@@ -251,9 +257,8 @@ def verify(settings: Settings, host: Host, slot: str, version: str | None,
     headers = {VERIFY_HEADER: token} if token else None
     for _ in range(settings.proxy["verify_attempts"]):
         try:
-            resp = host.http_get(address(settings), settings.ports["proxy"],
-                                 settings.version_endpoint or settings.health_endpoint,
-                                 timeout=5, headers=headers)
+            resp = _get(settings, host, settings.version_endpoint or settings.health_endpoint,
+                        headers)
             seen_slot = resp.headers.get("x-togather-slot")
             # Without a version endpoint (an http-mode app) the slot header alone tells.
             seen_version = running_version(resp.body) if settings.version_endpoint else None
@@ -265,6 +270,18 @@ def verify(settings: Settings, host: Host, slot: str, version: str | None,
             last = str(exc)
         time.sleep(0.25)
     return last
+
+
+def _get(settings: Settings, host: Host, path: str,
+         headers: dict[str, str] | None) -> HttpResponse:
+    """A request through the proxy as a client makes it: over HTTPS (SNI = the first domain,
+    the certificate not verified: inv health reports on it) when plain HTTP redirects."""
+    if settings.tls is not None and settings.tls.redirect:
+        return host.https_get(address(settings), settings.tls.https_port, path, timeout=5,
+                              server_name=settings.tls.server_name,
+                              context=tls.probe_context(), headers=headers)
+    return host.http_get(address(settings), settings.ports["proxy"], path, timeout=5,
+                         headers=headers)
 
 
 @dataclass(frozen=True)

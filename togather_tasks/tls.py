@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import shlex
+import ssl
 import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -308,21 +309,41 @@ def needs_certificate(tls: TlsSettings, current: CertificateInfo | None,
     return None
 
 
+# --- checking what a proxy serves ------------------------------------------------------------
+
+CertificateVerificationError = ssl.SSLCertVerificationError
+
+
+def probe_context() -> ssl.SSLContext:
+    """For the internal checks through the proxy (the switch verification): TLS without
+    verification, the certificate is reported separately."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def verify_context(trust: Path | None) -> ssl.SSLContext:
+    """For the expiry report: the system trust store, or the configured CA file."""
+    return ssl.create_default_context(cafile=str(trust) if trust else None)
+
+
 # --- nginx ----------------------------------------------------------------------------------
 
 
-def https_server_block(tls: TlsSettings, bind: str) -> str:
+def https_server_block(tls: TlsSettings, listen: str) -> str:
     """The HTTPS server of the proxy's site config (http level). The certificate path holds a
     variable, so nginx reads the file at each handshake: a renewal needs no reload. Session
     cache and tickets let returning clients skip the full handshake."""
-    hsts = (f'    add_header Strict-Transport-Security "max-age={tls.hsts}" always;\n'
-            if tls.hsts else "")
+    # togather-app.conf adds the header from this variable (empty, hence no header, unless
+    # set here after the include): a server-level add_header would not reach its location.
+    hsts = f'    set $togather_hsts "max-age={tls.hsts}";\n' if tls.hsts else ""
     return (
         "map $ssl_server_name $togather_tls_file {\n"
         f"    default {PROXY_CONF_DIR}/tls/{SITE_PEM};\n"
         "}\n"
         "server {\n"
-        f"    listen {bind}:{tls.https_port} ssl http2;\n"
+        f"    listen {listen} ssl http2;\n"
         "    ssl_certificate $togather_tls_file;\n"
         "    ssl_certificate_key $togather_tls_file;\n"
         "    ssl_protocols TLSv1.2 TLSv1.3;\n"
@@ -330,8 +351,8 @@ def https_server_block(tls: TlsSettings, bind: str) -> str:
         "    ssl_session_cache shared:togather_tls:10m;\n"
         "    ssl_session_timeout 1d;\n"
         "    ssl_session_tickets on;\n"
-        f"{hsts}"
         f"    include {APP_INCLUDE};\n"
+        f"{hsts}"
         "}\n"
     )
 
