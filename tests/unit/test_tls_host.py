@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from togather_tasks import certs, tls
-from togather_tasks.hosts import LocalHost
+from togather_tasks import certs, proxy, tls
+from togather_tasks.config import Settings
+from togather_tasks.deploy import Deploy
+from togather_tasks.hosts import HttpResponse, LocalHost
 
+from .fakehost import FakeHost, answer
 from .projects import Project
 from .test_tls_config import ACME, make_cert, with_tls
 
@@ -32,7 +35,7 @@ def tls_settings(**changes: object) -> tls.TlsSettings:
 
 
 def test_https_server_block_loads_the_certificate_per_handshake() -> None:
-    block = tls.https_server_block(tls_settings(https_port=9443), "127.0.0.1")
+    block = tls.https_server_block(tls_settings(https_port=9443), "127.0.0.1:9443")
     assert "listen 127.0.0.1:9443 ssl http2;" in block
     # A variable in the path: nginx reads the file at each handshake (no reload on renewal).
     assert "map $ssl_server_name $togather_tls_file {\n" \
@@ -43,12 +46,14 @@ def test_https_server_block_loads_the_certificate_per_handshake() -> None:
     assert "ssl_session_tickets on;" in block
     assert "ssl_protocols TLSv1.2 TLSv1.3;" in block
     assert "include /etc/nginx/togather-app.conf;" in block
-    assert "Strict-Transport-Security" not in block
+    assert "togather_hsts" not in block
 
 
 def test_hsts_only_when_configured() -> None:
-    block = tls.https_server_block(tls_settings(hsts=31536000), "0.0.0.0")
-    assert 'add_header Strict-Transport-Security "max-age=31536000" always;' in block
+    block = tls.https_server_block(tls_settings(hsts=31536000), "0.0.0.0:443")
+    # Set after the include, whose location adds the header from it.
+    assert block.endswith("    include /etc/nginx/togather-app.conf;\n"
+                          '    set $togather_hsts "max-age=31536000";\n}\n')
 
 
 def test_http_without_tls_serves_the_app() -> None:
@@ -141,9 +146,14 @@ def test_acme_failure_names_the_problem_and_the_domain() -> None:
               "\terror: one or more domains had a problem:\n"
               "[nx.togather.test] acme: error: 400 :: urn:ietf:params:acme:error:dns :: "
               "NXDOMAIN looking up A for nx.togather.test\n")
-    message = certs.acme_failure(output)
-    assert "urn:ietf:params:acme:error:dns :: NXDOMAIN looking up A for nx.togather.test" \
-        in message
+    assert certs.acme_failure(output) == "dns: NXDOMAIN looking up A for nx.togather.test"
+
+
+def test_acme_failure_from_lego_itself() -> None:
+    output = ('2026/12/06 07:07:01 Could not create client: get directory at '
+              '\'https://127.0.0.1:14000/nope\': 404 page not found\n'
+              "error: something else\n")
+    assert certs.acme_failure(output) == "something else"
 
 
 def test_acme_failure_without_a_problem_line() -> None:
@@ -186,7 +196,7 @@ def https_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 def test_https_get_without_verification(https_server: tuple[int, Path]) -> None:
     port, _ = https_server
     resp = LocalHost().https_get("127.0.0.1", port, "/health", timeout=5,
-                                 server_name="app.example.com", context=certs.probe_context())
+                                 server_name="app.example.com", context=tls.probe_context())
     assert resp.status == 200
     assert resp.json() == {"ok": True}
     assert resp.headers["x-seen-host"] == f"app.example.com:{port}"
@@ -198,7 +208,7 @@ def test_https_get_verifies_against_a_ca_file(https_server: tuple[int, Path]) ->
     port, crt = https_server
     resp = LocalHost().https_get("127.0.0.1", port, "/", timeout=5,
                                  server_name="app.example.com",
-                                 context=certs.verify_context(crt))
+                                 context=tls.verify_context(crt))
     assert resp.status == 200
 
 
@@ -206,7 +216,7 @@ def test_https_get_refuses_an_unknown_issuer(https_server: tuple[int, Path]) -> 
     port, _ = https_server
     with pytest.raises(ssl.SSLCertVerificationError):
         LocalHost().https_get("127.0.0.1", port, "/", timeout=5,
-                              server_name="app.example.com", context=certs.verify_context(None))
+                              server_name="app.example.com", context=tls.verify_context(None))
 
 
 def test_https_get_refuses_another_name(https_server: tuple[int, Path]) -> None:
@@ -214,7 +224,7 @@ def test_https_get_refuses_another_name(https_server: tuple[int, Path]) -> None:
     with pytest.raises(ssl.SSLCertVerificationError, match="app.example.com|match"):
         LocalHost().https_get("127.0.0.1", port, "/", timeout=5,
                               server_name="other.example.com",
-                              context=certs.verify_context(crt))
+                              context=tls.verify_context(crt))
 
 
 def test_https_get_to_a_plain_http_port_fails_cleanly() -> None:
@@ -225,7 +235,69 @@ def test_https_get_to_a_plain_http_port_fails_cleanly() -> None:
         with pytest.raises(OSError):
             LocalHost().https_get("127.0.0.1", server.server_address[1], "/", timeout=5,
                                   server_name="app.example.com",
-                                  context=certs.probe_context())
+                                  context=tls.probe_context())
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- the proxy's site and checks with HTTPS (proxy.py) ---------------------------------------
+
+
+def with_https(settings: Settings, **changes: object) -> Settings:
+    return dataclasses.replace(settings, tls=tls_settings(https_port=9443, **changes),
+                               ports={**settings.ports, "https": 9443})
+
+
+def test_site_conf_with_https(settings: Settings) -> None:
+    text = proxy.site_conf(with_https(settings))
+    http_server, https_server = proxy.server_blocks(with_https(settings))
+    assert http_server == ("server {\n"
+                           "    listen 0.0.0.0:9080 default_server;\n"
+                           + tls.http_locations(with_https(settings).tls) + "}\n")
+    assert "    listen 0.0.0.0:9443 ssl http2;\n" in https_server
+    assert text.endswith(https_server)
+
+
+def test_https_listens_on_ipv6_too(settings: Settings) -> None:
+    settings = dataclasses.replace(with_https(settings),
+                                   proxy={**settings.proxy, "bind": "::"})
+    assert "    listen [::]:9443 ssl http2;\n" in proxy.server_blocks(settings)[1]
+
+
+class _HttpsHost(FakeHost):
+    """A FakeHost whose proxy answers over HTTPS only (HTTP redirects)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[tuple[str, int, str]] = []
+
+    def https_get(self, address: str, port: int, path: str, *, timeout: float,
+                  server_name: str, context: ssl.SSLContext,
+                  headers: dict[str, str] | None = None) -> HttpResponse:
+        self.asked.append((address, port, server_name))
+        assert context.verify_mode == ssl.CERT_NONE
+        return answer(200, slot="green", body=b'{"version": "abc1234"}')
+
+    def http_get(self, *args: object, **kwargs: object) -> HttpResponse:
+        return answer(301)
+
+
+def test_verify_goes_over_https_when_http_redirects(settings: Settings) -> None:
+    host = _HttpsHost()
+    assert proxy.verify(with_https(settings), host, "green", "abc1234") is None
+    assert host.asked == [("127.0.0.1", 9443, "app.example.com")]
+
+
+def test_verify_stays_on_http_without_the_redirect(settings: Settings) -> None:
+    host = _HttpsHost()
+    seen = proxy.verify(dataclasses.replace(with_https(settings, redirect=False),
+                                            proxy={**settings.proxy, "verify_attempts": 1}),
+                        host, "green", "abc1234")
+    assert seen == "HTTP 301, slot None, version None"
+    assert host.asked == []
+
+
+def test_the_certificate_step_comes_between_health_and_switch() -> None:
+    names = [step.name for step in Deploy.steps]
+    assert names[names.index("health") + 1:names.index("switch")] == ["certificate"]
