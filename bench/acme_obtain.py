@@ -9,7 +9,10 @@ an address of its own (127.77.x.y, its domain resolving there in Pebble's DNS), 
     through the proxy, install by rename): the time a first deploy spends on HTTPS;
   - the same step on the next deploy (the certificate is reused);
   - `inv certs.renew --force`, several times (an SSH connection, a one-off acme container,
-    a new order at Pebble, install by rename): median and all runs.
+    a new order at Pebble, install by rename): median and all runs;
+  - during one more forced renewal, HTTPS requests through the proxy, each on a new TLS
+    connection (a full handshake: nginx reads the certificate file each time): how many,
+    how many failed, and the serials served (old and new: the switch without a reload).
 
 Everything it creates is removed at the end. Run as root:
 
@@ -21,11 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import socket
+import ssl
 import statistics
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
+from cryptography import x509
 from zero_downtime import BenchApp, Command, SetupError, free_ports, must
 
 HTTP01_PORT = 9080
@@ -70,6 +78,24 @@ class TlsBenchApp(BenchApp):
                     "verify_ca": ACME_ROOT, "redirect": False}}}
 
 
+def https_load(app: TlsBenchApp, done: threading.Event, out: dict[str, list]) -> None:
+    """New-connection HTTPS requests until `done` (at most 120 s), verifying against
+    Pebble's root; failures and serials seen go to `out`."""
+    context = ssl.create_default_context(cafile=ACME_ROOT)
+    deadline = time.monotonic() + 120
+    while not done.is_set() and time.monotonic() < deadline:
+        try:
+            with socket.create_connection((app.address, app.ports["https"]), timeout=5) as raw, \
+                    context.wrap_socket(raw, server_hostname=app.domain) as tls:
+                serial = x509.load_der_x509_certificate(tls.getpeercert(True)).serial_number
+                tls.sendall(f"GET /health HTTP/1.1\r\nHost: {app.domain}\r\n"
+                            "Connection: close\r\n\r\n".encode())
+                status = tls.recv(64).split(b" ")[1]
+            out["ok" if status == b"200" else "failed"].append(serial)
+        except (OSError, IndexError) as exc:
+            out["failed"].append(repr(exc))
+
+
 def step_seconds(command: Command, step: str) -> float:
     if step not in command.steps():
         raise SetupError(f"no `{step}` step line in the deploy's output:\n{command.tail()}")
@@ -96,11 +122,23 @@ def main() -> int:
             renewals.append(out.wall_s)
             if not re.search(r": renewed: ", out.output):
                 raise SetupError(f"certs.renew --force did not renew:\n{out.output}")
+        done, seen = threading.Event(), {"ok": [], "failed": []}
+        client = threading.Thread(target=https_load, args=(app, done, seen))
+        client.start()
+        try:
+            must(app.inv("certs.renew", f"--env={app.env}", "--force"), "certs.renew")
+            time.sleep(0.5)
+        finally:
+            done.set()
+            client.join(timeout=30)
         print(f"ACME (Pebble) certificate for {app.domain}, HTTP-01 through the proxy")
         print(f"  first deploy, certificate step (obtain): {obtain:.1f} s")
         print(f"  next deploy, certificate step (reuse):   {reuse:.1f} s")
         print(f"  inv certs.renew --force: median {statistics.median(renewals):.1f} s "
               f"(runs: {', '.join(f'{s:.1f}' for s in renewals)})")
+        print(f"  during a forced renewal: {len(seen['ok']) + len(seen['failed'])} HTTPS "
+              f"requests on new connections, {len(seen['failed'])} failed, "
+              f"{len(set(seen['ok']))} certificates served in turn")
         return 0
     except SetupError as exc:
         print(f"bench: setup failed: {exc}", file=sys.stderr)
