@@ -61,6 +61,11 @@ class Paths:
         return f"{self.acme_dir}/ca-bundle.pem"
 
     @property
+    def issued_by(self) -> str:
+        """Where the installed certificate came from: an ACME directory URL, or `provided`."""
+        return f"{self.acme_dir}/issued-by"
+
+    @property
     def image_dir(self) -> str:
         return f"{self.root}/acme-image"
 
@@ -173,21 +178,28 @@ def ensure_on_host(settings: Settings, host: Host) -> str:
     the site in place: no second reload."""
     site, _ = proxy.write_site(settings, host)
     proxy.take_over(settings, host, proxy.read_routes(settings, host))
-    proxy.apply_config(settings, host, site)
-    return ensure(settings, host)
+    how = proxy.apply_config(settings, host, site)
+    done = ensure(settings, host)
+    return done if how == "unchanged" else f"nginx proxy {how}; {done}"
 
 
 def ensure(settings: Settings, host: Host) -> str:
     """The certificate this configuration wants, on the host, and (ACME) its renewal service
     running. Returns what happened, for the operator."""
     settings_tls = _tls(settings)
+    paths = Paths(settings.remote_dir)
     prepare(settings, host)
     current = served_certificate(settings, host)
     if settings_tls.acme is None:
+        # Renewing an ACME certificate would overwrite the provided one.
+        host.run(stop_renewer(settings), timeout=120, check=False)
         return upload_provided(settings, host, current)
-    reason = tls.needs_certificate(settings_tls, current)
+    issued_by = host.run(cmd.read_file(paths.issued_by), timeout=30).stdout.strip()
+    reason = tls.needs_certificate(settings_tls, current, issued_by=issued_by or None)
     if reason:
         obtain(settings, host, reason)
+        host.write_file(paths.issued_by, f"{settings_tls.acme.directory}\n".encode(),
+                        mode=0o600)
         current = served_certificate(settings, host)
         how = f"obtained ({reason})"
     else:
@@ -233,6 +245,7 @@ def upload_provided(settings: Settings, host: Host, current: tls.CertificateInfo
     if not result.ok:
         raise TogatherError(f"{host.name}: installing the provided certificate failed: "
                             f"{acme_failure(result.stderr)}")
+    host.write_file(paths.issued_by, f"{tls.PROVIDED}\n".encode(), mode=0o600)
     return f"provided certificate installed: {describe(wanted)}"
 
 

@@ -292,15 +292,23 @@ def describe(cert: x509.Certificate) -> CertificateInfo:
     )
 
 
+PROVIDED = "provided"
+
+
 def needs_certificate(tls: TlsSettings, current: CertificateInfo | None,
-                      now: datetime | None = None) -> str | None:
+                      now: datetime | None = None, issued_by: str | None = None) -> str | None:
     """Why the ACME client must obtain a certificate now (None: the one on the host serves):
-    none yet, the domains changed, or it is within the renewal window (the renewal service
-    should have renewed it; a deploy does not serve one about to expire)."""
+    none yet, another source (`issued_by`: the directory it came from, or PROVIDED; None
+    when unknown), the domains changed, or it is within the renewal window (the renewal
+    service should have renewed it; a deploy does not serve one about to expire)."""
     if tls.acme is None:
         return None
     if current is None:
         return "no certificate on the host yet"
+    if issued_by == PROVIDED:
+        return "the certificate on the host was provided, not issued by the ACME server"
+    if issued_by and issued_by != tls.acme.directory:
+        return f"the ACME server changed ({issued_by} -> {tls.acme.directory})"
     if set(current.domains) != set(tls.domains):
         return (f"the domains changed ({', '.join(current.domains)} -> "
                 f"{', '.join(tls.domains)})")

@@ -355,3 +355,10 @@ def test_a_provided_certificate_then_redirect_and_hsts(tls_app) -> None:
         f"https://{tls_app.domain}:{tls_app.https_port}/version?x=1"
     # The ACME challenge path is exempt: served from the webroot (here: no such token).
     assert tls_app.http("/.well-known/acme-challenge/no-such-token").status == 404
+
+    # From a provided certificate to ACME: obtained at once (not "reused" for its names).
+    tls_app.configure(acme=tls_app.acme(), hsts=600)
+    switched = deployed(tls_app)
+    assert ("certificate obtained (the certificate on the host was provided, not issued by "
+            "the ACME server)") in switched.stdout
+    assert tls_app.https().status == 200  # verified against Pebble's root

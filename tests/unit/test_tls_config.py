@@ -340,6 +340,10 @@ def test_needs_certificate(tmp_path: Path) -> None:
     assert "domains changed" in tls.needs_certificate(settings, other, NOW)
     old = tls.CertificateInfo(("a.example.com",), "Pebble", NOW + timedelta(days=10), "1")
     assert tls.needs_certificate(settings, old, NOW) == "it expires in 10 days"
+    assert tls.needs_certificate(settings, fresh, NOW, issued_by=tls.LETS_ENCRYPT) is None
+    assert tls.needs_certificate(settings, fresh, NOW, issued_by="https://pebble/dir") == \
+        f"the ACME server changed (https://pebble/dir -> {tls.LETS_ENCRYPT})"
+    assert "was provided" in tls.needs_certificate(settings, fresh, NOW, issued_by="provided")
 
 
 def test_describe(tmp_path: Path) -> None:
