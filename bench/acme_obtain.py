@@ -5,7 +5,7 @@ It deploys a throwaway copy of examples/demo to the staging test-bed host with `
 pointing at Pebble (scripts/testbed-acme.sh), its proxy on port 9080 (Pebble's HTTP-01 port) of
 an address of its own (127.77.x.y, its domain resolving there in Pebble's DNS), then reports:
 
-  - the deploy's `certificate` step on the first deploy (write the site, reload, lego obtains
+  - the deploy's `certs` step on the first deploy (write the site, reload, lego obtains
     through the proxy, install by rename): the time a first deploy spends on HTTPS;
   - the same step on the next deploy (the certificate is reused);
   - `inv certs.renew --force`, several times (an SSH connection, a one-off acme container,
@@ -112,10 +112,10 @@ def main() -> int:
         app.setup()
         challtestsrv("add-a", host=app.domain, addresses=[app.address])
         first = must(app.inv("deploy", f"--env={app.env}"), "first deploy")
-        obtain = step_seconds(first, "certificate")
+        obtain = step_seconds(first, "certs")
         app.commit("v2")
         second = must(app.inv("deploy", f"--env={app.env}"), "second deploy")
-        reuse = step_seconds(second, "certificate")
+        reuse = step_seconds(second, "certs")
         renewals = []
         for _ in range(args.renewals):
             out = must(app.inv("certs.renew", f"--env={app.env}", "--force"), "certs.renew")
@@ -132,8 +132,8 @@ def main() -> int:
             done.set()
             client.join(timeout=30)
         print(f"ACME (Pebble) certificate for {app.domain}, HTTP-01 through the proxy")
-        print(f"  first deploy, certificate step (obtain): {obtain:.1f} s")
-        print(f"  next deploy, certificate step (reuse):   {reuse:.1f} s")
+        print(f"  first deploy, certs step (obtain): {obtain:.1f} s")
+        print(f"  next deploy, certs step (reuse):   {reuse:.1f} s")
         print(f"  inv certs.renew --force: median {statistics.median(renewals):.1f} s "
               f"(runs: {', '.join(f'{s:.1f}' for s in renewals)})")
         print(f"  during a forced renewal: {len(seen['ok']) + len(seen['failed'])} HTTPS "

@@ -409,7 +409,7 @@ class Deploy(SlotOperation):
         if self.settings.tls is None:
             note("skipped (no proxy.tls)")
             return
-        outcomes = self.on_hosts("certificate",
+        outcomes = self.on_hosts("certs",
                                  lambda host: certs.ensure_on_host(self.settings, host))
         note("; ".join(f"{name}: {outcome.value}" for name, outcome in outcomes.items()))
 
@@ -488,7 +488,7 @@ Deploy.steps = (
     Step("migrate", "database migrations", Deploy.migrate, destructive=True),
     Step("start", "starting the new slot", Deploy.start, undo=Deploy.stop_new_slot),
     Step("health", "health gate on the new slot", Deploy.health),
-    Step("certificate", "HTTPS certificate on every host", Deploy.certificate),
+    Step("certs", "HTTPS certificate on every host", Deploy.certificate),
     Step("switch", "nginx -> the new slot", Deploy.switch, undo=Deploy.switch_back,
          destructive=True, commit=True),
     Step("record", "deployment state", Deploy.record, destructive=True),

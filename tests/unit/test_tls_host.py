@@ -298,6 +298,6 @@ def test_verify_stays_on_http_without_the_redirect(settings: Settings) -> None:
     assert host.asked == []
 
 
-def test_the_certificate_step_comes_between_health_and_switch() -> None:
+def test_the_certs_step_comes_between_health_and_switch() -> None:
     names = [step.name for step in Deploy.steps]
-    assert names[names.index("health") + 1:names.index("switch")] == ["certificate"]
+    assert names[names.index("health") + 1:names.index("switch")] == ["certs"]
