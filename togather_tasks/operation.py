@@ -35,7 +35,8 @@ PAUSE_SECONDS = 120
 
 def pause_if_requested(step: str) -> None:
     """Test hook for fault tests: with TOGATHER_TEST_PAUSE_BEFORE=<step>, announce and wait
-    before that step so a test can kill the process or cut its connection at a known point.
+    before that step so a test can kill the process or cut its connection at a known point
+    (`switch@<host>`: before that host's own switch, the other hosts switching meanwhile).
     The wait ends when the file named by TOGATHER_TEST_PAUSE_FILE disappears (if set), and
     after PAUSE_SECONDS at most."""
     if os.environ.get(PAUSE_ENV) != step:
@@ -272,8 +273,12 @@ class SlotOperation:
         A host whose switch fails restores its own upstream (proxy.switch); those that did
         switch are switched back by this step's undo before anything is stopped."""
         target = self.target()
-        outcomes = self.on_hosts("switch", lambda host: proxy.switch(
-            self.settings, host, target.slot, target.sha7))
+
+        def switch_one(host: Host) -> proxy.Switched:
+            pause_if_requested(f"switch@{host.name}")
+            return proxy.switch(self.settings, host, target.slot, target.sha7)
+
+        outcomes = self.on_hosts("switch", switch_one)
         for name, outcome in outcomes.items():
             if outcome.value.how.startswith("recreated"):
                 self.s.console.warn(f"{name}: the nginx proxy was {outcome.value.how} to apply "
