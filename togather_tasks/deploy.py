@@ -398,11 +398,15 @@ class Deploy(SlotOperation):
         note(f"{self.deployment_id} is current")
 
     def finish(self, note: StepNote) -> None:
-        cleanup.prune_after_deploy(self.s, self.state)
+        """Step: on every host at once, old images pruned while the old slot drains, then
+        the old slot stopped."""
+        pruned = cleanup.CleanupReport()
+        self.drain_and_stop_old_slot(meanwhile=lambda host: cleanup.prune_host_after_deploy(
+            self.s, self.state, host, pruned))
+        cleanup.log_pruned(self.s, pruned)
         if not self.slots.old:
             note("first deployment: no old slot to stop")
             return
-        self.drain_and_stop_old_slot()
         note(f"{cmd.service(self.slots.old)} stopped (kept for rollback)")
 
     # --- helpers --------------------------------------------------------------------------

@@ -305,13 +305,26 @@ class SlotOperation:
                 self.s.console.warn(f"{name}: could not switch back ({outcome.error}); its "
                                     f"proxy keeps the {self.slots.new} slot, which stays up")
 
-    def drain_and_stop_old_slot(self) -> None:
-        assert self.slots is not None and self.slots.old is not None
+    def drain_and_stop_old_slot(self, meanwhile: Callable[[Host], None] | None = None
+                                ) -> None:
+        """On every host at once: `meanwhile` (cleanup that is safe while the old slot still
+        drains its requests), then the rest of the drain, then stop the old slot. The drain
+        ends at one moment for all hosts, so the cleanup adds no time of its own unless it
+        outlasts the drain. On the first deploy there is no old slot: only `meanwhile`."""
+        assert self.slots is not None
         old = self.slots.old
-        time.sleep(self.settings.deployment["drain_seconds"])
-        fleet.on_each(self.s.all_hosts,
-                      lambda host: self.stop_on(host, old, f"the old {old} slot"),
-                      into=self.results.setdefault("finish", {}), fail_fast=False,
+        drained = time.monotonic() + self.settings.deployment["drain_seconds"]
+        cancelled = threading.Event()  # set by fleet.on_each on Ctrl-C or SIGTERM
+
+        def finish_on(host: Host) -> None:
+            if meanwhile is not None:
+                meanwhile(host)
+            if old is None or cancelled.wait(max(0.0, drained - time.monotonic())):
+                return
+            self.stop_on(host, old, f"the old {old} slot")
+
+        fleet.on_each(self.s.all_hosts, finish_on, into=self.results.setdefault("finish", {}),
+                      cancelled=cancelled, fail_fast=False,
                       parallel=self.settings.deployment["parallel"])
 
     def stop_on(self, host: Host, slot: str, what: str) -> None:
