@@ -231,6 +231,11 @@ class Deploy(SlotOperation):
             ]
         if self.migrations_enabled:
             lines += self.migration_plan(primary, layout)
+        if self.rolling_batch:
+            waves = fleet.waves(st.hosts, self.rolling_batch)
+            lines.append("[rolling] waves in host order: " + " | ".join(
+                ", ".join(wave) for wave in waves) + "; each wave: start, health, switch, then "
+                "health through its proxies before the next (instead of every host at once)")
         for host in st.hosts:
             lines += [
                 f"[{host}] write {layout.slots_env} ({new.upper()}_IMAGE={release.image})",
@@ -391,6 +396,13 @@ class Deploy(SlotOperation):
         note(f"traffic on {self.slots.new} ({self.release.sha7}), verified through the proxy "
              f"({fleet.summary(outcomes)})")
 
+    def waves(self, note: StepNote) -> None:
+        """Step (deployment.rolling): start, health and switch wave by wave."""
+        lines = self.roll_out()
+        self.run_hook("post-switch", "switched")
+        note(f"traffic on {self.slots.new} ({self.release.sha7}) in {len(lines)} waves, each "
+             "verified through its hosts' proxies")
+
     def record(self, note: StepNote) -> None:
         deployment = self.deployment_record("healthy")
         limit = self.settings.deployment["history_limit"]
@@ -462,10 +474,15 @@ Deploy.steps = (
     Step("build", "image on every host", Deploy.build),
     Step("snapshot", "database snapshot", Deploy.snapshot),
     Step("migrate", "database migrations", Deploy.migrate, destructive=True),
-    Step("start", "starting the new slot", Deploy.start, undo=Deploy.stop_new_slot),
-    Step("health", "health gate on the new slot", Deploy.health),
+    Step("start", "starting the new slot", Deploy.start, undo=Deploy.stop_new_slot,
+         when=lambda d: d.rolling_batch is None),
+    Step("health", "health gate on the new slot", Deploy.health,
+         when=lambda d: d.rolling_batch is None),
     Step("switch", "nginx -> the new slot", Deploy.switch, undo=Deploy.switch_back,
-         destructive=True, commit=True),
+         destructive=True, commit=True, when=lambda d: d.rolling_batch is None),
+    Step("waves", "start, health and switch, wave by wave", Deploy.waves,
+         undo=Deploy.undo_waves, destructive=True, commit=True,
+         when=lambda d: d.rolling_batch is not None),
     Step("record", "deployment state", Deploy.record, destructive=True),
     Step("finish", "drain and stop the old slot", Deploy.finish),
 )

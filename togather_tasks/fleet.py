@@ -16,13 +16,14 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import TogatherError
 from .hosts import Host
 from .signals import deferred, shielded
 
 WAIT_SLICE = 0.1
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,13 @@ class HostOutcome:
 
 
 Outcomes = dict[str, HostOutcome]
+
+
+def waves(hosts: Sequence[T], batch: int | None) -> list[list[T]]:
+    """The rolling deploy's waves: `batch` hosts each, in the environment's order (the last
+    one may be smaller); without a batch, one wave of every host (all or none)."""
+    size = batch or len(hosts) or 1
+    return [list(hosts[i:i + size]) for i in range(0, len(hosts), size)]
 
 
 def bound(parallel: int | None, hosts: int) -> int:

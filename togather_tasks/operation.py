@@ -165,12 +165,16 @@ class SlotOperation:
     def on_hosts(self, step: str, action: Callable[[Host], Any], *,
                  hosts: Sequence[Host] | None = None,
                  cancelled: threading.Event | None = None) -> fleet.Outcomes:
-        """`action` on every host at once (bounded by deployment.parallel); its outcomes are
-        `results[step]`, also when it fails, so the step's undo knows where it ran. The
-        first host's failure is raised, every host's line shown first."""
-        outcomes = self.results[step] = {}
-        fleet.on_each(hosts or self.s.all_hosts, action, into=outcomes, cancelled=cancelled,
-                      parallel=self.settings.deployment["parallel"])
+        """`action` on every host (or `hosts`) at once (bounded by deployment.parallel); its
+        outcomes join `results[step]`, also when it fails, so the step's undo knows where it
+        ran (a rolling deploy calls it once per wave). The first host's failure is raised,
+        every host's line shown first."""
+        outcomes: fleet.Outcomes = {}
+        try:
+            fleet.on_each(hosts or self.s.all_hosts, action, into=outcomes,
+                          cancelled=cancelled, parallel=self.settings.deployment["parallel"])
+        finally:
+            self.results.setdefault(step, {}).update(outcomes)
         if fleet.first_failure(outcomes) is not None:
             for outcome in outcomes.values():
                 self.s.console.note(f"  {outcome.line()}"
@@ -258,27 +262,71 @@ class SlotOperation:
         self.stop_on(host, slot, what)
 
     def health(self, note: StepNote) -> None:
-        """Step: the new slot is healthy and runs the expected version on every host; the
-        first host that fails cancels the others' gates (the answer is already no)."""
+        """Step: the new slot is healthy and runs the expected version on every host."""
         target = self.target()
-        cancelled = threading.Event()
-        outcomes = self.on_hosts("health", lambda host: slots.health_gate(
-            self.settings, host, target, self.s.console, cancelled), cancelled=cancelled)
+        outcomes = self.gate("health", target)
         verdict = next(iter(outcomes.values())).value
         note(f"{target.slot} is {verdict.status}, version {verdict.version} "
              f"({fleet.summary(outcomes)})")
 
-    def switch_traffic(self) -> fleet.Outcomes:
-        """Every host's proxy to the new slot, all at once (milliseconds each): all or none.
-        A host whose switch fails restores its own upstream (proxy.switch); those that did
-        switch are switched back by this step's undo before anything is stopped."""
+    def gate(self, step: str, target: SlotTarget, hosts: Sequence[Host] | None = None, *,
+             through_proxy: bool = False) -> fleet.Outcomes:
+        """The health gate of the new slot on every host (or `hosts`), on its own port or
+        `through_proxy`; the first host that fails cancels the others' gates (the answer is
+        already no)."""
+        cancelled = threading.Event()
+        where = proxy.address(self.settings) if through_proxy else None
+        return self.on_hosts(step, lambda host: slots.health_gate(
+            self.settings, host, target, self.s.console, cancelled, proxy_address=where),
+            hosts=hosts, cancelled=cancelled)
+
+    @property
+    def rolling_batch(self) -> int | None:
+        """deployment.rolling's batch: hosts per wave; None when all hosts switch at once."""
+        rolling = self.settings.deployment.get("rolling")
+        return rolling["batch"] if rolling else None
+
+    def roll_out(self) -> list[str]:
+        """Start, health gate and switch wave by wave (deployment.rolling), in the
+        environment's host order: a wave's hosts switch together, then their proxies must
+        answer healthy with the new version before the next wave starts. Any failure leaves
+        the undo (`undo_waves`) to switch back every wave already switched, verified, before
+        any slot is stopped. Returns one line per wave."""
+        target = self.target()
+        planned = fleet.waves(self.s.all_hosts, self.rolling_batch)
+        lines = []
+        for number, wave in enumerate(planned, 1):
+            started = time.monotonic()
+            self.on_hosts("start", lambda host: slots.start_slot(self.settings, host, target),
+                          hosts=wave)
+            self.gate("health", target, wave)
+            assert self.lease is not None
+            self.lease.check("switch")
+            self.switch_traffic(wave)
+            outcomes = self.gate("proxy health", target, wave, through_proxy=True)
+            lines.append(f"wave {number}/{len(planned)} on {target.slot} "
+                         f"{time.monotonic() - started:.1f}s ({fleet.summary(outcomes)})")
+            self.s.console.note(f"  {lines[-1]}")
+        return lines
+
+    def undo_waves(self) -> None:
+        """Undo `roll_out`: the switched hosts back first (verified), then the new slot
+        stopped where it started and no proxy routes to it."""
+        self.switch_back()
+        self.stop_new_slot()
+
+    def switch_traffic(self, hosts: Sequence[Host] | None = None) -> fleet.Outcomes:
+        """Every host's (or `hosts`') proxy to the new slot, all at once (milliseconds
+        each): all or none. A host whose switch fails restores its own upstream
+        (proxy.switch); those that did switch are switched back by this step's undo before
+        anything is stopped."""
         target = self.target()
 
         def switch_one(host: Host) -> proxy.Switched:
             pause_if_requested(f"switch@{host.name}")
             return proxy.switch(self.settings, host, target.slot, target.sha7)
 
-        outcomes = self.on_hosts("switch", switch_one)
+        outcomes = self.on_hosts("switch", switch_one, hosts=hosts)
         for name, outcome in outcomes.items():
             if outcome.value.how.startswith("recreated"):
                 self.s.console.warn(f"{name}: the nginx proxy was {outcome.value.how} to apply "
@@ -336,8 +384,8 @@ class SlotOperation:
 
     @property
     def switched(self) -> bool:
-        """Traffic is on the new slot everywhere (the switch is all or none)."""
-        return "switch" in self.progress.completed
+        """Traffic is on the new slot everywhere (the switch, or the last wave, is done)."""
+        return any(name in self.progress.completed for name in ("switch", "waves"))
 
     @property
     def owns_environment(self) -> bool:
