@@ -170,16 +170,22 @@ class SlotOperation:
         ran (a rolling deploy calls it once per wave). The first host's failure is raised,
         every host's line shown first."""
         outcomes: fleet.Outcomes = {}
+        targets = hosts or self.s.all_hosts
+        size = len(self.s.all_hosts)
         try:
-            fleet.on_each(hosts or self.s.all_hosts, action, into=outcomes,
-                          cancelled=cancelled, parallel=self.settings.deployment["parallel"])
+            fleet.on_each(targets, action, into=outcomes, cancelled=cancelled,
+                          parallel=self.settings.deployment["parallel"])
+        except TogatherError as exc:  # one host runs inline: its error comes as it is
+            if size > 1:
+                fleet.name_host(exc, targets[0].name)
+            raise
         finally:
             self.results.setdefault(step, {}).update(outcomes)
         if fleet.first_failure(outcomes) is not None:
             for outcome in outcomes.values():
                 self.s.console.note(f"  {outcome.line()}"
                                     + (f": {outcome.error}" if outcome.error else ""))
-        fleet.raise_first_failure(outcomes)
+        fleet.raise_first_failure(outcomes, fleet_size=size)
         return outcomes
 
     # --- shared steps ---------------------------------------------------------------------
