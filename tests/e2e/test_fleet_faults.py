@@ -1,6 +1,7 @@
 """Faults on the 3-host fleet, end to end through the load balancer (127.0.0.1:10080): host2
-unreachable before anything starts, host2's new slot unhealthy, and a SIGKILL between host1's
-switch and host2's followed by a new deploy. (A switch failing on host2 is in
+unreachable before anything starts, host2's new slot unhealthy, a SIGKILL between host1's
+switch and host2's followed by a new deploy, and a rolling deploy (deployment.rolling, batch 1)
+whose second wave fails, then one that succeeds. (A switch failing on host2 is in
 test_fleet_deploy.py, the registry down during the pull in test_registry.py.)
 
 After each fault: every host serves one healthy version, as the load balancer and each host's
@@ -30,6 +31,7 @@ import pytest
 
 FLEET = ("host1", "host2", "host3")
 PAUSE_ENV = "TOGATHER_TEST_PAUSE_BEFORE"
+PAUSE_FILE_ENV = "TOGATHER_TEST_PAUSE_FILE"
 FIRST_DEPLOY_TIMEOUT = 1800  # a fresh host's first build runs apt
 HOST2_ADDRESS = "10.77.0.12"
 
@@ -251,3 +253,60 @@ def test_sigkill_between_two_hosts_switches_then_the_next_deploy_repairs_towards
     assert set(routes(app).values()) == {new_slot}
     for host in app.hosts:
         assert app.container_state(old_slot, host) != "running", host
+
+
+# --- rolling waves (deployment.rolling: {batch: 1}) ------------------------------------------
+
+
+def versions_through_lb(app: Any, requests: int = 12) -> set[str]:
+    """The versions answered through the load balancer (round robin over the three hosts);
+    every request must succeed."""
+    answers = app.served_through_lb(requests)
+    assert {status for status, _, _ in answers} == {200}, answers
+    return {json.loads(body)["version"] for _, _, body in answers}
+
+
+def test_rolling_waves_a_failing_second_wave_switches_the_first_back_then_a_good_run(
+        fleet: Any, cli_failure: Callable[..., str]) -> None:
+    app = fleet
+    v1 = app.head[:7]
+    old_slot, _ = app.served_by("host1")
+    new_slot = "green" if old_slot == "blue" else "blue"
+    rolling = {"rolling": {"batch": 1}, "health_check": {"retries": 10, "interval": 0.5}}
+    app.write_config(deployment=rolling)
+
+    # Wave 2 (host2) is unhealthy after wave 1 (host1) switched: host1 goes back, host3 never
+    # starts, every host on v1.
+    commit = app.commit("v2", {"app/VERSION_NOTE": "two\n"})
+    broken = break_image_on(app, "host2", commit)
+    failed = app.deploy(timeout=300)
+    line = cli_failure(failed, contains="togather-host2", code=4)
+    assert "healthy" in line, line
+    assert "wave 1/3" in failed.stdout + failed.stderr, failed.stdout
+    assert f"togather-host1: switched back to the {old_slot} slot" in failed.stderr
+    assert app.container_state(new_slot, "host3") is None  # wave 3 never started
+    app.write_config()
+    assert_one_version(app, v1)
+    app.docker("host2", "rmi", "--force", broken)
+
+    # A good run, paused before host3's switch (the last wave): host1 and host2 serve v2,
+    # host3 still v1, both through the load balancer; after it, one version.
+    app.write_config(deployment=rolling)
+    v3 = app.commit("v3", {"app/VERSION_NOTE": "three\n"})[:7]
+    pause = app.tmp / "pause-before-host3"
+    pause.write_text("")
+    proc = app.spawn("deploy", app.env_flag, "--yes", env={
+        PAUSE_ENV: "switch@togather-host3", PAUSE_FILE_ENV: str(pause)})
+    try:
+        proc.wait_for_stdout(r"paused before switch@togather-host3", timeout=600)
+        assert {h: app.served_by(h)[1]["version"] for h in app.hosts} == {
+            "host1": v3, "host2": v3, "host3": v1}
+        assert versions_through_lb(app) == {v1, v3}
+    finally:
+        pause.unlink()
+    done = proc.wait(300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "wave 3/3" in done.stdout + done.stderr, done.stdout
+    app.write_config()
+    assert_one_version(app, v3)
+    assert versions_through_lb(app) == {v3}
