@@ -438,7 +438,7 @@ class Deploy(SlotOperation):
 
     def on_failure(self, step: str, message: str) -> None:
         if not self.switched and self.owns_environment:
-            record = self.deployment_record("unhealthy" if step == "health" else "unknown")
+            record = self.deployment_record("unhealthy" if self.gate_failed else "unknown")
             record["message"] = f"failed at {step}: {message}"[:500]
             limit = self.settings.deployment["history_limit"]
             try:

@@ -287,6 +287,12 @@ class SlotOperation:
             hosts=hosts, cancelled=cancelled)
 
     @property
+    def gate_failed(self) -> bool:
+        """A health gate failed on some host (of the health step, or of a wave)."""
+        return any(outcome.error is not None for step in ("health", "proxy health")
+                   for outcome in self.results.get(step, {}).values())
+
+    @property
     def rolling_batch(self) -> int | None:
         """deployment.rolling's batch: hosts per wave; None when all hosts switch at once."""
         rolling = self.settings.deployment.get("rolling")

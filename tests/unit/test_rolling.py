@@ -122,7 +122,7 @@ def test_a_failure_in_the_last_wave_switches_back_the_waves_before_anything_stop
     assert sorted(stopped(session, "green")) == list(NAMES)
     assert stopped(session, "blue") == []
     [entry] = history(session)
-    assert entry["status"] == "failed"
+    assert (entry["status"], entry["health_status"]) == ("failed", "unhealthy")
     assert session.store.read().state.lock == {"locked": False}
     assert session.store.read().state.active_slot is None  # nothing recorded as current
 
