@@ -41,6 +41,10 @@ def fleet(fleet_app_factory: Callable[..., Any]) -> Any:
     """The app on all three hosts behind the load balancer, v1 deployed and served."""
     app = fleet_app_factory(hosts=FLEET, through_lb=True)
     app.deploy(check=True, timeout=FIRST_DEPLOY_TIMEOUT)
+    # The proxies' port 80 is new: the load balancer sends to a host after two passing
+    # checks a second apart (scripts/testbed-fleet.sh), until then it answers 503 itself.
+    wait_until("the load balancer has the hosts up", lambda: all(
+        status == 200 for status, _, _ in app.served_through_lb(6)), timeout=30)
     assert_one_version(app, app.head[:7])
     return app
 
