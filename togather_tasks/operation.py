@@ -368,17 +368,22 @@ class SlotOperation:
     def drain_and_stop_old_slot(self, meanwhile: Callable[[Host], None] | None = None
                                 ) -> None:
         """On every host at once: `meanwhile` (cleanup that is safe while the old slot still
-        drains its requests), then the rest of the drain, then stop the old slot. The drain
-        ends at one moment for all hosts, so the cleanup adds no time of its own unless it
-        outlasts the drain. On the first deploy there is no old slot: only `meanwhile`."""
+        drains its requests), then the rest of the drain, then stop the old slot. A host's
+        drain counts from its own switch (the record step, a rolling deploy's later waves and
+        the cleanup all take place within it), so the cleanup adds no time unless it outlasts
+        the drain. On the first deploy there is no old slot: only `meanwhile`."""
         assert self.slots is not None
         old = self.slots.old
-        drained = time.monotonic() + self.settings.deployment["drain_seconds"]
+        drain = self.settings.deployment["drain_seconds"]
+        now = time.monotonic()
+        switched = self.results.get("switch", {})
         cancelled = threading.Event()  # set by fleet.on_each on Ctrl-C or SIGTERM
 
         def finish_on(host: Host) -> None:
             if meanwhile is not None:
                 meanwhile(host)
+            outcome = switched.get(host.name)
+            drained = (outcome.finished if outcome and outcome.ok else now) + drain
             if old is None or cancelled.wait(max(0.0, drained - time.monotonic())):
                 return
             self.stop_on(host, old, f"the old {old} slot")

@@ -329,3 +329,26 @@ def test_finish_prunes_every_host_at_once_while_the_old_slot_drains_then_stops_i
     assert "web2: could not prune old images" in session.output
     assert "web1: could not prune" not in session.output
     assert sorted(stopped(session, "blue")) == ["web1", "web2", "web3"]
+
+
+def test_each_host_stops_its_old_slot_no_sooner_than_the_drain_after_its_own_switch(
+        settings: Settings, tmp_path: Path) -> None:
+    session = FakeSession(fast(settings, drain_seconds=0.3), tmp_path / "state",
+                          names=("web1", "web2"))
+    at: dict[tuple[str, str], float] = {}
+    for host in session.all_hosts:
+        simulate(host, session.settings)
+
+        def seen(what: str, host=host):
+            def rule(command: str):
+                at[(host.name, what)] = time.monotonic()
+                return ok()
+            return rule
+
+        host.on("nginx -s reload", seen("switched"))
+        host.on(f"stop --timeout 30 {cmd.service('blue')}", seen("stopped"))
+
+    deploy_from_start(session)
+
+    for name in ("web1", "web2"):
+        assert at[(name, "stopped")] - at[(name, "switched")] >= 0.3, name
