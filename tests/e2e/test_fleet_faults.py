@@ -290,7 +290,8 @@ def test_rolling_waves_a_failing_second_wave_switches_the_first_back_then_a_good
     assert f"togather-host1: switched back to the {old_slot} slot" in failed.stderr
     assert app.container_state(new_slot, "host3") is None  # wave 3 never started
     app.write_config()
-    assert_one_version(app, v1)
+    recorded = assert_one_version(app, v1)["deployment_history"][0]
+    assert (recorded["status"], recorded["health_status"]) == ("failed", "unhealthy"), recorded
     app.docker("host2", "rmi", "--force", broken)
 
     # A good run, paused before host3's switch (the last wave): host1 and host2 serve v2,

@@ -11,14 +11,15 @@ import pytest
 from togather_tasks import fleet
 from togather_tasks.config import Settings
 from togather_tasks.deploy import Deploy, DeployOptions
-from togather_tasks.errors import ConfigError, HealthCheckError
+from togather_tasks.errors import ConfigError, HealthCheckError, Interrupted
 from togather_tasks.hosts import HttpResponse
 from togather_tasks.operation import Release
+from togather_tasks.signals import interruptible
 from togather_tasks.slots import Slots
 
 from .fakehost import FakeSession
 from .projects import BASE_CONFIG, Project
-from .test_fleet import SHA, fast, history, routes, simulate, stopped
+from .test_fleet import SHA, fast, history, routes, sigterm_during_start, simulate, stopped
 
 NAMES = ("web1", "web2", "web3")
 MARK = "mv -fT "  # a switch (or a switch back): the slot marker's rename
@@ -174,3 +175,18 @@ def test_rolling_is_off_by_default_and_its_batch_is_validated(project: Project) 
         with pytest.raises(ConfigError) as info:
             project.load()
         assert any("deployment.rolling" in problem for problem in info.value.problems), bad
+
+
+def test_sigterm_during_the_second_wave_switches_the_first_back_and_frees_the_lock(
+        settings: Settings, tmp_path: Path) -> None:
+    session = rolling_session(settings, tmp_path, 1)
+    sigterm_during_start(session, 0.3, after=2)  # web2's start: web1 has switched
+
+    with pytest.raises(Interrupted), interruptible():
+        rolling_deploy(session)
+
+    assert routes(session) == {"web1": "blue", "web2": "blue", "web3": "blue"}
+    assert "web1: switched back to the blue slot" in session.output
+    assert sorted(stopped(session, "green")) == ["web1", "web2"]
+    assert not session.host("web3").ran(START)
+    assert session.store.read().state.lock == {"locked": False}
