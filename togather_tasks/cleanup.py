@@ -47,26 +47,38 @@ def run_cleanup(session: Session, *, keep_images: int, keep_snapshots: int,
 
 
 def prune_after_deploy(session: Session, state: State) -> CleanupReport:
-    """After a successful deploy, under its lock: images and release directories beyond
-    deployment.keep_images on every host (never the current or previous deployment's).
-    Snapshots are left to `inv cleanup` and their own retention. Never fails the deploy, which
-    has happened: a problem is a warning, and the next deploy or `inv cleanup` tries again."""
+    """After a successful deploy, under its lock: `prune_host_after_deploy` on every host,
+    one after another (the deploy itself runs it on all hosts at once, during the drain)."""
     report = CleanupReport()
+    for host in session.all_hosts:
+        prune_host_after_deploy(session, state, host, report)
+    log_pruned(session, report)
+    return report
+
+
+def prune_host_after_deploy(session: Session, state: State, host: Host,
+                            report: CleanupReport) -> None:
+    """One host's images and release directories beyond deployment.keep_images (never the
+    current or previous deployment's), recorded in `report`. Snapshots are left to
+    `inv cleanup` and their own retention. Never fails the deploy, which has happened: a
+    problem is a warning, and the next deploy or `inv cleanup` tries again. Safe while the old
+    slot drains: its image is the previous deployment's."""
     keep = int(session.settings.deployment["keep_images"])
     # Only tags this environment deployed itself: another environment or app sharing the
     # image name on this engine may be about to start a tag it just built (not yet used by a
     # container, so docker would not refuse to remove it).
     own = {d["version"] for d in state.known_deployments()}
-    for host in session.all_hosts:
-        try:
-            prune_host(session.settings, host, report, keep_images=keep,
-                       protected=protected_versions(state), dry_run=False, only=own)
-        except (TogatherError, OSError) as exc:
-            session.console.warn(f"{host.name}: could not prune old images ({exc}); "
-                                 f"`inv cleanup --env={session.settings.env}` retries")
+    try:
+        prune_host(session.settings, host, report, keep_images=keep,
+                   protected=protected_versions(state), dry_run=False, only=own)
+    except (TogatherError, OSError) as exc:
+        session.console.warn(f"{host.name}: could not prune old images ({exc}); "
+                             f"`inv cleanup --env={session.settings.env}` retries")
+
+
+def log_pruned(session: Session, report: CleanupReport) -> None:
     session.log.event("pruned", images=report.images, releases=report.releases,
                       kept_in_use=report.kept_in_use)
-    return report
 
 
 def prune_host(st: Settings, host: Host, report: CleanupReport, *, keep_images: int,

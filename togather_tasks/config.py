@@ -88,6 +88,9 @@ DEFAULTS: dict[str, Any] = {
         "log_rotation": {"max_size": "10m", "max_files": 5},
         # Hosts worked on at once (build, start, health, switch); None: all of them.
         "parallel": None,
+        # Deploy in waves of `batch` hosts ({"batch": N}), each switched and gated through its
+        # hosts' proxies before the next starts; None: all hosts switch together (all or none).
+        "rolling": None,
     },
     "proxy": {"bind": "0.0.0.0", "verify_attempts": 20},  # noqa: S104 - the public entry point
     "notifications": {"retries": 3, "timeout": 5},

@@ -231,6 +231,11 @@ class Deploy(SlotOperation):
             ]
         if self.migrations_enabled:
             lines += self.migration_plan(primary, layout)
+        if self.rolling_batch:
+            waves = fleet.waves(st.hosts, self.rolling_batch)
+            lines.append("[rolling] waves in host order: " + " | ".join(
+                ", ".join(wave) for wave in waves) + "; each wave: start, health, switch, then "
+                "health through its proxies before the next (instead of every host at once)")
         for host in st.hosts:
             lines += [
                 f"[{host}] write {layout.slots_env} ({new.upper()}_IMAGE={release.image})",
@@ -406,9 +411,6 @@ class Deploy(SlotOperation):
         """Step (proxy.tls): the certificate on every host before any switch, obtained from
         the ACME server once and kept; a refusal stops the deploy with the old version and
         the old certificate serving."""
-        if self.settings.tls is None:
-            note("skipped (no proxy.tls)")
-            return
         outcomes = self.on_hosts("certs",
                                  lambda host: certs.ensure_on_host(self.settings, host))
         note("; ".join(f"{name}: {outcome.value}" for name, outcome in outcomes.items()))
@@ -419,6 +421,13 @@ class Deploy(SlotOperation):
         note(f"traffic on {self.slots.new} ({self.release.sha7}), verified through the proxy "
              f"({fleet.summary(outcomes)})")
 
+    def waves(self, note: StepNote) -> None:
+        """Step (deployment.rolling): start, health and switch wave by wave."""
+        lines = self.roll_out()
+        self.run_hook("post-switch", "switched")
+        note(f"traffic on {self.slots.new} ({self.release.sha7}) in {len(lines)} waves, each "
+             "verified through its hosts' proxies")
+
     def record(self, note: StepNote) -> None:
         deployment = self.deployment_record("healthy")
         limit = self.settings.deployment["history_limit"]
@@ -426,11 +435,15 @@ class Deploy(SlotOperation):
         note(f"{self.deployment_id} is current")
 
     def finish(self, note: StepNote) -> None:
-        cleanup.prune_after_deploy(self.s, self.state)
+        """Step: on every host at once, old images pruned while the old slot drains, then
+        the old slot stopped."""
+        pruned = cleanup.CleanupReport()
+        self.drain_and_stop_old_slot(meanwhile=lambda host: cleanup.prune_host_after_deploy(
+            self.s, self.state, host, pruned))
+        cleanup.log_pruned(self.s, pruned)
         if not self.slots.old:
             note("first deployment: no old slot to stop")
             return
-        self.drain_and_stop_old_slot()
         note(f"{cmd.service(self.slots.old)} stopped (kept for rollback)")
 
     # --- helpers --------------------------------------------------------------------------
@@ -450,7 +463,7 @@ class Deploy(SlotOperation):
 
     def on_failure(self, step: str, message: str) -> None:
         if not self.switched and self.owns_environment:
-            record = self.deployment_record("unhealthy" if step == "health" else "unknown")
+            record = self.deployment_record("unhealthy" if self.gate_failed else "unknown")
             record["message"] = f"failed at {step}: {message}"[:500]
             limit = self.settings.deployment["history_limit"]
             try:
@@ -486,11 +499,19 @@ Deploy.steps = (
     Step("build", "image on every host", Deploy.build),
     Step("snapshot", "database snapshot", Deploy.snapshot),
     Step("migrate", "database migrations", Deploy.migrate, destructive=True),
-    Step("start", "starting the new slot", Deploy.start, undo=Deploy.stop_new_slot),
-    Step("health", "health gate on the new slot", Deploy.health),
-    Step("certs", "HTTPS certificate on every host", Deploy.certificate),
+    Step("start", "starting the new slot", Deploy.start, undo=Deploy.stop_new_slot,
+         when=lambda d: d.rolling_batch is None),
+    Step("health", "health gate on the new slot", Deploy.health,
+         when=lambda d: d.rolling_batch is None),
+    # Only with proxy.tls; before any switch, in both modes (a rolling deploy's waves find the
+    # certificate there).
+    Step("certs", "HTTPS certificate on every host", Deploy.certificate,
+         when=lambda d: d.settings.tls is not None),
     Step("switch", "nginx -> the new slot", Deploy.switch, undo=Deploy.switch_back,
-         destructive=True, commit=True),
+         destructive=True, commit=True, when=lambda d: d.rolling_batch is None),
+    Step("waves", "start, health and switch, wave by wave", Deploy.waves,
+         undo=Deploy.undo_waves, destructive=True, commit=True,
+         when=lambda d: d.rolling_batch is not None),
     Step("record", "deployment state", Deploy.record, destructive=True),
     Step("finish", "drain and stop the old slot", Deploy.finish),
 )

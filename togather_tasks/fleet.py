@@ -16,13 +16,14 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import TogatherError
 from .hosts import Host
 from .signals import deferred, shielded
 
 WAIT_SLICE = 0.1
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,13 @@ class HostOutcome:
 
 
 Outcomes = dict[str, HostOutcome]
+
+
+def waves(hosts: Sequence[T], batch: int | None) -> list[list[T]]:
+    """The rolling deploy's waves: `batch` hosts each, in the environment's order (the last
+    one may be smaller); without a batch, one wave of every host (all or none)."""
+    size = batch or len(hosts) or 1
+    return [list(hosts[i:i + size]) for i in range(0, len(hosts), size)]
 
 
 def bound(parallel: int | None, hosts: int) -> int:
@@ -126,19 +134,24 @@ def first_failure(outcomes: Outcomes) -> HostOutcome | None:
     return min(failed, key=lambda o: o.finished) if failed else None
 
 
-def raise_first_failure(outcomes: Outcomes) -> None:
-    """Raise the first host's error, its message naming the host when the fleet has more than
-    one and it does not already (a bare "the slot did not become healthy" would not say
-    where)."""
+def raise_first_failure(outcomes: Outcomes, *, fleet_size: int | None = None) -> None:
+    """Raise the first host's error, its message naming the host when the fleet (of
+    `fleet_size` hosts, default those in `outcomes`) has more than one (a bare "the slot did
+    not become healthy" would not say where)."""
     failure = first_failure(outcomes)
     if failure is None:
         return
     exc = failure.error
     assert exc is not None
-    if len(outcomes) > 1 and isinstance(exc, TogatherError) and \
-            failure.host not in exc.message:
-        exc.message = f"{failure.host}: {exc.message}"
+    if (fleet_size or len(outcomes)) > 1:
+        name_host(exc, failure.host)
     raise exc
+
+
+def name_host(exc: BaseException, host: str) -> None:
+    """Prefix a TogatherError's message with `host` unless it names it already."""
+    if isinstance(exc, TogatherError) and host not in exc.message:
+        exc.message = f"{host}: {exc.message}"
 
 
 def summary(outcomes: Outcomes) -> str:

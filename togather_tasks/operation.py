@@ -35,7 +35,8 @@ PAUSE_SECONDS = 120
 
 def pause_if_requested(step: str) -> None:
     """Test hook for fault tests: with TOGATHER_TEST_PAUSE_BEFORE=<step>, announce and wait
-    before that step so a test can kill the process or cut its connection at a known point.
+    before that step so a test can kill the process or cut its connection at a known point
+    (`switch@<host>`: before that host's own switch, the other hosts switching meanwhile).
     The wait ends when the file named by TOGATHER_TEST_PAUSE_FILE disappears (if set), and
     after PAUSE_SECONDS at most."""
     if os.environ.get(PAUSE_ENV) != step:
@@ -164,17 +165,27 @@ class SlotOperation:
     def on_hosts(self, step: str, action: Callable[[Host], Any], *,
                  hosts: Sequence[Host] | None = None,
                  cancelled: threading.Event | None = None) -> fleet.Outcomes:
-        """`action` on every host at once (bounded by deployment.parallel); its outcomes are
-        `results[step]`, also when it fails, so the step's undo knows where it ran. The
-        first host's failure is raised, every host's line shown first."""
-        outcomes = self.results[step] = {}
-        fleet.on_each(hosts or self.s.all_hosts, action, into=outcomes, cancelled=cancelled,
-                      parallel=self.settings.deployment["parallel"])
+        """`action` on every host (or `hosts`) at once (bounded by deployment.parallel); its
+        outcomes join `results[step]`, also when it fails, so the step's undo knows where it
+        ran (a rolling deploy calls it once per wave). The first host's failure is raised,
+        every host's line shown first."""
+        outcomes: fleet.Outcomes = {}
+        targets = hosts or self.s.all_hosts
+        size = len(self.s.all_hosts)
+        try:
+            fleet.on_each(targets, action, into=outcomes, cancelled=cancelled,
+                          parallel=self.settings.deployment["parallel"])
+        except TogatherError as exc:  # one host runs inline: its error comes as it is
+            if size > 1:
+                fleet.name_host(exc, targets[0].name)
+            raise
+        finally:
+            self.results.setdefault(step, {}).update(outcomes)
         if fleet.first_failure(outcomes) is not None:
             for outcome in outcomes.values():
                 self.s.console.note(f"  {outcome.line()}"
                                     + (f": {outcome.error}" if outcome.error else ""))
-        fleet.raise_first_failure(outcomes)
+        fleet.raise_first_failure(outcomes, fleet_size=size)
         return outcomes
 
     # --- shared steps ---------------------------------------------------------------------
@@ -257,23 +268,77 @@ class SlotOperation:
         self.stop_on(host, slot, what)
 
     def health(self, note: StepNote) -> None:
-        """Step: the new slot is healthy and runs the expected version on every host; the
-        first host that fails cancels the others' gates (the answer is already no)."""
+        """Step: the new slot is healthy and runs the expected version on every host."""
         target = self.target()
-        cancelled = threading.Event()
-        outcomes = self.on_hosts("health", lambda host: slots.health_gate(
-            self.settings, host, target, self.s.console, cancelled), cancelled=cancelled)
+        outcomes = self.gate("health", target)
         verdict = next(iter(outcomes.values())).value
         note(f"{target.slot} is {verdict.status}, version {verdict.version} "
              f"({fleet.summary(outcomes)})")
 
-    def switch_traffic(self) -> fleet.Outcomes:
-        """Every host's proxy to the new slot, all at once (milliseconds each): all or none.
-        A host whose switch fails restores its own slot marker (proxy.switch); those that did
-        switch are switched back by this step's undo before anything is stopped."""
+    def gate(self, step: str, target: SlotTarget, hosts: Sequence[Host] | None = None, *,
+             through_proxy: bool = False) -> fleet.Outcomes:
+        """The health gate of the new slot on every host (or `hosts`), on its own port or
+        `through_proxy`; the first host that fails cancels the others' gates (the answer is
+        already no)."""
+        cancelled = threading.Event()
+        where = proxy.address(self.settings) if through_proxy else None
+        return self.on_hosts(step, lambda host: slots.health_gate(
+            self.settings, host, target, self.s.console, cancelled, proxy_address=where),
+            hosts=hosts, cancelled=cancelled)
+
+    @property
+    def gate_failed(self) -> bool:
+        """A health gate failed on some host (of the health step, or of a wave)."""
+        return any(outcome.error is not None for step in ("health", "proxy health")
+                   for outcome in self.results.get(step, {}).values())
+
+    @property
+    def rolling_batch(self) -> int | None:
+        """deployment.rolling's batch: hosts per wave; None when all hosts switch at once."""
+        rolling = self.settings.deployment.get("rolling")
+        return rolling["batch"] if rolling else None
+
+    def roll_out(self) -> list[str]:
+        """Start, health gate and switch wave by wave (deployment.rolling), in the
+        environment's host order: a wave's hosts switch together, then their proxies must
+        answer healthy with the new version before the next wave starts. Any failure leaves
+        the undo (`undo_waves`) to switch back every wave already switched, verified, before
+        any slot is stopped. Returns one line per wave."""
         target = self.target()
-        outcomes = self.on_hosts("switch", lambda host: proxy.switch(
-            self.settings, host, target.slot, target.sha7))
+        planned = fleet.waves(self.s.all_hosts, self.rolling_batch)
+        lines = []
+        for number, wave in enumerate(planned, 1):
+            started = time.monotonic()
+            self.on_hosts("start", lambda host: slots.start_slot(self.settings, host, target),
+                          hosts=wave)
+            self.gate("health", target, wave)
+            assert self.lease is not None
+            self.lease.check("switch")
+            self.switch_traffic(wave)
+            outcomes = self.gate("proxy health", target, wave, through_proxy=True)
+            lines.append(f"wave {number}/{len(planned)} on {target.slot} "
+                         f"{time.monotonic() - started:.1f}s ({fleet.summary(outcomes)})")
+            self.s.console.note(f"  {lines[-1]}")
+        return lines
+
+    def undo_waves(self) -> None:
+        """Undo `roll_out`: the switched hosts back first (verified), then the new slot
+        stopped where it started and no proxy routes to it."""
+        self.switch_back()
+        self.stop_new_slot()
+
+    def switch_traffic(self, hosts: Sequence[Host] | None = None) -> fleet.Outcomes:
+        """Every host's (or `hosts`') proxy to the new slot, all at once (milliseconds
+        each): all or none. A host whose switch fails restores its own slot marker
+        (proxy.switch); those that did switch are switched back by this step's undo before
+        anything is stopped."""
+        target = self.target()
+
+        def switch_one(host: Host) -> proxy.Switched:
+            pause_if_requested(f"switch@{host.name}")
+            return proxy.switch(self.settings, host, target.slot, target.sha7)
+
+        outcomes = self.on_hosts("switch", switch_one, hosts=hosts)
         for name, outcome in outcomes.items():
             for note in outcome.value.notes():
                 self.s.console.warn(f"{name}: {note}")
@@ -298,13 +363,31 @@ class SlotOperation:
                 self.s.console.warn(f"{name}: could not switch back ({outcome.error}); its "
                                     f"proxy keeps the {self.slots.new} slot, which stays up")
 
-    def drain_and_stop_old_slot(self) -> None:
-        assert self.slots is not None and self.slots.old is not None
+    def drain_and_stop_old_slot(self, meanwhile: Callable[[Host], None] | None = None
+                                ) -> None:
+        """On every host at once: `meanwhile` (cleanup that is safe while the old slot still
+        drains its requests), then the rest of the drain, then stop the old slot. A host's
+        drain counts from its own switch (the record step, a rolling deploy's later waves and
+        the cleanup all take place within it), so the cleanup adds no time unless it outlasts
+        the drain. On the first deploy there is no old slot: only `meanwhile`."""
+        assert self.slots is not None
         old = self.slots.old
-        time.sleep(self.settings.deployment["drain_seconds"])
-        fleet.on_each(self.s.all_hosts,
-                      lambda host: self.stop_on(host, old, f"the old {old} slot"),
-                      into=self.results.setdefault("finish", {}), fail_fast=False,
+        drain = self.settings.deployment["drain_seconds"]
+        now = time.monotonic()
+        switched = self.results.get("switch", {})
+        cancelled = threading.Event()  # set by fleet.on_each on Ctrl-C or SIGTERM
+
+        def finish_on(host: Host) -> None:
+            if meanwhile is not None:
+                meanwhile(host)
+            outcome = switched.get(host.name)
+            drained = (outcome.finished if outcome and outcome.ok else now) + drain
+            if old is None or cancelled.wait(max(0.0, drained - time.monotonic())):
+                return
+            self.stop_on(host, old, f"the old {old} slot")
+
+        fleet.on_each(self.s.all_hosts, finish_on, into=self.results.setdefault("finish", {}),
+                      cancelled=cancelled, fail_fast=False,
                       parallel=self.settings.deployment["parallel"])
 
     def stop_on(self, host: Host, slot: str, what: str) -> None:
@@ -316,8 +399,8 @@ class SlotOperation:
 
     @property
     def switched(self) -> bool:
-        """Traffic is on the new slot everywhere (the switch is all or none)."""
-        return "switch" in self.progress.completed
+        """Traffic is on the new slot everywhere (the switch, or the last wave, is done)."""
+        return any(name in self.progress.completed for name in ("switch", "waves"))
 
     @property
     def owns_environment(self) -> bool:

@@ -169,17 +169,22 @@ def check_health(settings: Settings, host: Host, port: int, *, expected_version:
 
 
 def health_gate(settings: Settings, host: Host, target: SlotTarget, console: Console,
-                cancelled: threading.Event | None = None) -> Verdict:
+                cancelled: threading.Event | None = None, *, proxy_address: str | None = None
+                ) -> Verdict:
     """Poll the new slot until it is healthy and runs the expected version, within the
     configured grace, interval, timeout and retries, and the overall deadline whatever the
     retries (an endpoint that never answers must not hold the deploy for retries x timeout);
     fail fast when its container dies, and give up as soon as `cancelled` is set (another
-    host failed, or the operator interrupted: the fleet's answer is already no)."""
+    host failed, or the operator interrupted: the fleet's answer is already no).
+    With `proxy_address`, through the host's proxy there instead (a rolling deploy's gate
+    after a wave's switch: the slot is up already, no startup grace)."""
     hc = settings.health
     cancelled = cancelled or threading.Event()
     deadline = time.monotonic() + hc.deadline
-    cancelled.wait(min(hc.startup_grace, hc.deadline))
-    port = settings.ports[target.slot]
+    if proxy_address is None:
+        cancelled.wait(min(hc.startup_grace, hc.deadline))
+    port = settings.ports["proxy" if proxy_address else target.slot]
+    address = proxy_address or "127.0.0.1"
     verdict = unreachable("not checked")
     attempt = 0
     while attempt < hc.retries and (remaining := deadline - time.monotonic()) > 0:
@@ -188,7 +193,7 @@ def health_gate(settings: Settings, host: Host, target: SlotTarget, console: Con
                                    "was cancelled")
         attempt += 1
         verdict = check_health(settings, host, port, expected_version=target.sha7,
-                               timeout=min(hc.timeout, remaining))
+                               timeout=min(hc.timeout, remaining), address=address)
         if verdict.status == "healthy":
             return verdict
         if verdict.status == "unreachable" or attempt % 5 == 0:
@@ -197,8 +202,9 @@ def health_gate(settings: Settings, host: Host, target: SlotTarget, console: Con
                       f"{verdict.summary()}")
         if attempt < hc.retries:
             cancelled.wait(max(0.0, min(hc.interval, deadline - time.monotonic())))
+    through = f" through the proxy on {host.name}" if proxy_address else ""
     raise HealthCheckError(
-        f"the {target.slot} slot did not become healthy after {attempt} checks in "
+        f"the {target.slot} slot did not become healthy{through} after {attempt} checks in "
         f"{hc.deadline:g} s at most: {verdict.summary()}",
         hint=_logs_hint(settings, host, target.slot))
 

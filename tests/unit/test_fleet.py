@@ -32,7 +32,7 @@ from togather_tasks.slots import Slots, choose_slots
 from togather_tasks.state import new_deployment, utc_now
 from togather_tasks.ulid import new_id
 
-from .fakehost import FakeHost, FakeSession, ProxyDisk, answer, ok
+from .fakehost import FakeHost, FakeSession, ProxyDisk, answer, failed, ok
 from .test_health import body as health_body
 from .test_slots import proxy_running
 
@@ -304,3 +304,58 @@ def test_one_host_unreachable_at_validate_is_named_and_nothing_changes(
 
     assert "web2 FAILED" in fleet_session.output and "web1 ok" in fleet_session.output
     assert not [c for _, c in fleet_session.journal if not c.startswith("printf")]
+
+
+def test_finish_prunes_every_host_at_once_while_the_old_slot_drains_then_stops_it(
+        settings: Settings, tmp_path: Path) -> None:
+    """The prunes run on all hosts at once (each waits, bounded, for the other two to have
+    begun: one after another they never would), before the old slot stops anywhere; a host
+    whose prune fails still has its old slot stopped."""
+    session = FakeSession(fast(settings, drain_seconds=0.2), tmp_path / "state",
+                          names=("web1", "web2", "web3"))
+    for host in session.all_hosts:
+        simulate(host, session.settings)
+    together = threading.Barrier(3, timeout=2)
+
+    def listing(command: str):
+        together.wait()
+        return ok("")
+
+    for host in session.all_hosts:
+        host.on("docker image ls", listing)
+    session.host("web2").on("ls -1", failed("ls: cannot access releases"))
+
+    deploy_from_start(session)
+
+    assert not together.broken
+    journal = session.journal
+    first_stop = next(i for i, (_, c) in enumerate(journal) if " stop --timeout" in c)
+    assert max(i for i, (_, c) in enumerate(journal) if "docker image ls" in c) < first_stop
+    assert "web2: could not prune old images" in session.output
+    assert "web1: could not prune" not in session.output
+    assert sorted(stopped(session, "blue")) == ["web1", "web2", "web3"]
+
+
+def test_each_host_stops_its_old_slot_no_sooner_than_the_drain_after_its_own_switch(
+        settings: Settings, tmp_path: Path) -> None:
+    session = FakeSession(fast(settings, drain_seconds=0.3), tmp_path / "state",
+                          names=("web1", "web2"))
+    at: dict[tuple[str, str], float] = {}
+    for host in session.all_hosts:
+        simulate(host, session.settings)
+
+        def seen(what: str, host=host, answer=ok):
+            def rule(command: str):
+                at[(host.name, what)] = time.monotonic()
+                return answer()
+            return rule
+
+        # The switch is the slot marker's rename: observed, then answered by the ProxyDisk.
+        host.on(f"mv -fT {cmd.Layout(session.settings.remote_dir).proxy_state_dir}",
+                seen("switched", answer=lambda: None))
+        host.on(f"stop --timeout 30 {cmd.service('blue')}", seen("stopped"))
+
+    deploy_from_start(session)
+
+    for name in ("web1", "web2"):
+        assert at[(name, "stopped")] - at[(name, "switched")] >= 0.3, name

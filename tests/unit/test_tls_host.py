@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from cryptography import x509
@@ -298,6 +299,10 @@ def test_verify_stays_on_http_without_the_redirect(settings: Settings) -> None:
     assert host.asked == []
 
 
-def test_the_certs_step_comes_between_health_and_switch() -> None:
+def test_the_certs_step_comes_between_health_and_switch_only_with_tls(
+        settings: Settings) -> None:
     names = [step.name for step in Deploy.steps]
     assert names[names.index("health") + 1:names.index("switch")] == ["certs"]
+    step = Deploy.steps[names.index("certs")]
+    assert step.when(SimpleNamespace(settings=with_https(settings)))
+    assert not step.when(SimpleNamespace(settings=settings))
