@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from togather_tasks import certs, proxy, tls
 from togather_tasks.config import Settings
@@ -306,3 +307,62 @@ def test_the_certs_step_comes_between_health_and_switch_only_with_tls(
     step = Deploy.steps[names.index("certs")]
     assert step.when(SimpleNamespace(settings=with_https(settings)))
     assert not step.when(SimpleNamespace(settings=settings))
+
+
+class _CertHost(FakeHost):
+    """A FakeHost whose proxy presents `der` over HTTPS; `verifies` says whether it passes
+    a verifying context."""
+
+    def __init__(self, der: bytes, *, verifies: bool = True, status: int = 200) -> None:
+        super().__init__()
+        self.der, self.verifies, self.status = der, verifies, status
+
+    def https_get(self, address: str, port: int, path: str, *, timeout: float,
+                  server_name: str, context: ssl.SSLContext,
+                  headers: dict[str, str] | None = None) -> HttpResponse:
+        if context.verify_mode != ssl.CERT_NONE and not self.verifies:
+            error = ssl.SSLCertVerificationError("certificate verify failed")
+            error.verify_message = "self-signed certificate"
+            raise error
+        return HttpResponse(self.status, {}, b"{}", certificate=self.der)
+
+
+def der_of(tmp_path: Path, **kwargs: object) -> bytes:
+    crt, _ = make_cert(tmp_path, ["app.example.com"], **kwargs)
+    return x509.load_pem_x509_certificate(crt.read_bytes()).public_bytes(
+        serialization.Encoding.DER)
+
+
+def test_https_health_reports_days_left_issuer_and_verification(settings: Settings,
+                                                                tmp_path: Path) -> None:
+    report = certs.https_health(with_https(settings), _CertHost(der_of(tmp_path, days=90)))
+    assert (report.problem, report.warning) == ("", "")
+    assert report.line.startswith("https://app.example.com:9443 via fake: HTTP 200, "
+                                  "certificate app.example.com, issued by app.example.com")
+    assert report.line.endswith("verified against the system trust store")
+    assert report.doc["verified"] is True
+
+
+def test_https_health_warns_within_the_renewal_window(settings: Settings,
+                                                      tmp_path: Path) -> None:
+    report = certs.https_health(with_https(settings), _CertHost(der_of(tmp_path, days=10)))
+    assert report.problem == ""
+    # make_cert starts a day ago: 9 of its 10 days are left.
+    assert report.warning.startswith("the certificate of https://app.example.com:9443 expires "
+                                     "in 9 days (")
+
+
+def test_https_health_fails_an_expired_or_unverifiable_certificate(settings: Settings,
+                                                                   tmp_path: Path) -> None:
+    expired = certs.https_health(with_https(settings),
+                                 _CertHost(der_of(tmp_path, expired=True)))
+    assert expired.problem.startswith("the certificate expired on ")
+    unverified = certs.https_health(with_https(settings),
+                                    _CertHost(der_of(tmp_path), verifies=False))
+    assert unverified.problem == "the certificate does not verify: self-signed certificate"
+    assert "NOT verified" in unverified.line
+
+
+def test_https_health_fails_a_non_200(settings: Settings, tmp_path: Path) -> None:
+    report = certs.https_health(with_https(settings), _CertHost(der_of(tmp_path), status=502))
+    assert report.problem == "https://app.example.com:9443/health answered HTTP 502"
