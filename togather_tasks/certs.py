@@ -86,10 +86,9 @@ def acme_image_ref() -> str:
 
 
 def acme_compose(settings: Settings, *args: str) -> str:
-    """Compose with the `acme` profile (the service exists only where HTTPS is on) and its
-    image named through the environment (slots.env knows nothing of it)."""
-    return f"ACME_IMAGE={q(acme_image_ref())} " + cmd.compose(settings, "--profile", "acme",
-                                                               *args)
+    """Compose with the acme service's image named through the environment (slots.env, which
+    every other command rewrites, knows nothing of it)."""
+    return f"ACME_IMAGE={q(acme_image_ref())} " + cmd.compose(settings, *args)
 
 
 def directories(paths: Paths) -> str:

@@ -129,7 +129,7 @@ def test_acme_commands(project: Project) -> None:
     assert image.startswith("togather-acme:") and len(image) == len("togather-acme:") + 12
     compose = ("docker compose --project-name togather-test-staging --project-directory "
                "/srv/togather/staging --file /srv/togather/staging/compose.yml --env-file "
-               "/srv/togather/staging/slots.env --profile acme")
+               "/srv/togather/staging/slots.env")
     assert certs.obtain_command(settings) == \
         f"ACME_IMAGE={image} {compose} run --rm -T --no-deps acme obtain"
     assert certs.renew_command(settings, force=True) == \
