@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= $(CURDIR)/.demo
 
-.PHONY: install testbed testbed-local testbed-down testbed-fleet testbed-fleet-down demo test test-unit test-e2e bench bench-fleet lint clean
+.PHONY: install testbed testbed-local testbed-down testbed-fleet testbed-fleet-down demo test test-unit test-e2e bench bench-edge bench-fleet wrk lint clean
 
 $(BIN)/inv: setup.cfg pyproject.toml constraints.txt
 	@# A fresh Debian has python3 without venv/ensurepip: install them when missing.
@@ -54,8 +54,19 @@ test: testbed install
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q tests
 
-bench: testbed install
+bench: testbed install bench-edge
 	$(BIN)/python bench/zero_downtime.py
+
+# The switch without a reload (issue 10): wrk and the load generator with no retries through
+# the proxy during a deploy and a rollback; then sustained throughput direct vs through the
+# proxy (60 s each, twice) with the TIME_WAIT count in the proxy's network namespace.
+bench-edge: testbed install wrk
+	$(BIN)/python bench/edge_switch.py
+	$(BIN)/python bench/proxy_throughput.py
+
+wrk:
+	@command -v wrk >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
 
 # The fleet (issue 9): load through the load balancer during a 3-host deploy and rollback, then
 # deploy wall time for 1, 2 and 3 hosts, SSH connections, one host's overhead and rollback time.

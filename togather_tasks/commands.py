@@ -22,8 +22,6 @@ q = shlex.quote
 DOCKER_DIR = Path(__file__).parent / "docker"
 # The files the proxy image is built from (in DOCKER_DIR/nginx); its tag hashes them.
 PROXY_IMAGE_FILES = ("Dockerfile", "nginx.conf", "togather-app.conf")
-# Where the proxy container sees Layout.proxy_conf_dir.
-PROXY_MOUNT = "/etc/nginx/togather"
 SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword"})
 # The state schema's image_ref: no blank, quote, `=`, `$` or line break.
 IMAGE_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,511}")
@@ -78,8 +76,8 @@ class Layout:
 
     @property
     def proxy_conf_dir(self) -> str:
-        """Mounted read-only in the proxy at PROXY_MOUNT: site.conf, verify.map, state/, and
-        (HTTPS) tls/ and acme/."""
+        """Mounted read-only in the proxy at /etc/nginx/togather (compose.yml): site.conf,
+        verify.map, state/, and (HTTPS) tls/ and acme/."""
         return f"{self.root}/nginx"
 
     @property

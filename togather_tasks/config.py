@@ -92,7 +92,9 @@ DEFAULTS: dict[str, Any] = {
         # hosts' proxies before the next starts; None: all hosts switch together (all or none).
         "rolling": None,
     },
-    "proxy": {"bind": "0.0.0.0", "verify_attempts": 20},  # noqa: S104 - the public entry point
+    # keepalive: idle upstream connections per nginx worker and slot (site.conf).
+    "proxy": {"bind": "0.0.0.0", "verify_attempts": 20,  # noqa: S104 - the public entry point
+              "keepalive": 32},
     "notifications": {"retries": 3, "timeout": 5},
     # Off unless configured: node exporter's textfile directory is not on every host, and the
     # deploy user needs write access to it (see the README's Monitoring section).

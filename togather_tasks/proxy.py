@@ -41,11 +41,14 @@ _DIRECTIVE = re.compile(r"^[ \t]*(listen|server) (\S+)[^;{\n]*;", re.MULTILINE)
 
 def upstream_block(slot: str, port: int, keepalive: int) -> str:
     """One slot's upstream group: its published port on the host's loopback and a pool of
-    idle keep-alive connections per worker. The app keeps idle connections longer (75 s in
-    the demo) than nginx does here, so nginx never reuses one the app is closing."""
+    idle keep-alive connections per worker, each used for up to 10,000 requests (nginx's
+    default, 1,000, left ~300 sockets in TIME_WAIT per minute of load). The app keeps idle
+    connections longer (75 s in the demo) than nginx does here, so nginx never reuses one the
+    app is closing."""
     return (f"upstream togather_{slot} {{\n"
             f"    server 127.0.0.1:{port};\n"
             f"    keepalive {keepalive};\n"
+            f"    keepalive_requests 10000;\n"
             f"    keepalive_timeout 30s;\n"
             f"}}\n")
 
@@ -77,7 +80,7 @@ def site_conf(settings: Settings) -> str:
     """The environment's site.conf (included in the http block of the image's nginx.conf):
     one upstream group per slot and the server blocks. Changing it is the only change that
     needs `nginx -t && nginx -s reload`; the switch never does."""
-    keepalive = settings.proxy.get("keepalive", 32)
+    keepalive = settings.proxy["keepalive"]
     blocks = [upstream_block(slot, settings.ports[slot], keepalive) for slot in SLOTS]
     return (f"# Written by togather-tasks for the {settings.env} environment; rewritten by "
             "every deploy.\n" + "\n".join([*blocks, *server_blocks(settings)]))
@@ -326,7 +329,8 @@ def switch(settings: Settings, host: Host, slot: str, version: str | None) -> Sw
         if seen is not None:
             raise HealthCheckError(
                 f"after the switch the proxy does not serve {slot}/{version or 'any version'} "
-                f"(last answer: {seen})")
+                f"(last answer: {seen})" + (proxy_log_line(settings, host)
+                                            if how != "unchanged" else ""))
     except BaseException as exc:
         with shielded():
             restore(settings, host, previous)
@@ -338,6 +342,15 @@ def switch(settings: Settings, host: Host, slot: str, version: str | None) -> Sw
     if routes.legacy is not None:
         host.run(cmd.remove_trees(layout.upstream_dir), timeout=30, check=False)
     return Switched(how, previous, routes.maintenance)
+
+
+def proxy_log_line(settings: Settings, host: Host) -> str:
+    """The proxy's last error line, for a proxy just (re)started or reloaded that does not
+    answer (its port taken by another program, for one)."""
+    out = host.run(cmd.logs_command(settings, "proxy", lines=5), timeout=60, check=False)
+    lines = [line.strip() for line in (out.stdout + out.stderr).splitlines()
+             if "[emerg]" in line or "[error]" in line]
+    return f"; nginx says: {lines[-1][:300]}" if lines else ""
 
 
 def restore(settings: Settings, host: Host, previous: str | None) -> None:

@@ -16,7 +16,7 @@ from togather_tasks.config import Settings
 from togather_tasks.errors import CommandError, HealthCheckError
 from togather_tasks.hosts import HttpResponse
 
-from .fakehost import FakeHost, ProxyDisk, answer, failed
+from .fakehost import FakeHost, ProxyDisk, answer, failed, ok
 from .test_slots import proxy_running
 
 RECREATE = "--force-recreate proxy"
@@ -61,12 +61,14 @@ def test_site_conf_is_exact(settings: Settings) -> None:
 upstream togather_blue {
     server 127.0.0.1:9081;
     keepalive 32;
+    keepalive_requests 10000;
     keepalive_timeout 30s;
 }
 
 upstream togather_green {
     server 127.0.0.1:9082;
     keepalive 32;
+    keepalive_requests 10000;
     keepalive_timeout 30s;
 }
 
@@ -322,3 +324,15 @@ def test_a_host_with_the_old_upstream_file_is_taken_over(
     assert disk.slot == "blue"
     assert any(c == cmd.remove_trees(layout.upstream_dir) for c in journal)
     assert proxy.site_conf(settings) == host.files[layout.site_file].decode()
+
+
+def test_a_proxy_started_on_a_taken_port_says_what_nginx_said(
+        host: FakeHost, disk: ProxyDisk, settings: Settings) -> None:
+    settings = dataclasses.replace(settings, proxy={**settings.proxy, "verify_attempts": 1})
+    host.on("logs --no-color", ok(
+        "2026/12/06 07:00:00 [emerg] 1#1: bind() to 0.0.0.0:9080 failed (98: Address already "
+        "in use)\n"))
+
+    with pytest.raises(HealthCheckError, match=r"nginx says: .*Address already in use"):
+        proxy.switch(settings, host, "blue", "abc1234")
+    assert disk.slot is None
