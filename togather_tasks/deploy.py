@@ -274,7 +274,7 @@ class Deploy(SlotOperation):
         agrees on."""
         self.take_lock(self.deployment_id, force=self.options.force,
                        lock_wait=self.options.lock_wait)
-        self.state = self.s.store.read().state
+        self.state = self.s.store.known().state  # as our lock's compare-and-swap wrote it
         self.settle_slots(self.state)
         note(f"{self.lock['lock_id']} held by {self.lock['locked_by']}")
         self.notify("started")

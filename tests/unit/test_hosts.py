@@ -16,6 +16,7 @@ import paramiko
 import pytest
 from paramiko import sftp as sftp_proto
 
+from togather_tasks import hosts as hosts_module
 from togather_tasks.errors import CommandTimeoutError
 from togather_tasks.hosts import LocalHost, RemoteHost
 
@@ -41,6 +42,7 @@ class _SilentChannel:
 
     def __init__(self) -> None:
         self.closed = False
+        self.status_event = threading.Event()  # paramiko sets it when the exit status comes
 
     def settimeout(self, seconds: float) -> None:
         self.timeout = seconds
@@ -216,3 +218,30 @@ def test_a_local_file_is_created_with_its_mode(tmp_path: Path) -> None:
     path = tmp_path / "app.env"
     LocalHost().write_file(str(path), b"SECRET_KEY=x\n", mode=0o600)
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_every_hop_of_a_connection_sends_without_delay(tmp_path: Path) -> None:
+    """TCP_NODELAY on the socket of the connection and of its ProxyJump gateway: each command
+    is a channel-open and an exec request, two small packets Nagle would hold ~40 ms apart."""
+    config = _ssh_config(tmp_path, "Host target\n  HostName 192.0.2.1\n  ProxyJump gw\n"
+                                   f"Host *\n  UserKnownHostsFile {tmp_path}/known_hosts\n")
+    host = RemoteHost("target", ssh_config_path=config)
+    server = socket.create_server(("127.0.0.1", 0))
+    sockets = [socket.create_connection(server.getsockname()) for _ in range(2)]
+    try:
+        for hop, sock in zip((host._conn, host._conn.gateway), sockets, strict=True):
+            hop.transport = type("Transport", (), {"sock": sock})()
+        hosts_module._no_delay(host._conn)
+        assert [s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets] == [1, 1]
+    finally:
+        for sock in (*sockets, server):
+            sock.close()
+
+
+def test_commands_and_file_writes_are_counted(tmp_path: Path) -> None:
+    host = LocalHost()
+    host.run("true")
+    host.stream_into("cat > /dev/null", io.BytesIO(b"x"), timeout=10)
+    host.write_file(str(tmp_path / "a"), b"a")
+    host.write_temp(str(tmp_path), b"b")
+    assert (host.commands_run, host.files_written) == (2, 2)
