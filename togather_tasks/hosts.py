@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import fabric
+import fabric.runners
 import invoke
 import paramiko
 from invoke.exceptions import CommandTimedOut, ThreadException
@@ -478,6 +479,13 @@ def _harden(connection: fabric.Connection, accept_new: bool) -> None:
         hop = hop.gateway
 
 
+class _PromptRunner(fabric.runners.Remote):
+    """Fabric's runner, noticing a command's end within 2 ms instead of Invoke's 10 ms poll
+    (most commands of a deploy take a few milliseconds on the host)."""
+
+    input_sleep = 0.002
+
+
 class RemoteHost(Host):
     """A host over SSH: an ~/.ssh/config alias or user@host:port."""
 
@@ -493,6 +501,7 @@ class RemoteHost(Host):
         config.run.hide = True
         config.run.warn = True
         config.run.in_stream = False
+        config.runners.remote = _PromptRunner
         kwargs: dict[str, Any] = {"banner_timeout": connect_timeout,
                                   "auth_timeout": connect_timeout}
         try:
