@@ -119,7 +119,7 @@ class Deploy(SlotOperation):
                                 f"deployed (building commit {self.release.sha7})")
         self.on_hosts("validate", lambda host: self.check_host(
             host, primary=host.name == self.settings.primary_host))
-        self.state = self.s.store.known().state  # read by the primary's check
+        self.state = self.s.store.known().state  # read with the primary's check
         self.slots = Slots(self.state.next_slot(), self.state.active_slot)
         if self.migrations_enabled:
             self.check_database()
@@ -143,8 +143,8 @@ class Deploy(SlotOperation):
             raise ConfigError(problems)
 
     def check_host(self, host: Host, *, primary: bool) -> None:
-        """One command per host: its tools and versions, and on the primary also the state
-        file (read here rather than in a command of its own)."""
+        """One command per host: its tools and versions, and on the host that holds the state
+        file (the primary) also the state (read here rather than in a command of its own)."""
         tools = list(provision.HOST_TOOLS)
         if primary and self.migrations_enabled and self.settings.has_database:
             tools += provision.DATABASE_TOOLS
@@ -152,17 +152,18 @@ class Deploy(SlotOperation):
             if binary:
                 tools.append(binary)
         probes = {"host": provision.host_check_script(tools)}
-        if primary:
+        holds_state = self.s.store.host is host
+        if holds_state:
             probes["state"] = self.s.store.read_command
         found = batch.run_batch(host, probes, timeout=60, what="checking the host")
         problems = provision.host_check_problems(host.name, found["host"].output)
         if problems:
             raise TogatherError("; ".join(problems),
                                 hint="Nothing was changed. Fix the host and retry.")
-        if primary:
-            state = found["state"]
-            # A read that failed (e.g. the flock timed out) is made again, with its own error.
-            self.s.store.adopt(state.output) if state.ok else self.s.store.read()
+        if holds_state and found["state"].ok:
+            self.s.store.adopt(found["state"].output)
+        elif holds_state:  # e.g. the flock timed out: read again, failing with its own error
+            self.s.store.read()
 
     def check_database(self) -> None:
         """Read-only: golang-migrate's dirty flag must be clear before we touch anything."""
