@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -33,6 +34,7 @@ from zero_downtime import BenchApp, SetupError, must, preflight, run  # noqa: E4
 REPO = Path(__file__).resolve().parents[1]
 # Waiting that is the app's or the configuration's, not the tool's.
 NOT_OVERHEAD = ("build", "health")
+DOCKER_CLI = re.compile(r"\bdocker\b")
 
 
 @dataclass
@@ -82,6 +84,20 @@ class Timed:
         rows.append(("between steps (hooks, audit, notifications)", self.other - accounted))
         return rows
 
+    def split(self) -> tuple[float, float, float]:
+        """The overhead as (seconds in remote commands that run the docker or compose CLI,
+        seconds in the other remote commands, the rest: this machine's own time, SSH set-up
+        and HTTP checks), outside the build and health steps."""
+        docker = other = 0.0
+        for c in self.log.commands:
+            if c["step"] in NOT_OVERHEAD:
+                continue
+            if DOCKER_CLI.search(c["command"]):
+                docker += c["seconds"]
+            else:
+                other += c["seconds"]
+        return docker, other, self.other - docker - other
+
 
 def timed_deploy(app: BenchApp, label: str, drain_seconds: float) -> Timed:
     before = set(app.log_dir.glob("*.log"))
@@ -123,6 +139,10 @@ def report(rows: list[Timed], show_commands: bool) -> list[str]:
     last = rows[-1]
     out.append(f"where the overhead of the last deploy ({last.label}) goes:")
     out += [f"  {name:<46} {seconds:6.2f} s" for name, seconds in last.phases()]
+    docker, other, here = last.split()
+    out.append(f"  = {docker:.2f} s in docker/compose commands on the host (stopping the old "
+               f"slot included) + {other:.2f} s in other remote commands + {here:.2f} s here "
+               "(Python, git, SSH set-up, HTTP checks through the proxy)")
     out.append("remote commands per step (seconds on the host / commands):")
     out.append(last.log.table("  "))
     if show_commands:
