@@ -220,22 +220,33 @@ def test_a_local_file_is_created_with_its_mode(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
 
 
-def test_every_hop_of_a_connection_sends_without_delay(tmp_path: Path) -> None:
-    """TCP_NODELAY on the socket of the connection and of its ProxyJump gateway: each command
-    is a channel-open and an exec request, two small packets Nagle would hold ~40 ms apart."""
+def test_every_hop_connects_over_a_socket_that_sends_without_delay(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TCP_NODELAY from the first packet, on the connection and on its ProxyJump gateway: each
+    command is a channel-open and an exec request, two small packets Nagle would hold ~40 ms
+    apart (and the handshake has several such pairs)."""
     config = _ssh_config(tmp_path, "Host target\n  HostName 192.0.2.1\n  ProxyJump gw\n"
                                    f"Host *\n  UserKnownHostsFile {tmp_path}/known_hosts\n")
     host = RemoteHost("target", ssh_config_path=config)
-    server = socket.create_server(("127.0.0.1", 0))
-    sockets = [socket.create_connection(server.getsockname()) for _ in range(2)]
-    try:
-        for hop, sock in zip((host._conn, host._conn.gateway), sockets, strict=True):
-            hop.transport = type("Transport", (), {"sock": sock})()
-        hosts_module._no_delay(host._conn)
-        assert [s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets] == [1, 1]
-    finally:
-        for sock in (*sockets, server):
-            sock.close()
+    hops = [host._conn, host._conn.gateway]
+    assert all(isinstance(hop.client, hosts_module._PromptClient) for hop in hops)
+    handed: list[socket.socket] = []
+    monkeypatch.setattr(paramiko.SSHClient, "connect",
+                        lambda self, hostname, port, *, sock, **kw: handed.append(sock))
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        hops[1].client.connect("127.0.0.1", server.getsockname()[1], timeout=5)
+        with handed[0] as sock:
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+def test_a_socket_given_to_the_client_is_used_as_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway's direct-tcpip channel (or a ProxyCommand) is not a TCP socket of ours."""
+    handed: list[object] = []
+    monkeypatch.setattr(paramiko.SSHClient, "connect",
+                        lambda self, hostname, port, *, sock, **kw: handed.append(sock))
+    channel = object()
+    hosts_module._PromptClient().connect("target", 22, sock=channel, timeout=5)
+    assert handed == [channel]
 
 
 def test_commands_and_file_writes_are_counted(tmp_path: Path) -> None:
