@@ -3,10 +3,11 @@
 A first deploy on an empty remote directory and database, then further deploys of new commits,
 each split into: image build, waiting for the app to become healthy, the configured drain
 before the old slot stops, and everything else (the tool's own overhead), with the SSH
-connections opened and the remote commands run (each one a new session on the host: tens of
-milliseconds). For the last deploy, the overhead phase by phase (Python start-up, each step,
-exit) and, with --commands, every remote command it ran. Then, for what an empty *engine* would
-add, a build of the app image and of the proxy image with --no-cache (skip with --no-cold).
+connections opened and the remote commands run (each one a new session on the host). For the
+last deploy, the overhead phase by phase (Python start-up, each step, exit), how much of it is
+docker/compose commands on the host, and with --commands every remote command it ran. Then,
+for what an empty *engine* would add, a build of the app image and of the proxy image with
+--no-cache (skip with --no-cold).
 
     python bench/deploy_timing.py [--deploys 3] [--commands] [--no-cold] [--keep-workdir]
 

@@ -140,8 +140,8 @@ class Host:
     # Applied to command output before it is cut for an error message: a secret cut in half
     # by the cut would no longer match its value.
     redact: Redact = field(default=_unredacted, repr=False)
-    # Round trips of this run, for the benchmarks: each command costs the host a new session
-    # (tens of milliseconds over SSH), each file write a few SFTP requests.
+    # Round trips of this run, for the benchmarks: each command is a new session on the host
+    # (milliseconds over SSH, before what it runs), each file write a few SFTP requests.
     commands_run: int = field(default=0, init=False, repr=False)
     files_written: int = field(default=0, init=False, repr=False)
 
