@@ -121,6 +121,9 @@ class StateStore:
         # host's time in it was read.
         self._known: Snapshot | None = None
         self._known_at = 0.0
+        # The last state parsed from the file, by its token: the same bytes read again (the
+        # lease's checks) need no second parse and schema validation.
+        self._parsed: tuple[str, State] | None = None
 
     @property
     def where(self) -> str:
@@ -166,8 +169,11 @@ class StateStore:
         digest = hashlib.sha256(body.encode("utf-8", "surrogateescape")).hexdigest()
         if digest != token.strip():
             return None
-        return Snapshot(State.from_json(body, self.where, self.environment), token.strip(),
-                        host_now)
+        if self._parsed is not None and self._parsed[0] == digest:
+            return Snapshot(self._parsed[1].copy(), digest, host_now)
+        state = State.from_json(body, self.where, self.environment)
+        self._parsed = (digest, state.copy())
+        return Snapshot(state, digest, host_now)
 
     def _remember(self, snap: Snapshot, read_at: float | None = None) -> Snapshot:
         self._known = snap

@@ -639,3 +639,23 @@ def test_adopt_reads_again_when_the_output_does_not_match_its_hash(state_dir: Pa
     lock, _ = acquire(store)
     output = host.run(store.read_command).stdout.replace('"locked": true', '"locked": false')
     assert make_store(state_dir, host).adopt(output).state.lock == lock
+
+
+def test_the_same_content_read_again_is_not_parsed_again(
+        state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = make_store(state_dir)
+    lock, _ = acquire(store)
+    parsed: list[str] = []
+    real = State.from_json
+
+    def counting(text: str, where: str, environment: str) -> State:
+        parsed.append(text)
+        return real(text, where, environment)
+
+    monkeypatch.setattr(State, "from_json", staticmethod(counting))
+    first, second = store.read(), store.read()
+    assert len(parsed) == 1 and first.state == second.state
+    first.state.lock["locked_by"] = "changed in memory"  # a copy: the next read is the file's
+    assert store.read().state.lock == lock
+    store.release(lock["lock_id"])  # decided on the remembered state: no parse
+    assert store.read().state.lock == {"locked": False} and len(parsed) == 2
