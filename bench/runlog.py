@@ -13,6 +13,7 @@ import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 SSH_CONNECTIONS = re.compile(r"ssh connections: (\d+)")
@@ -39,6 +40,10 @@ class RunLog:
     per_host: dict[str, dict[str, HostSteps]] = field(default_factory=dict)
     publish_s: float = 0.0  # seconds of `docker build` / `docker push` commands (any host)
     commands: list[dict] = field(default_factory=list)
+    # host -> {"connections", "commands", "files"}: the session's count at the end of the run
+    round_trips: dict[str, dict[str, int]] = field(default_factory=dict)
+    first_at: datetime | None = None  # the first and the last event's time stamp
+    last_at: datetime | None = None
 
     @property
     def hosts(self) -> list[str]:
@@ -84,7 +89,13 @@ def read(path: Path) -> RunLog:
         except ValueError:
             continue
         kind = event.get("event")
-        if kind == "step_start":
+        if "ts" in event:
+            at = datetime.fromisoformat(event["ts"])
+            log.first_at = log.first_at or at
+            log.last_at = at
+        if kind == "round_trips":
+            log.round_trips = event.get("hosts") or {}
+        elif kind == "step_start":
             current = event["step"]
         elif kind == "step_done":
             log.steps[event["step"]] = float(event["seconds"])

@@ -26,11 +26,9 @@ from .errors import (
     TogatherError,
     UsageError,
 )
-from .lock import describe
 from .output import Console, RunLog
 from .redact import MASK, Redactor, is_secret_key
 from .signals import interruptible
-from .state import utc_now
 
 if TYPE_CHECKING:
     from . import config as configmod
@@ -316,6 +314,9 @@ def _describe_deployment(d: dict | None) -> str:
 
 def _describe_lock(lock: dict, host_now: datetime | None = None) -> str:
     """`host_now`: the host's time read with the lock (its age and expiry are the host's)."""
+    from .lock import describe
+    from .state import utc_now
+
     return describe(lock, host_now or utc_now()) if lock.get("locked") else "free"
 
 

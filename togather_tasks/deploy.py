@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from . import certs, cleanup, fleet, images, proxy, slots, snapshots, source
+from . import batch, certs, cleanup, fleet, images, provision, proxy, slots, snapshots, source
 from . import commands as cmd
 from .errors import CommandTimeoutError, ConfigError, MigrationError, TogatherError
 from .hosts import Host, Result
@@ -31,7 +31,6 @@ from .state import new_deployment, utc_now
 from .ulid import new_id
 
 q = shlex.quote
-MIN_DOCKER = (20, 10)
 
 
 def describe_pending(pending: list[str] | None) -> str:
@@ -120,7 +119,7 @@ class Deploy(SlotOperation):
                                 f"deployed (building commit {self.release.sha7})")
         self.on_hosts("validate", lambda host: self.check_host(
             host, primary=host.name == self.settings.primary_host))
-        self.state = self.s.store.read().state
+        self.state = self.s.store.known().state  # read with the primary's check
         self.slots = Slots(self.state.next_slot(), self.state.active_slot)
         if self.migrations_enabled:
             self.check_database()
@@ -144,39 +143,27 @@ class Deploy(SlotOperation):
             raise ConfigError(problems)
 
     def check_host(self, host: Host, *, primary: bool) -> None:
-        tools = ["flock", "timeout", "sha256sum", "tar"]
+        """One command per host: its tools and versions, and on the host that holds the state
+        file (the primary) also the state (read here rather than in a command of its own)."""
+        tools = list(provision.HOST_TOOLS)
         if primary and self.migrations_enabled and self.settings.has_database:
-            tools += ["pg_dump", "pg_restore", "psql"]
+            tools += provision.DATABASE_TOOLS
             binary = cmd.migration_tool_binary(self.settings.database["migration_tool"])
             if binary:
                 tools.append(binary)
-        probe = ("printf 'docker=%s\\n' \"$(docker version --format '{{.Server.Version}}' "
-                 "2>&1 | tail -n 1)\"; printf 'compose=%s\\n' \"$(docker compose version "
-                 "--short 2>/dev/null)\"; for t in " + " ".join(tools) +
-                 "; do command -v \"$t\" > /dev/null || printf 'missing=%s\\n' \"$t\"; done")
-        out = host.run(probe, timeout=60, what="checking the host").stdout
-        values: dict[str, list[str]] = {}
-        for line in out.splitlines():
-            key, _, value = line.partition("=")
-            values.setdefault(key, []).append(value.strip())
-        problems = []
-        docker = (values.get("docker") or [""])[0]
-        version = tuple(int(p) for p in docker.split(".")[:2] if p.isdigit())
-        if len(version) < 2:
-            problems.append(f"{host.name}: the Docker daemon does not answer "
-                            f"({docker or 'no output'}); start it (e.g. `systemctl start "
-                            "docker`) and retry")
-        elif version < MIN_DOCKER:
-            problems.append(f"{host.name}: Docker {docker} is too old (>= 20.10 needed)")
-        compose = (values.get("compose") or [""])[0]
-        if not compose.lstrip("v").startswith("2"):
-            problems.append(f"{host.name}: the Docker Compose v2 plugin is missing "
-                            "(`docker compose version` failed)")
-        for missing in values.get("missing", []):
-            problems.append(f"{host.name}: `{missing}` is not installed or not on PATH")
+        probes = {"host": provision.host_check_script(tools)}
+        holds_state = self.s.store.host is host
+        if holds_state:
+            probes["state"] = self.s.store.read_command
+        found = batch.run_batch(host, probes, timeout=60, what="checking the host")
+        problems = provision.host_check_problems(host.name, found["host"].output)
         if problems:
             raise TogatherError("; ".join(problems),
                                 hint="Nothing was changed. Fix the host and retry.")
+        if holds_state and found["state"].ok:
+            self.s.store.adopt(found["state"].output)
+        elif holds_state:  # e.g. the flock timed out: read again, failing with its own error
+            self.s.store.read()
 
     def check_database(self) -> None:
         """Read-only: golang-migrate's dirty flag must be clear before we touch anything."""
@@ -294,7 +281,7 @@ class Deploy(SlotOperation):
         agrees on."""
         self.take_lock(self.deployment_id, force=self.options.force,
                        lock_wait=self.options.lock_wait)
-        self.state = self.s.store.read().state
+        self.state = self.s.store.known().state  # as our lock's compare-and-swap wrote it
         self.settle_slots(self.state)
         note(f"{self.lock['lock_id']} held by {self.lock['locked_by']}")
         self.notify("started")

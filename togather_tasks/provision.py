@@ -288,3 +288,45 @@ def plan(facts: Facts, *, remote_dir: str, primary: bool, has_database: bool,
     items += [docker_group_item(user), remote_dir_item(user, remote_dir)]
     tool = migration_tool_item(migration_tool, binaries) if primary else None
     return items + ([tool] if tool else [])
+
+
+# --- the deploy's validate probe: what a host must have before anything changes ------------
+
+MIN_DOCKER = (20, 10)
+HOST_TOOLS = ("flock", "timeout", "sha256sum", "tar")
+DATABASE_TOOLS = ("pg_dump", "pg_restore", "psql")
+
+
+def host_check_script(tools: list[str]) -> str:
+    """Docker's server version, Compose v2's version (both at once: each CLI takes tens of
+    milliseconds to start) and the tools missing from PATH, one `key=value` line each."""
+    docker = ("{ printf 'docker=%s\\n' \"$(docker version --format '{{.Server.Version}}' "
+              "2>&1 | tail -n 1)\"; } &")
+    compose = "{ printf 'compose=%s\\n' \"$(docker compose version --short 2>/dev/null)\"; } &"
+    missing = (f"for t in {' '.join(q(t) for t in tools)}; do command -v \"$t\" > /dev/null "
+               "|| printf 'missing=%s\\n' \"$t\"; done")
+    return f"{docker} {compose} {missing}; wait"
+
+
+def host_check_problems(host: str, output: str) -> list[str]:
+    """host_check_script's output -> what keeps `host` from being deployed to (empty: fine)."""
+    values: dict[str, list[str]] = {}
+    for line in output.splitlines():
+        key, _, value = line.partition("=")
+        values.setdefault(key, []).append(value.strip())
+    problems = []
+    docker = (values.get("docker") or [""])[0]
+    version = tuple(int(p) for p in docker.split(".")[:2] if p.isdigit())
+    if len(version) < 2:
+        problems.append(f"{host}: the Docker daemon does not answer "
+                        f"({docker or 'no output'}); start it (e.g. `systemctl start "
+                        "docker`) and retry")
+    elif version < MIN_DOCKER:
+        problems.append(f"{host}: Docker {docker} is too old (>= 20.10 needed)")
+    compose = (values.get("compose") or [""])[0]
+    if not compose.lstrip("v").startswith("2"):
+        problems.append(f"{host}: the Docker Compose v2 plugin is missing "
+                        "(`docker compose version` failed)")
+    for missing in values.get("missing", []):
+        problems.append(f"{host}: `{missing}` is not installed or not on PATH")
+    return problems

@@ -105,7 +105,20 @@ class Session:
         except Exception as exc:  # noqa: BLE001 - the audit line is best effort by design
             self.console.warn(f"could not append the audit line on the host: {exc}")
 
+    def round_trips(self) -> dict[str, dict[str, int]]:
+        """Per host: connections opened, commands run and files written in this run (the
+        heartbeat's own connection included under its host's name)."""
+        counts: dict[str, dict[str, int]] = {}
+        local = [self.__dict__["local"]] if "local" in self.__dict__ else []
+        for host in [*self._hosts.values(), *self._extra, *local]:
+            count = counts.setdefault(host.name, {"connections": 0, "commands": 0, "files": 0})
+            count["connections"] += host.connections_opened
+            count["commands"] += host.commands_run
+            count["files"] += host.files_written
+        return counts
+
     def close(self) -> None:
         for host in [*self._hosts.values(), *self._extra]:
             host.close()
+        self.log.event("round_trips", hosts=self.round_trips())
         self.log.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 import shlex
 import socket
 import threading
@@ -94,6 +95,18 @@ class FakeHost(Host):
     @staticmethod
     def _refuse(address: str, port: int, path: str, timeout: float) -> HttpResponse:
         raise ConnectionRefusedError(f"connection refused on {address}:{port}")
+
+
+def batch_answer(**outputs: str) -> Rule:
+    """Answers a batch of probes (togather_tasks.batch): each named section prints its text
+    and exits 0."""
+    def rule(command: str) -> Result:
+        marker = re.search(r"(--togather-batch-[0-9a-f]+--) begin", command)
+        assert marker, f"not a batch: {command[:80]}"
+        return ok("".join(f"{marker[1]} begin {name}\n{text}\n{marker[1]} end {name} 0\n"
+                          for name, text in outputs.items()))
+
+    return rule
 
 
 def answer(status: int = 200, *, slot: str | None = None, body: bytes = b"{}") -> HttpResponse:

@@ -32,7 +32,7 @@ from togather_tasks.slots import Slots, choose_slots
 from togather_tasks.state import new_deployment, utc_now
 from togather_tasks.ulid import new_id
 
-from .fakehost import FakeHost, FakeSession, ProxyDisk, answer, failed, ok
+from .fakehost import FakeHost, FakeSession, ProxyDisk, answer, batch_answer, failed, ok
 from .test_health import body as health_body
 from .test_slots import proxy_running
 
@@ -295,7 +295,7 @@ def test_one_host_unreachable_at_validate_is_named_and_nothing_changes(
         raise HostUnreachableError("cannot connect to web2: timed out after 15 s")
 
     for host in fleet_session.all_hosts:
-        host.on("docker version", ok("docker=24.0.7\ncompose=v2.20.2\n"))
+        host.on("docker version", batch_answer(host="docker=24.0.7\ncompose=v2.20.2\n"))
     fleet_session.host("web2").on("docker version", unreachable)
     deploy = Deploy(fleet_session, DeployOptions())  # type: ignore[arg-type]
 

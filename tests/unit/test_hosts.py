@@ -16,6 +16,7 @@ import paramiko
 import pytest
 from paramiko import sftp as sftp_proto
 
+from togather_tasks import hosts as hosts_module
 from togather_tasks.errors import CommandTimeoutError
 from togather_tasks.hosts import LocalHost, RemoteHost
 
@@ -41,6 +42,7 @@ class _SilentChannel:
 
     def __init__(self) -> None:
         self.closed = False
+        self.status_event = threading.Event()  # paramiko sets it when the exit status comes
 
     def settimeout(self, seconds: float) -> None:
         self.timeout = seconds
@@ -216,3 +218,41 @@ def test_a_local_file_is_created_with_its_mode(tmp_path: Path) -> None:
     path = tmp_path / "app.env"
     LocalHost().write_file(str(path), b"SECRET_KEY=x\n", mode=0o600)
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_every_hop_connects_over_a_socket_that_sends_without_delay(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TCP_NODELAY from the first packet, on the connection and on its ProxyJump gateway: each
+    command is a channel-open and an exec request, two small packets Nagle would hold ~40 ms
+    apart (and the handshake has several such pairs)."""
+    config = _ssh_config(tmp_path, "Host target\n  HostName 192.0.2.1\n  ProxyJump gw\n"
+                                   f"Host *\n  UserKnownHostsFile {tmp_path}/known_hosts\n")
+    host = RemoteHost("target", ssh_config_path=config)
+    hops = [host._conn, host._conn.gateway]
+    assert all(isinstance(hop.client, hosts_module._PromptClient) for hop in hops)
+    handed: list[socket.socket] = []
+    monkeypatch.setattr(paramiko.SSHClient, "connect",
+                        lambda self, hostname, port, *, sock, **kw: handed.append(sock))
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        hops[1].client.connect("127.0.0.1", server.getsockname()[1], timeout=5)
+        with handed[0] as sock:
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+def test_a_socket_given_to_the_client_is_used_as_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway's direct-tcpip channel (or a ProxyCommand) is not a TCP socket of ours."""
+    handed: list[object] = []
+    monkeypatch.setattr(paramiko.SSHClient, "connect",
+                        lambda self, hostname, port, *, sock, **kw: handed.append(sock))
+    channel = object()
+    hosts_module._PromptClient().connect("target", 22, sock=channel, timeout=5)
+    assert handed == [channel]
+
+
+def test_commands_and_file_writes_are_counted(tmp_path: Path) -> None:
+    host = LocalHost()
+    host.run("true")
+    host.stream_into("cat > /dev/null", io.BytesIO(b"x"), timeout=10)
+    host.write_file(str(tmp_path / "a"), b"a")
+    host.write_temp(str(tmp_path), b"b")
+    assert (host.commands_run, host.files_written) == (2, 2)

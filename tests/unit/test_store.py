@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from togather_tasks import store as store_module
 from togather_tasks.errors import ExitCode, LockHeldError, StateError
 from togather_tasks.hosts import LocalHost, Result
 from togather_tasks.lock import Operator, new_lock, process_start_time
@@ -24,10 +25,12 @@ from togather_tasks.store import (
     ABSENT,
     CAS_CONFLICT,
     HOST_CLOCK,
+    UPLOAD_INCOMPLETE,
     StateConflict,
     StateStore,
     cas_script,
     read_script,
+    write_script,
 )
 from togather_tasks.ulid import new_id
 
@@ -482,3 +485,177 @@ def test_a_reused_pid_is_taken_over(state_dir: Path) -> None:
     old, _ = acquire(make_store(state_dir), operator(pid=4242))
     _, decision = acquire(make_store(state_dir), start_time=lambda _pid: "ticks:2")
     assert decision.replaced["lock_id"] == old["lock_id"]
+
+
+# --- round trips: one command per write, decisions on the remembered state ---------------------
+
+
+def test_write_script_quotes_every_path_and_the_digests() -> None:
+    script = write_script("/srv/it's dir", "/srv/it's dir/state.json", "/srv/it's dir/.t.tmp",
+                          ABSENT, "f" * 64)
+    for value in ("/srv/it's dir", "/srv/it's dir/state.json", "/srv/it's dir/.t.tmp"):
+        assert shlex.quote(value) in script
+    assert "f" * 64 in script and "set -C" in script
+
+
+def test_write_script_swaps_in_the_content_from_standard_input(tmp_path: Path) -> None:
+    directory = tmp_path / "new 'dir'"
+    state_file, tmp = directory / "state.json", directory / ".new.tmp"
+    digest = hashlib.sha256(b"new\n").hexdigest()
+    done = subprocess.run(["sh", "-c", write_script(str(directory), str(state_file), str(tmp),
+                                                    ABSENT, digest)],
+                          input=b"new\n", capture_output=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    assert state_file.read_bytes() == b"new\n" and not tmp.exists()
+    assert state_file.stat().st_mode & 0o777 == 0o640
+
+
+def test_an_upload_cut_short_is_never_swapped_in(tmp_path: Path) -> None:
+    state_file, tmp = tmp_path / "state.json", tmp_path / ".new.tmp"
+    state_file.write_bytes(b"old\n")
+    expected = hashlib.sha256(b"old\n").hexdigest()
+    digest = hashlib.sha256(b"the whole new content\n").hexdigest()
+    cut = subprocess.run(["sh", "-c", write_script(str(tmp_path), str(state_file), str(tmp),
+                                                   expected, digest)],
+                         input=b"the whole", capture_output=True, timeout=30, check=False)
+    assert cut.returncode == UPLOAD_INCOMPLETE
+    assert state_file.read_bytes() == b"old\n" and not tmp.exists()
+
+
+def test_write_script_never_writes_through_an_existing_temporary_file(tmp_path: Path) -> None:
+    """`set -C`: a file (or a symlink planted) at the temporary name is not overwritten."""
+    target, tmp = tmp_path / "elsewhere", tmp_path / ".new.tmp"
+    target.write_bytes(b"precious\n")
+    tmp.symlink_to(target)
+    digest = hashlib.sha256(b"new\n").hexdigest()
+    done = subprocess.run(["sh", "-c", write_script(str(tmp_path), str(tmp_path / "s.json"),
+                                                    str(tmp), ABSENT, digest)],
+                          input=b"new\n", capture_output=True, timeout=30, check=False)
+    assert done.returncode != 0
+    assert target.read_bytes() == b"precious\n" and not (tmp_path / "s.json").exists()
+
+
+def test_a_write_is_one_command(state_dir: Path) -> None:
+    host = ClockedHost()
+    make_store(state_dir, host).write(State.empty("staging"), ABSENT)
+    assert (host.commands_run, host.files_written) == (1, 0)
+
+
+def test_an_update_after_a_read_decides_on_it_without_reading_again(state_dir: Path) -> None:
+    host = ClockedHost()
+    store = make_store(state_dir, host)
+    store.read()
+    before = host.commands_run
+    store.update(lambda s: s.with_lock({"locked": False, "n": 1}))
+    assert host.commands_run - before == 1
+    assert make_store(state_dir).read().state.lock == {"locked": False, "n": 1}
+
+
+def test_an_update_on_a_remembered_state_changed_since_is_decided_again(
+        state_dir: Path) -> None:
+    store, other = make_store(state_dir), make_store(state_dir)
+    store.update(lambda s: s.with_lock({"locked": False, "n": 1}))
+    other.update(lambda s: s.with_lock({"locked": False, "n": s.lock["n"] + 10}))
+    seen: list[int] = []
+
+    def add_one(state: State) -> State:
+        seen.append(state.lock["n"])
+        return state.with_lock({"locked": False, "n": state.lock["n"] + 1})
+
+    store.update(add_one)
+    assert seen == [1, 11]  # the remembered state, then the file as it is
+    assert make_store(state_dir).read().state.lock["n"] == 12
+
+
+def test_a_lock_held_in_the_remembered_state_but_released_since_is_taken(
+        state_dir: Path) -> None:
+    """Deciding on a remembered state never refuses: a refusal is made on a fresh read."""
+    alices, _ = acquire(make_store(state_dir), operator("alice@example.com"))
+    bob = make_store(state_dir)
+    assert bob.read().state.lock == alices
+    make_store(state_dir).release(alices["lock_id"])
+    lock, decision = acquire(bob, operator("bob@example.com"))
+    assert decision.reason == "unlocked"
+    assert make_store(state_dir).read().state.lock == lock
+
+
+def test_a_lock_is_not_taken_on_a_remembered_state_older_than_the_limit(
+        state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    host = ClockedHost()
+    store = make_store(state_dir, host)
+    store.read()
+    host.now = T0 + timedelta(minutes=5)
+    monkeypatch.setattr(store_module, "GUESS_LOCK_SECONDS", -1.0)
+    lock, _ = acquire(store)
+    assert lock["locked_at"] == "2026-01-28T15:05:00Z"  # from a fresh read's host time
+
+
+def test_a_lock_taken_on_a_recent_remembered_state_is_one_command(state_dir: Path) -> None:
+    host = ClockedHost()
+    store = make_store(state_dir, host)
+    store.read()
+    before = host.commands_run
+    lock, _ = acquire(store)
+    assert host.commands_run - before == 1
+    assert store.known().state.lock == lock == make_store(state_dir).read().state.lock
+
+
+def test_a_release_after_our_own_write_is_one_command(state_dir: Path) -> None:
+    host = ClockedHost()
+    store = make_store(state_dir, host)
+    lock, _ = acquire(store)
+    before = host.commands_run
+    assert store.release(lock["lock_id"])["lock_id"] == lock["lock_id"]
+    assert host.commands_run - before == 1
+    assert make_store(state_dir).read().state.lock == {"locked": False}
+
+
+def test_a_release_by_someone_else_on_a_remembered_state_is_judged_on_the_file(
+        state_dir: Path) -> None:
+    """Our remembered state says the lock is ours; it was broken and taken since: the release
+    is decided on the file and leaves the new holder's lock."""
+    store = make_store(state_dir)
+    mine, _ = acquire(store)
+    bobs, _ = acquire(make_store(state_dir), operator("bob@example.com"), force=True)
+    assert store.release(mine["lock_id"]) is None
+    assert make_store(state_dir).read().state.lock == bobs
+
+
+def test_adopt_takes_a_read_run_elsewhere(state_dir: Path) -> None:
+    host = ClockedHost()
+    store = make_store(state_dir, host)
+    lock, _ = acquire(store)
+    output = host.run(store.read_command).stdout
+    fresh = make_store(state_dir, host)
+    before = host.commands_run
+    snap = fresh.adopt(output)
+    assert snap.state.lock == lock and snap.host_now == T0
+    assert host.commands_run == before and fresh.known() == snap
+
+
+def test_adopt_reads_again_when_the_output_does_not_match_its_hash(state_dir: Path) -> None:
+    host = ClockedHost()
+    store = make_store(state_dir, host)
+    lock, _ = acquire(store)
+    output = host.run(store.read_command).stdout.replace('"locked": true', '"locked": false')
+    assert make_store(state_dir, host).adopt(output).state.lock == lock
+
+
+def test_the_same_content_read_again_is_not_parsed_again(
+        state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = make_store(state_dir)
+    lock, _ = acquire(store)
+    parsed: list[str] = []
+    real = State.from_json
+
+    def counting(text: str, where: str, environment: str) -> State:
+        parsed.append(text)
+        return real(text, where, environment)
+
+    monkeypatch.setattr(State, "from_json", staticmethod(counting))
+    first, second = store.read(), store.read()
+    assert len(parsed) == 1 and first.state == second.state
+    first.state.lock["locked_by"] = "changed in memory"  # a copy: the next read is the file's
+    assert store.read().state.lock == lock
+    store.release(lock["lock_id"])  # decided on the remembered state: no parse
+    assert store.read().state.lock == {"locked": False} and len(parsed) == 2
