@@ -576,9 +576,14 @@ def test_until_input_closes_ends_a_quiet_command_when_stdin_closes() -> None:
 
 def test_until_input_closes_keeps_the_commands_exit_status() -> None:
     import subprocess
-    proc = subprocess.run(["sh", "-c", cmd.until_input_closes("exit 7")],
-                          stdin=subprocess.PIPE, timeout=10, check=False)
-    assert proc.returncode == 7
+    # Standard input stays open while the command runs (closing it would stop the command,
+    # which is the other test's point); it is closed only after the exit status is known.
+    with subprocess.Popen(["sh", "-c", cmd.until_input_closes("exit 7")],
+                          stdin=subprocess.PIPE) as proc:
+        try:
+            assert proc.wait(timeout=10) == 7
+        finally:
+            proc.stdin.close()
 
 
 def test_exec_commands_are_exact_and_quote_the_operators_command(settings: Settings) -> None:
