@@ -591,8 +591,7 @@ def benchmark(app: BenchApp, args: argparse.Namespace) -> list[str]:
     recovered = any(label.endswith(f"/{v1}") for label in after_c)
     out.append(f"        app-{active}'s container address {ip_before} -> {ip_after}; the proxy "
                + ("served the new container again by the end of the load" if recovered else
-                  "never reached the new container (nginx resolved the service name at its "
-                  "last reload and kept the old address)"))
+                  "never reached the new container within the load"))
     covered = all(p.load.started_monotonic + p.load.duration_s
                   >= p.command.started + p.command.wall_s for p in phases)
     enough = all(p.load.sent >= args.min_requests for p in (a, b))

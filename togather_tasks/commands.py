@@ -301,13 +301,6 @@ def running_proxy(settings: Settings) -> str:
             + q("{{.Config.Image}} {{.HostConfig.NetworkMode}}") + ' "$id"')
 
 
-def proxy_workers(settings: Settings) -> str:
-    """The proxy's processes as the host sees them (`docker top`): a reload replaces the
-    workers, a switch must not."""
-    return (f"id=$({compose(settings, 'ps', '--quiet', '--status', 'running', 'proxy')}"
-            ' | head -n 1); [ -n "$id" ] && docker top "$id" -o pid,args')
-
-
 def read_routes(layout: Layout) -> str:
     """The state files as nginx tests them (a regular file `green`, `blue`; anything named
     `maintenance`), one name per line, and after a `--` line the pre-marker upstream file

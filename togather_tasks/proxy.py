@@ -192,12 +192,14 @@ class Site:
 
     text: str
     on_host: str
-    stale: bool  # the running nginx (if any) did not load `text`
+    digest: str  # of the site and the token: what site.loaded records once nginx loaded both
+    stale: bool  # the running nginx (if any) did not load them
 
 
 def write_site(settings: Settings, host: Host) -> tuple[Site, str]:
     """Put site.conf and the verification token on the host (the token made once per host)
-    and say whether nginx has to load the site. Returns it and the token."""
+    and say whether nginx has to load them (a new site, a token it never loaded). Returns the
+    site and the token."""
     layout = cmd.Layout(settings.remote_dir)
     out = host.run(cmd.proxy_files(layout), timeout=30).stdout
     loaded, _, rest = out.partition("\n")
@@ -207,7 +209,8 @@ def write_site(settings: Settings, host: Host) -> tuple[Site, str]:
         token = secrets.token_hex(16)
         host.write_file(layout.verify_map, verify_map(token).encode(), mode=0o600)
     text = site_conf(settings)
-    site = Site(text, on_host, stale=loaded.strip() != site_digest(text))
+    digest = site_digest(text + verify_map(token))
+    site = Site(text, on_host, digest, stale=loaded.strip() != digest)
     if on_host != text:
         host.write_file(layout.site_file, text.encode(), mode=0o644)
     return site, token
@@ -247,7 +250,7 @@ def apply_config(settings: Settings, host: Host, site: Site) -> str:
         how = f"reloaded ({site_changes(site.on_host, site.text)})"
     else:
         return "unchanged"
-    host.write_file(layout.site_loaded, f"{site_digest(site.text)}\n".encode(), mode=0o644)
+    host.write_file(layout.site_loaded, f"{site.digest}\n".encode(), mode=0o644)
     return how
 
 

@@ -114,6 +114,14 @@ def test_one_keepalive_connection_survives_deploy_and_rollback_without_a_reload(
     assert held.requests > 100
     assert worker_pids(app) == workers, "nginx was reloaded (its workers changed)"
     assert "reload" not in deployed.stderr + rolled_back.stderr
+    # The slot the rollback left stopped gracefully: its idle keep-alive connections (the
+    # proxy's pool) closed at once, no SIGKILL after the grace period.
+    green = app.compose("logs", "--no-color", "app-green", check=True).stdout
+    assert "SIGTERM received" in green and "idle connection(s)" in green, green[-2000:]
+    assert green.rstrip().endswith("togather-demo: stopped"), green[-500:]
+    [stopped] = [c["id"] for c in app.containers() if c["service"] == "app-green"]
+    assert subprocess.run(["docker", "inspect", "--format", "{{.State.ExitCode}}", stopped],
+                          capture_output=True, text=True, check=True).stdout.strip() == "0"
 
 
 def test_the_switch_state_survives_a_proxy_restart(demo_app) -> None:

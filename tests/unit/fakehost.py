@@ -171,7 +171,8 @@ class ProxyDisk:
 
         text = proxy.site_conf(settings)
         self.host.files[self.layout.site_file] = text.encode()
-        self.host.files[self.layout.site_loaded] = f"{proxy.site_digest(text)}\n".encode()
+        digest = proxy.site_digest(text + proxy.verify_map(token))
+        self.host.files[self.layout.site_loaded] = f"{digest}\n".encode()
         self.host.files[self.layout.verify_map] = proxy.verify_map(token).encode()
 
     def mark(self, slot: str | None) -> None:

@@ -81,15 +81,12 @@ COMPOSE = ("docker compose --project-name togather-test-staging --project-direct
     (lambda st: cmd.running_proxy(st),
      f"id=$({COMPOSE} ps --quiet --status running proxy | head -n 1); [ -z \"$id\" ] || "
      "docker inspect --format '{{.Config.Image}} {{.HostConfig.NetworkMode}}' \"$id\""),
-    (lambda st: cmd.proxy_workers(st),
-     f"id=$({COMPOSE} ps --quiet --status running proxy | head -n 1); [ -n \"$id\" ] && "
-     "docker top \"$id\" -o pid,args"),
     (lambda st: cmd.proxy_files(cmd.Layout(st.remote_dir)),
      "printf '%s\\n' \"$(cat /srv/togather/staging/nginx/site.loaded 2>/dev/null)\"; "
      "cat /srv/togather/staging/nginx/verify.map 2>/dev/null; echo --; "
      "cat /srv/togather/staging/nginx/site.conf 2>/dev/null; true"),
 ], ids=["start", "stop", "ps", "logs", "proxy-up", "proxy-recreate", "reload", "running-proxy",
-        "proxy-workers", "proxy-files"])
+        "proxy-files"])
 def test_slot_and_proxy_commands_are_exact(settings: Settings, build, expected: str) -> None:
     assert build(settings) == expected
 

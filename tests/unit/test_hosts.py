@@ -161,6 +161,25 @@ def test_a_normal_http_answer_is_read_whole(http_server) -> None:
     assert resp.json() == {"status": "ok"}
 
 
+def test_extra_request_headers_are_sent() -> None:
+    """The proxy's verification token travels in a header, never on a command line."""
+    received: list[bytes] = []
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def echo() -> None:
+        conn, _ = server.accept()
+        with conn:
+            received.append(conn.recv(4096))
+            conn.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+
+    threading.Thread(target=echo, daemon=True).start()
+    with server:
+        resp = LocalHost().http_get("127.0.0.1", server.getsockname()[1], "/version",
+                                    timeout=5, headers={"X-Togather-Verify": "0f" * 16})
+    assert resp.status == 204
+    assert f"\r\nX-Togather-Verify: {'0f' * 16}\r\n".encode() in received[0]
+
+
 # --- issue 8 item 11: a secret file is never readable by others, not even for a moment ------
 
 

@@ -178,7 +178,7 @@ def test_a_changed_site_is_reloaded_and_recorded_as_loaded(
     layout = cmd.Layout(settings.remote_dir)
     assert host.files[layout.site_file].decode() == proxy.site_conf(moved)
     assert host.files[layout.site_loaded].decode().strip() == proxy.site_digest(
-        proxy.site_conf(moved))
+        proxy.site_conf(moved) + proxy.verify_map("ab" * 16))
     assert host.ran(RECREATE) == []
 
 
@@ -189,6 +189,17 @@ def test_a_site_written_but_never_loaded_is_reloaded_by_the_next_run(
     host.files[cmd.Layout(settings.remote_dir).site_loaded] = b"0" * 64
     proxy_running(host, settings)
     site, _ = proxy.write_site(settings, host)
+    assert proxy.apply_config(settings, host, site).startswith("reloaded")
+
+
+def test_a_token_nginx_never_loaded_is_reloaded(host: FakeHost, disk: ProxyDisk,
+                                               settings: Settings) -> None:
+    """verify.map lost while nginx ran: a new token is made, and nginx must load it."""
+    with_loaded_site(host, settings)
+    del host.files[cmd.Layout(settings.remote_dir).verify_map]
+    proxy_running(host, settings)
+    site, token = proxy.write_site(settings, host)
+    assert token != "ab" * 16
     assert proxy.apply_config(settings, host, site).startswith("reloaded")
 
 
