@@ -1,0 +1,184 @@
+"""The swarm engine (issue 12) end to end, on the fleet test bed's swarm (host1 manager, host2
+and host3 workers; scripts/testbed-fleet.sh) through its load balancer on 127.0.0.1:11080,
+which checks every node's host-mode port 8090.
+
+Each test deploys its own copy of the demo (fleet_app_factory: own database, remote dir and
+registry repository) as the environment `cluster` with `engine: swarm`; the service and its
+secrets are removed after the test. Port 8090 is the load balancer's: one swarm test at a
+time (a machine-wide lock), and never the whole file in parallel with itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+MANAGER_SOCK = "unix:///run/togather-fleet/host1/docker.sock"
+SWARM_PORT = 8090
+SWARM_LB_URL = "http://127.0.0.1:11080"
+SWARM_LOCK = Path("/run/togather-testbed/swarm-8090.lock")
+ENV = "cluster"
+
+
+def manager(*args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`docker ARGS` against the swarm manager's daemon (host1), as root."""
+    result = subprocess.run(["docker", "-H", MANAGER_SOCK, *args], capture_output=True,
+                            text=True, timeout=timeout, check=False)
+    if check:
+        assert result.returncode == 0, f"docker {' '.join(args)}: {result.stderr}"
+    return result
+
+
+def lb_version(timeout: float = 5) -> tuple[int, dict[str, Any] | None]:
+    try:
+        with urllib.request.urlopen(f"{SWARM_LB_URL}/version", timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+    except OSError:
+        return 0, None
+
+
+def lb_versions(count: int = 8) -> set[str]:
+    """The versions `count` requests through the load balancer got (fresh connections)."""
+    seen = set()
+    for _ in range(count):
+        status, body = lb_version()
+        assert status == 200, status
+        assert body is not None
+        seen.add(body["version"])
+    return seen
+
+
+PACKAGE_STATE_SCHEMA = (Path(__file__).parents[2] / "togather_tasks" / "schemas"
+                        / "deployment-state.schema.json")
+
+
+def state_of(app: Any) -> dict[str, Any]:
+    """The state file, valid against the package's schema (the original tools' compat schema
+    knows only development, staging and production: `cluster` is a free environment name)."""
+    import jsonschema
+
+    doc = app.state(validate=False)
+    assert doc is not None
+    jsonschema.Draft202012Validator(json.loads(PACKAGE_STATE_SCHEMA.read_text())).validate(doc)
+    return doc
+
+
+def service(app: Any) -> dict[str, Any] | None:
+    out = manager("service", "inspect", app.project)
+    return json.loads(out.stdout)[0] if out.returncode == 0 else None
+
+
+def running_tasks(app: Any) -> list[dict[str, str]]:
+    out = manager("service", "ps", "--no-trunc", "--filter", "desired-state=running",
+                  "--format", "{{json .}}", app.project).stdout
+    return [t for t in map(json.loads, out.splitlines()) if t["CurrentState"].startswith("Running")]
+
+
+@pytest.fixture
+def swarm_app(fleet_app_factory: Any) -> Iterator[Any]:
+    """A demo app as the `cluster` environment on the three hosts, engine swarm."""
+    SWARM_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(SWARM_LOCK, "a+") as handle:
+        deadline = time.monotonic() + 900
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"{SWARM_LOCK} held for 900 s"
+                time.sleep(1)
+        app = fleet_app_factory(("host1", "host2", "host3"), strategy="registry", env=ENV)
+        app.write_config(commit=True, environments={ENV: {
+            "engine": "swarm", "ports": {"proxy": SWARM_PORT}, "public_url": SWARM_LB_URL}})
+        try:
+            yield app
+        finally:
+            manager("service", "rm", app.project)
+            for _ in range(60):  # its tasks' containers go before the port and secret are free
+                if not manager("service", "ps", "-q", app.project).stdout.strip() and \
+                        manager("service", "inspect", app.project).returncode != 0:
+                    break
+                time.sleep(0.5)
+            secrets = manager("secret", "ls", "-q", "--filter",
+                              f"label=com.togather.service={app.project}").stdout.split()
+            for _ in range(20):
+                if not secrets or manager("secret", "rm", *secrets).returncode == 0:
+                    break
+                time.sleep(1)
+
+
+def test_first_and_second_deploy(swarm_app: Any, record_property: Any) -> None:
+    app = swarm_app
+    first = app.head
+    started = time.monotonic()
+    result = app.deploy(timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    record_property("swarm_first_deploy_seconds", round(time.monotonic() - started, 1))
+
+    # Two tasks (one node fewer than the hosts), on two different nodes, both the new image.
+    spec = service(app)
+    assert spec is not None
+    assert spec["Spec"]["Mode"]["Replicated"]["Replicas"] == 2
+    assert spec["Spec"]["UpdateConfig"]["Order"] == "start-first"
+    assert spec["Spec"]["UpdateConfig"]["FailureAction"] == "rollback"
+    image = spec["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+    assert "@sha256:" in image and image.startswith("registry.togather.test:5000/"), image
+    tasks = running_tasks(app)
+    assert len(tasks) == 2 and len({t["Node"] for t in tasks}) == 2, tasks
+    assert lb_versions() == {first[:7]}
+
+    # No secret in the service spec: the env is a Swarm secret, the spec names it only.
+    inspect = manager("service", "inspect", app.project).stdout
+    app.assert_no_secrets(inspect)
+    env = spec["Spec"]["TaskTemplate"]["ContainerSpec"].get("Env") or []
+    assert not any(k.split("=")[0] in app.secrets for k in env), env
+    assert [s["File"]["Name"] for s in spec["Spec"]["TaskTemplate"]["ContainerSpec"]["Secrets"]
+            ] == ["togather-app-env"]
+
+    state = state_of(app)
+    current = state["current_deployment"]
+    assert current["version"] == first[:7] and current["status"] == "active"
+    assert current["image_digest"] == image
+    assert state["lock"] == {"locked": False}
+
+    # Second deploy: a new commit rolls through; the state keeps the first as previous.
+    second = app.commit("second version", {"app/NOTE": "second\n"})
+    started = time.monotonic()
+    result = app.deploy(timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    record_property("swarm_second_deploy_seconds", round(time.monotonic() - started, 1))
+    assert lb_versions() == {second[:7]}
+    state = state_of(app)
+    assert state["current_deployment"]["version"] == second[:7]
+    assert state["previous_deployment"]["version"] == first[:7]
+    assert len(running_tasks(app)) == 2
+    # The old secret is not left behind (same content -> same secret here: exactly one).
+    secrets = manager("secret", "ls", "-q", "--filter",
+                      f"label=com.togather.service={app.project}").stdout.split()
+    assert len(secrets) == 1, secrets
+
+    # status / health / logs through the engine.
+    status = app.inv("status", app.env_flag, "--json", check=True)
+    doc = json.loads(status.stdout)
+    assert doc["engine"] == "swarm" and doc["replicas"] == {"running": 2, "desired": 2}, doc
+    assert doc["update"]["state"] == "completed", doc
+    assert sum(n["running"] for n in doc["nodes"].values()) == 2
+    health = app.inv("health", app.env_flag, f"--expected-version={second[:7]}")
+    assert health.returncode == 0, health.stdout + health.stderr
+    assert health.stdout.count(" task ") == 2, health.stdout
+    logs = app.inv("logs", app.env_flag, "--lines=20", check=True)
+    # `docker service logs` names each line's task and node (the app logs to stderr).
+    assert f"{app.project}." in logs.stdout + logs.stderr, logs.stdout + logs.stderr
+    app.assert_no_secrets()
