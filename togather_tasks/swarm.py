@@ -273,11 +273,12 @@ def judge_progress(view: ServiceView, image: str, want: int, before: str | None)
         error = view.last_error()
         return Progress(failed=f"the swarm {state.replace('_', ' ')}: {reason}"
                         + (f" ({error})" if error else ""), detail=detail)
+    if state in ("updating", "rollback_started"):
+        # rollback_started: the engine is putting the old tasks back; wait for its verdict.
+        return Progress(detail=detail)
     if view.image != image:
         return Progress(failed=f"the service runs {view.image}, not {image}: another "
                         "operation changed it", detail=detail)
-    if state in ("updating", "rollback_started"):
-        return Progress(detail=detail)
     return Progress(done=running >= want, detail=detail)
 
 

@@ -182,3 +182,110 @@ def test_first_and_second_deploy(swarm_app: Any, record_property: Any) -> None:
     # `docker service logs` names each line's task and node (the app logs to stderr).
     assert f"{app.project}." in logs.stdout + logs.stderr, logs.stdout + logs.stderr
     app.assert_no_secrets()
+
+
+def wait_until(what: str, predicate: Any, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
+        time.sleep(0.5)
+
+
+def test_unhealthy_deploy_is_rolled_back_by_the_engine_then_rollback_and_to(
+        swarm_app: Any, cli_failure: Any) -> None:
+    app = swarm_app
+    v1 = app.head[:7]
+    app.deploy(check=True, timeout=900)
+    v1_image = service(app)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+
+    # A version whose /health answers 503: its first task never becomes healthy, the engine
+    # rolls the service back, the tool exits 4 with the engine's reason; v1 keeps serving.
+    bad = app.set_health_mode("unhealthy")[:7]
+    result = app.deploy(timeout=900)
+    cli_failure(result, contains="rollback", code=4)
+    assert lb_versions() == {v1}
+    spec = service(app)
+    assert spec["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == v1_image
+    assert spec["UpdateStatus"]["State"] == "rollback_completed", spec["UpdateStatus"]
+    state = state_of(app)
+    assert state["current_deployment"]["version"] == v1
+    failed = [d for d in state["deployment_history"] if d["version"] == bad]
+    assert failed and failed[0]["status"] == "failed", state["deployment_history"]
+    assert failed[0]["health_status"] == "unhealthy", failed[0]
+    assert state["lock"] == {"locked": False}
+
+    # Two good versions, then rollback (to the previous) and --to (back to the newest).
+    v2 = app.set_health_mode("healthy")[:7]
+    app.deploy(check=True, timeout=900)
+    assert lb_versions() == {v2}
+    rolled = app.rollback(timeout=900)
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert lb_versions() == {v1}
+    assert service(app)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == v1_image
+    state = state_of(app)
+    assert state["current_deployment"]["version"] == v1
+    assert state["current_deployment"]["rollback_count"] == 1
+    rolled = app.rollback(f"--to={v2}", timeout=900)
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert lb_versions() == {v2}
+    assert state_of(app)["current_deployment"]["version"] == v2
+    assert len(running_tasks(app)) == 2
+    app.assert_no_secrets()
+
+
+def test_the_lock_holds_against_a_compose_engine_deploy_of_the_same_environment(
+        swarm_app: Any, cli_failure: Any, tmp_path: Path) -> None:
+    """A swarm deploy paused before its update holds the environment's lock (the state file on
+    host1): the same environment configured with the compose engine is refused (exit 3) and
+    changes nothing; the paused deploy then finishes."""
+    app = swarm_app
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    proc = app.spawn("deploy", app.env_flag, env={"TOGATHER_TEST_PAUSE_BEFORE": "update",
+                                                  "TOGATHER_TEST_PAUSE_FILE": str(hold)})
+    proc.wait_for_stdout(r"paused before update", timeout=600)
+    app.write_config(environments={ENV: {"ports": {"proxy": SWARM_PORT},
+                                         "public_url": SWARM_LB_URL}})  # engine compose
+    other = app.deploy(timeout=300)
+    cli_failure(other, contains="lock", code=3)
+    for host in app.hosts:
+        assert app.containers(host) == [], host  # compose started nothing anywhere
+    app.write_config(environments={ENV: {"engine": "swarm", "ports": {"proxy": SWARM_PORT},
+                                         "public_url": SWARM_LB_URL}})
+    hold.unlink()
+    done = proc.wait(600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert lb_versions() == {app.head[:7]}
+    assert state_of(app)["lock"] == {"locked": False}
+
+
+def test_sigkill_mid_update_then_a_new_deploy(swarm_app: Any) -> None:
+    app = swarm_app
+    v1 = app.head[:7]
+    app.deploy(check=True, timeout=900)
+    v2 = app.commit("v2", {"app/NOTE": "two\n"})[:7]
+    proc = app.spawn("deploy", app.env_flag)
+
+    def updating() -> bool:
+        spec = service(app) or {}
+        return (spec.get("UpdateStatus") or {}).get("State") == "updating"
+
+    wait_until("the swarm update has started", updating, timeout=600)
+    proc.send(signal.SIGKILL)
+    proc.wait(30)
+    # The engine carries on by itself; every answer meanwhile is a healthy version.
+    for _ in range(6):
+        status, body = lb_version()
+        assert status == 200 and body["version"] in (v1, v2), (status, body)
+    state = state_of(app)
+    assert state["lock"]["locked"] is True  # a SIGKILL cannot release it
+    assert state["current_deployment"]["version"] == v1
+
+    result = app.deploy(timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "took over the lock" in result.stderr, result.stderr
+    assert lb_versions() == {v2}
+    state = state_of(app)
+    assert state["current_deployment"]["version"] == v2 and state["lock"] == {"locked": False}
+    with contextlib.suppress(Exception):
+        assert len(running_tasks(app)) == 2
