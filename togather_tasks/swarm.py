@@ -83,9 +83,13 @@ def replicas(settings: Settings) -> int:
     return max(1, len(settings.hosts) - 1)
 
 
-def update_order(settings: Settings) -> str:
-    """start-first whenever a node is free for the new task; one node alone: stop-first."""
-    return "start-first" if len(settings.hosts) > 1 else "stop-first"
+def update_order(settings: Settings, available: int | None = None) -> str:
+    """start-first whenever a node is free for the new task (more nodes available than
+    replicas: `available` Ready and Active nodes, default all the hosts); otherwise (one host,
+    or a node drained or down) stop-first: one task at a time is replaced in place while the
+    others serve, and the load balancer's checks and retries cover the gap."""
+    nodes = len(settings.hosts) if available is None else available
+    return "start-first" if nodes > replicas(settings) else "stop-first"
 
 
 def secret_content(settings: Settings) -> bytes:
@@ -115,8 +119,7 @@ def command_of(config: dict[str, Any]) -> list[str]:
     return [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
 
 
-def _common_flags(settings: Settings) -> list[str]:
-    order = update_order(settings)
+def _common_flags(settings: Settings, order: str) -> list[str]:
     hc = settings.health
     return [
         "--detach", "--no-resolve-image",
@@ -137,7 +140,7 @@ def _common_flags(settings: Settings) -> list[str]:
 
 
 def create_command(settings: Settings, image: str, version: str, secret: str,
-                   command: list[str]) -> str:
+                   command: list[str], order: str = "start-first") -> str:
     """`docker service create` of the app (detached: the caller waits for convergence)."""
     name = service_name(settings)
     publish = (f"mode=host,target={settings.app_port},published={settings.ports['proxy']},"
@@ -146,13 +149,14 @@ def create_command(settings: Settings, image: str, version: str, secret: str,
              "--label", q(f"{LABEL}={name}"), "--label", q(f"com.togather.version={version}"),
              "--container-label", q(f"{LABEL}={name}"),
              "--publish", q(publish), "--secret", q(f"source={secret},target={SECRET_TARGET}"),
-             *_common_flags(settings), q(image), "-c", q(WRAPPER), "sh",
+             *_common_flags(settings, order), q(image), "-c", q(WRAPPER), "sh",
              *[q(a) for a in command]]
     return " ".join(parts)
 
 
 def update_command(settings: Settings, image: str, version: str, secret: str,
-                   old_secrets: list[str], command: list[str]) -> str:
+                   old_secrets: list[str], command: list[str],
+                   order: str = "start-first") -> str:
     """`docker service update` to `image` (the same flags as create, so a changed setting
     takes effect with the new version)."""
     publish = (f"mode=host,target={settings.app_port},published={settings.ports['proxy']},"
@@ -166,7 +170,7 @@ def update_command(settings: Settings, image: str, version: str, secret: str,
     if secret not in old_secrets:
         parts += ["--secret-add", q(f"source={secret},target={SECRET_TARGET}")]
     args = ["-c", WRAPPER, "sh", *command]
-    parts += [*_common_flags(settings), "--args", q(shlex.join(args)),
+    parts += [*_common_flags(settings, order), "--args", q(shlex.join(args)),
               q(service_name(settings))]
     return " ".join(parts)
 
@@ -292,6 +296,7 @@ class Engine:
         self.s = session
         self.settings = session.settings
         self.name = service_name(self.settings)
+        self.order = update_order(self.settings)
 
     @property
     def manager(self) -> Host:
@@ -363,11 +368,12 @@ class Engine:
         before = self.view()
         secret = self.ensure_secret()
         command = self.image_command(image)
+        self.order = update_order(self.settings, self.available_nodes())
         if before.exists:
             line = update_command(self.settings, image, version, secret, before.secrets,
-                                  command)
+                                  command, self.order)
         else:
-            line = create_command(self.settings, image, version, secret, command)
+            line = create_command(self.settings, image, version, secret, command, self.order)
         with registry.docker_config(self.manager, self.settings,
                                     self.settings.remote_dir) as config:
             prefix = f"DOCKER_CONFIG={q(config)} " if config else ""
@@ -382,6 +388,12 @@ class Engine:
                                                           result.exit_status), self.s.redact),
                              hint="Nothing was changed: the old version keeps serving.")
         return before, before.update.get("StartedAt")
+
+    def available_nodes(self) -> int:
+        """Nodes that can take a task now (Ready and Active)."""
+        out = self.manager.run("docker node ls --format '{{.Status}}/{{.Availability}}'",
+                               timeout=60, what="listing the swarm's nodes").stdout
+        return sum(line.strip() == "Ready/Active" for line in out.splitlines())
 
     def deadline_seconds(self) -> float:
         per_task = HEALTH_START_PERIOD + HEALTH_INTERVAL * (HEALTH_RETRIES + 2) + MONITOR \
@@ -523,7 +535,7 @@ class SwarmSteps:
         where = ", ".join(sorted(self.nodes.get(t.node, t.node[:12]) for t in running))
         note(f"{self.engine.name} {'created' if self.created else 'updated'}: "
              f"{len(running)}/{replicas(self.settings)} tasks of {self.release.sha7} on {where} "
-             f"({update_order(self.settings)})")
+             f"({self.engine.order})")
 
     def undo_update(self) -> None:
         """Interrupted before convergence: an update still running is rolled back by the

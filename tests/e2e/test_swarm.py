@@ -16,12 +16,12 @@ import json
 import signal
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 MANAGER_SOCK = "unix:///run/togather-fleet/host1/docker.sock"
 SWARM_PORT = 8090
@@ -41,12 +41,11 @@ def manager(*args: str, check: bool = False, timeout: float = 120) -> subprocess
 
 def lb_version(timeout: float = 5) -> tuple[int, dict[str, Any] | None]:
     try:
-        with urllib.request.urlopen(f"{SWARM_LB_URL}/version", timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
-    except OSError:
+        resp = requests.get(f"{SWARM_LB_URL}/version", timeout=timeout,
+                            headers={"Connection": "close"})  # a fresh connection: round robin
+    except requests.RequestException:
         return 0, None
+    return resp.status_code, resp.json() if resp.status_code == 200 else None
 
 
 def lb_versions(count: int = 8) -> set[str]:
