@@ -132,6 +132,15 @@ class SwarmBenchApp(FleetBenchApp):
             if run([*MANAGER, "service", "inspect", self.project], timeout=60).returncode != 0:
                 break
             time.sleep(0.5)
+        # The tasks' containers go asynchronously; the images they hold cannot go before.
+        for host in FLEET_HOSTS:
+            docker = ["docker", "-H", f"unix:///run/togather-fleet/{host}/docker.sock"]
+            for _ in range(60):
+                if not run([*docker, "ps", "-aq", "--filter",
+                            f"label=com.docker.swarm.service.name={self.project}"],
+                           timeout=60).output.strip():
+                    break
+                time.sleep(0.5)
         secrets = run([*MANAGER, "secret", "ls", "-q", "--filter",
                        f"label=com.togather.service={self.project}"], timeout=60).output.split()
         for _ in range(20):
@@ -181,8 +190,8 @@ def swarm_benchmark(app: SwarmBenchApp, args: argparse.Namespace) -> tuple[list[
     ]
     out += ["", "targets:", *(f"  {verdict(ok)}  {text}" for ok, text in targets)]
     out += ["", *(describe(p) for p in (a, b))]
-    return out, {"first": first.wall_s, "second": a.wall, "third": third.wall_s,
-                 "rollback": b.wall}
+    return out, {"first": first.wall_s, "second": a.wall_s, "third": third.wall_s,
+                 "rollback": b.wall_s}
 
 
 def compose_timing() -> dict:

@@ -288,3 +288,45 @@ def test_sigkill_mid_update_then_a_new_deploy(swarm_app: Any) -> None:
     assert state["current_deployment"]["version"] == v2 and state["lock"] == {"locked": False}
     with contextlib.suppress(Exception):
         assert len(running_tasks(app)) == 2
+
+
+def node_id(host: str) -> str:
+    out = subprocess.run(["docker", "-H", f"unix:///run/togather-fleet/{host}/docker.sock",
+                          "info", "--format", "{{.Swarm.NodeID}}"], capture_output=True,
+                         text=True, timeout=60, check=True)
+    return out.stdout.strip()
+
+
+def test_a_node_drained_then_a_deploy_goes_stop_first_on_the_others(swarm_app: Any) -> None:
+    """A node out of the scheduling (drained: `docker node update --availability drain`, the
+    swarm's way of taking a node down without touching the shared host's daemon): its task
+    moves to the other nodes, and a deploy, which then has no free node for start-first,
+    replaces the tasks stop-first, one at a time, the load balancer serving throughout."""
+    app = swarm_app
+    v1 = app.head[:7]
+    app.deploy(check=True, timeout=900)
+    drained = node_id("host3")
+    manager("node", "update", "--availability", "drain", drained, check=True)
+    try:
+        wait_until("no task of the app on host3", lambda: all(
+            t["Node"] != "host3" for t in running_tasks(app)) and len(running_tasks(app)) == 2,
+            timeout=120)
+        assert lb_versions() == {v1}
+        v2 = app.commit("v2", {"app/NOTE": "two\n"})[:7]
+        answers: list[int] = []
+        proc = app.spawn("deploy", app.env_flag)
+        deadline = time.monotonic() + 600
+        while proc.popen.poll() is None and time.monotonic() < deadline:
+            answers.append(lb_version(timeout=5)[0])
+            time.sleep(0.2)
+        result = proc.wait(60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "stop-first" in result.stdout, result.stdout
+        assert answers and set(answers) == {200}, answers
+        assert lb_versions() == {v2}
+        tasks = running_tasks(app)
+        assert len(tasks) == 2 and {t["Node"] for t in tasks} == {"host1", "host2"}, tasks
+        spec = service(app)
+        assert spec["Spec"]["UpdateConfig"]["Order"] == "stop-first"
+    finally:
+        manager("node", "update", "--availability", "active", drained, check=True)
