@@ -121,6 +121,11 @@ def swarm_app(fleet_app_factory: Any) -> Iterator[Any]:
 def test_first_and_second_deploy(swarm_app: Any, record_property: Any) -> None:
     app = swarm_app
     first = app.head
+    # A dry run validates (hosts, the manager) and prints the plan; nothing is created.
+    dry = app.deploy("--dry-run", timeout=300)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "docker service create/update" in dry.stdout and "start-first" in dry.stdout
+    assert service(app) is None
     started = time.monotonic()
     result = app.deploy(timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
