@@ -710,14 +710,6 @@ if ! nodes_ready; then
     done
 fi
 wait_for 30 nodes_ready || { swarm_docker "$SWARM_MANAGER" node ls >&2; die "not every swarm node is Ready and Active after 30 s"; }
-# The demo's `cluster` environment uses production's database and role (the same app on the
-# same hosts): its env file is production's with its own ENVIRONMENT, written once (mode 600).
-DEMO_ENV_DIR=$REPO/examples/demo/config/environments
-if [ -f "$DEMO_ENV_DIR/.env.production" ] && [ ! -f "$DEMO_ENV_DIR/.env.cluster" ]; then
-    sed 's/^ENVIRONMENT=.*/ENVIRONMENT=cluster/' "$DEMO_ENV_DIR/.env.production" |
-        write_file "$DEMO_ENV_DIR/.env.cluster" 600 "$(stat -c '%U:%G' "$DEMO_ENV_DIR/.env.production")"
-    notes+=("examples/demo .env.cluster written from .env.production")
-fi
 status_notes "fleet swarm" "$SWARM_MANAGER manager, ${#FLEET_HOSTS[@]} nodes ready; LB $SWARM_LB_ADDR -> :$SWARM_APP_PORT" "${notes[@]}"
 
 # ---------- 9. end-to-end checks ----------
