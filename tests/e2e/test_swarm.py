@@ -335,3 +335,27 @@ def test_a_node_drained_then_a_deploy_goes_stop_first_on_the_others(swarm_app: A
         assert spec["Spec"]["UpdateConfig"]["Order"] == "stop-first"
     finally:
         manager("node", "update", "--availability", "active", drained, check=True)
+
+
+def test_ctrl_c_mid_update_rolls_the_service_back_and_releases_the_lock(swarm_app: Any) -> None:
+    app = swarm_app
+    v1 = app.head[:7]
+    app.deploy(check=True, timeout=900)
+    v1_image = service(app)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+    app.commit("v2", {"app/NOTE": "two\n"})
+    proc = app.spawn("deploy", app.env_flag)
+    wait_until("the swarm update has started", lambda: ((service(app) or {}).get(
+        "UpdateStatus") or {}).get("State") == "updating", timeout=600)
+    proc.send(signal.SIGINT)
+    result = proc.wait(120)
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "roll" in result.stderr and "back" in result.stderr, result.stderr
+    state = state_of(app)
+    assert state["lock"] == {"locked": False}
+    assert state["current_deployment"]["version"] == v1
+    wait_until("the engine rolled back to v1", lambda: (
+        service(app)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == v1_image
+        and (service(app).get("UpdateStatus") or {}).get("State") == "rollback_completed"),
+        timeout=300)
+    assert lb_versions() == {v1}
