@@ -38,6 +38,12 @@ PG_VERSION=15
 PG_CLUSTER=main
 BASE_IMAGE=debian:bookworm-slim
 MARK_BEGIN="# BEGIN togather-testbed-fleet"
+# The swarm of issue 12 (section 8): host1 its only manager, host2 and host3 workers; the
+# `cluster` environment publishes its app on SWARM_APP_PORT (host mode) on every node and
+# HAProxy serves them on SWARM_LB_ADDR.
+SWARM_MANAGER=host1
+SWARM_APP_PORT=8090
+SWARM_LB_ADDR=127.0.0.1:11080
 MARK_END="# END togather-testbed-fleet"
 
 export DEBIAN_FRONTEND=noninteractive
@@ -583,6 +589,27 @@ EOF
     done
     cat <<EOF
 
+# The swarm's load balancer (issue 12): the app's port published in host mode on every node
+# (no IPVS here, so no ingress routing mesh). A node without a task, or whose task is being
+# replaced, fails the HTTP check on /health within ~1 s and is skipped; a request that hits it
+# before that (refused connect, or a keep-alive connection closed by a stopping task) is
+# retried on another node (redispatch + retry-on). A 5xx is passed through, never retried.
+frontend swarm
+    bind $SWARM_LB_ADDR
+    default_backend swarm_nodes
+
+backend swarm_nodes
+    balance roundrobin
+    option httpchk GET /health
+    http-check expect status 200
+    retries 3
+    default-server check inter 500ms fastinter 250ms downinter 500ms fall 1 rise 2 observe layer4 error-limit 1 on-error mark-down
+EOF
+    for h in "${FLEET_HOSTS[@]}"; do
+        printf '    server %s %s:%s\n' "$h" "$(fleet_addr "$h")" "$SWARM_APP_PORT"
+    done
+    cat <<EOF
+
 # The registry seen from the root namespace (the root dockerd trusts plain HTTP on 127.0.0.0/8).
 frontend registry_loopback
     mode tcp
@@ -611,12 +638,81 @@ else
         { tail -n 20 "$LOG_DIR/fleet-haproxy.log" >&2; die "haproxy did not start (see $LOG_DIR/fleet-haproxy.log)"; }
     notes+=("started")
 fi
-lb_up() { live_pid "$LB_PIDFILE" haproxy "$LB_CONF" >/dev/null && ss -Hltn "sport = :${FLEET_LB_ADDR##*:}" | grep -qF "$FLEET_LB_ADDR"; }
+lb_up() {
+    live_pid "$LB_PIDFILE" haproxy "$LB_CONF" >/dev/null &&
+        ss -Hltn "sport = :${FLEET_LB_ADDR##*:}" | grep -qF "$FLEET_LB_ADDR" &&
+        ss -Hltn "sport = :${SWARM_LB_ADDR##*:}" | grep -qF "$SWARM_LB_ADDR"
+}
 wait_for 10 lb_up || die "haproxy not listening on $FLEET_LB_ADDR"
 pid=$(live_pid "$LB_PIDFILE" haproxy "$LB_CONF")
-status_notes "fleet load balancer" "haproxy on $FLEET_LB_ADDR -> 10.77.0.11-13:$FLEET_PROXY_PORT, pid $pid" "${notes[@]}"
+status_notes "fleet load balancer" "haproxy on $FLEET_LB_ADDR -> 10.77.0.11-13:$FLEET_PROXY_PORT, $SWARM_LB_ADDR -> 10.77.0.11-13:$SWARM_APP_PORT, pid $pid" "${notes[@]}"
 
-# ---------- 8. end-to-end checks ----------
+# ---------- 8. the swarm (issue 12) ----------
+# One manager (host1), two workers. Why one: the tool keeps its state file and lock on the
+# primary host, which must be a manager (it runs the docker service commands); three managers
+# would add Raft quorum rules to a test bed whose hosts all die with the machine, and a quorum
+# of three is lost when a test takes down one more. A real cluster wants three managers (see
+# the README). Swarm state lives in each host's docker data root, so the swarm survives a
+# testbed-down and comes back by itself; this section only repairs what is missing.
+swarm_docker() { timeout 60 docker -H "unix://$(fleet_sock "$1")" "${@:2}"; }
+swarm_info() { swarm_docker "$1" info --format "$2" 2>/dev/null; }
+manager_ready() { [ "$(swarm_info "$SWARM_MANAGER" '{{.Swarm.ControlAvailable}}')" = true ]; }
+node_state() { swarm_docker "$SWARM_MANAGER" node inspect -f '{{.Status.State}}' "$1" 2>/dev/null; }
+node_ready() { [ "$(node_state "$1")" = ready ]; }
+notes=()
+m_state=$(swarm_info "$SWARM_MANAGER" '{{.Swarm.LocalNodeState}}')
+if [ "$m_state" = active ] && ! manager_ready; then
+    swarm_docker "$SWARM_MANAGER" swarm leave --force >/dev/null  # a worker of another swarm
+    m_state=inactive
+    notes+=("$SWARM_MANAGER left a swarm it did not manage")
+fi
+if [ "$m_state" != active ]; then
+    swarm_docker "$SWARM_MANAGER" swarm init --advertise-addr "$(fleet_addr "$SWARM_MANAGER")" \
+        --listen-addr "$(fleet_addr "$SWARM_MANAGER"):2377" --task-history-limit 2 >/dev/null ||
+        die "docker swarm init on $SWARM_MANAGER failed"
+    notes+=("swarm initialised on $SWARM_MANAGER")
+fi
+wait_for 30 manager_ready || die "$SWARM_MANAGER is not a swarm manager after 30 s"
+for h in "${FLEET_HOSTS[@]}"; do
+    [ "$h" = "$SWARM_MANAGER" ] && continue
+    w_state=$(swarm_info "$h" '{{.Swarm.LocalNodeState}}')
+    w_node=$(swarm_info "$h" '{{.Swarm.NodeID}}')
+    if [ "$w_state" = active ] || [ "$w_state" = pending ]; then
+        # Known to our manager: ready now, or after a restart within a bounded moment.
+        if [ -n "$w_node" ] && [ -n "$(node_state "$w_node")" ] && wait_for 20 node_ready "$w_node"; then
+            continue
+        fi
+        swarm_docker "$h" swarm leave --force >/dev/null 2>&1 || true
+        notes+=("$h left a stale swarm")
+    fi
+    # The join token reaches `docker swarm join` as an argument of a local process only
+    # (test bed; never printed or logged).
+    token=$(swarm_docker "$SWARM_MANAGER" swarm join-token -q worker) || die "cannot read the worker token"
+    swarm_docker "$h" swarm join --token "$token" --advertise-addr "$(fleet_addr "$h")" \
+        --listen-addr "$(fleet_addr "$h"):2377" "$(fleet_addr "$SWARM_MANAGER"):2377" >/dev/null ||
+        die "$h could not join the swarm"
+    unset token
+    notes+=("$h joined as a worker")
+done
+# Nodes left Down by an earlier leave and join (a new node ID for the same host) go away.
+while read -r id state; do
+    [ "$state" = down ] || continue
+    swarm_docker "$SWARM_MANAGER" node rm --force "$id" >/dev/null 2>&1 && notes+=("stale node $id removed")
+done < <(swarm_docker "$SWARM_MANAGER" node ls --format '{{.ID}} {{.Status}}' | tr '[:upper:]' '[:lower:]')
+# Every node Ready and Active (a test that drains a node makes it active again itself).
+nodes_ready() { [ "$(swarm_docker "$SWARM_MANAGER" node ls --format '{{.Status}}/{{.Availability}}' | grep -c '^Ready/Active$')" = "${#FLEET_HOSTS[@]}" ]; }
+if ! nodes_ready; then
+    for id in $(swarm_docker "$SWARM_MANAGER" node ls -q); do
+        if [ "$(swarm_docker "$SWARM_MANAGER" node inspect -f '{{.Spec.Availability}}' "$id")" != active ]; then
+            swarm_docker "$SWARM_MANAGER" node update --availability active "$id" >/dev/null
+            notes+=("node $id made active")
+        fi
+    done
+fi
+wait_for 30 nodes_ready || { swarm_docker "$SWARM_MANAGER" node ls >&2; die "not every swarm node is Ready and Active after 30 s"; }
+status_notes "fleet swarm" "$SWARM_MANAGER manager, ${#FLEET_HOSTS[@]} nodes ready; LB $SWARM_LB_ADDR -> :$SWARM_APP_PORT" "${notes[@]}"
+
+# ---------- 9. end-to-end checks ----------
 # Over SSH as deploy: plain `docker` reaches the host's own daemon; PostgreSQL answers from the
 # host; containers on the host reach PostgreSQL and the outside (the Debian mirror, for apt).
 ids=()

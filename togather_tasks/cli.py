@@ -228,7 +228,10 @@ def deploy(c, env=None, ref="HEAD", dry_run=False, force=False, skip_migrations=
         options = DeployOptions(ref=ref, dry_run=dry_run, force=force,
                                 skip_migrations=skip_migrations,
                                 lock_wait=checked_lock_wait(lock_wait))
-        result = Deploy(session, options).run()
+        engine = Deploy
+        if session.settings.engine == "swarm":
+            from .swarm import SwarmDeploy as engine
+        result = engine(session, options).run()
         console = session.console
         if dry_run:
             console.print("dry run: nothing was changed. The deploy would run:")
@@ -253,6 +256,14 @@ def status(c, env=None, json_=False, hosts=None):
         from .fleet import on_each, raise_first_failure
         from .status import describe_hosts, host_status
         state = session.store.read().state
+        if session.settings.engine == "swarm":
+            from . import swarm
+            swarm_doc = swarm.status_doc(session, state)
+            if json_:
+                session.console.always(jsonlib.dumps(swarm_doc, indent=2))
+            else:
+                swarm.print_status(session, swarm_doc, _describe_lock)
+            return
         chosen = session.chosen_hosts(hosts)
         outcomes = on_each(chosen, lambda host: host_status(session.settings, host),
                            parallel=session.settings.deployment["parallel"], into={})
@@ -519,7 +530,10 @@ def rollback(c, env=None, to=None, dry_run=False, yes=False, restore_db=False, l
     def body(session: Session) -> None:
         if not dry_run:
             confirm(session.settings, yes, "rollback")
-        rb = Rollback(session, RollbackOptions(to=to, dry_run=dry_run, restore_db=restore_db,
+        engine = Rollback
+        if session.settings.engine == "swarm":
+            from .swarm import SwarmRollback as engine
+        rb = engine(session, RollbackOptions(to=to, dry_run=dry_run, restore_db=restore_db,
                                                yes=yes, lock_wait=checked_lock_wait(lock_wait)))
         target = rb.run()
         if dry_run:
@@ -541,12 +555,20 @@ def health(c, env=None, slot="active", expected_version=None, json_=False, hosts
 
     def body(session: Session) -> None:
         from .fleet import on_each, raise_first_failure
-        from .status import host_health
+        from .status import HostHealth, host_health
         st = session.settings
         if slot not in ("active", "blue", "green"):
             raise UsageError(f"--slot must be active, blue or green, not {slot!r}")
         per_host = {}
-        if hosts or len(st.hosts) > 1 or slot != "active":
+        if st.engine == "swarm":
+            from .swarm import task_health
+            if slot != "active" or hosts:
+                raise UsageError("--slot and --hosts do not apply to engine swarm: every task "
+                                 "is checked")
+            per_host = {f"{t.host} task {t.task}": HostHealth(
+                f"{t.host}:{st.ports['proxy']}{st.health_endpoint}", t.verdict, t.latency_ms)
+                for t in task_health(session, expected_version)}
+        elif hosts or len(st.hosts) > 1 or slot != "active":
             outcomes = on_each(session.chosen_hosts(hosts), lambda host: host_health(
                 st, host, slot, expected_version), parallel=st.deployment["parallel"], into={})
             raise_first_failure(outcomes)
@@ -756,6 +778,13 @@ def logs(c, env=None, follow=False, lines=100, since=None, grep=None, slot="acti
         request = LogRequest(slot=slot, lines=lines, since=since, grep=grep, follow=follow,
                              hosts=hosts)
         check_request(request)
+        if session.settings.engine == "swarm":
+            from . import swarm
+            if slot != "active" or hosts:
+                raise UsageError("--slot and --hosts do not apply to engine swarm: `docker "
+                                 "service logs` shows every task")
+            swarm.show_logs(session, request)
+            return
         show_logs(session, request)
 
     run_command(c, env, "logs", body)

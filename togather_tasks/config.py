@@ -151,6 +151,7 @@ class Settings:
     warnings: tuple[str, ...] = ()
     source_url: str | None = None  # app.source when it is a git URL (source.refresh)
     tls: tls_config.TlsSettings | None = None  # proxy.tls: HTTPS at the edge (tls.py)
+    engine: str = "compose"  # compose (slots behind nginx per host) | swarm (a Swarm service)
 
     @property
     def primary_host(self) -> str:
@@ -221,6 +222,7 @@ class Settings:
             "notifications": self.notifications,
             "monitoring": self.monitoring,
             "env_file": str(self.env_file),
+            "engine": self.engine,
         }
 
 
@@ -428,6 +430,10 @@ def _merge_environment(document: dict[str, Any], env: str, config_path: Path,
     build = merged["build"]
     if build["strategy"] == "registry" and not build.get("registry"):
         problems.append(f"{config_path}: build.registry is required when strategy is registry")
+    if env_block.get("engine") == "swarm" and build["strategy"] != "registry":
+        problems.append(f"{config_path}: environments.{env}: engine swarm needs build.strategy "
+                        f"registry (every node pulls the image by digest), not "
+                        f"{build['strategy']}")
     for key in ("context", "dockerfile"):
         if ".." in PurePosixPath(build[key]).parts or build[key].startswith("/"):
             problems.append(f"{config_path}: build.{key} must be a path inside the repository")
@@ -603,6 +609,7 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
         source_url=app["source"] if is_git_url(app.get("source") or "") else None,
         tls=tls_config.resolve(merged["proxy"]["tls"], root, ports["https"])
         if merged["proxy"].get("tls") else None,
+        engine=env_block.get("engine", "compose"),
     )
 
 
