@@ -712,6 +712,22 @@ fi
 wait_for 30 nodes_ready || { swarm_docker "$SWARM_MANAGER" node ls >&2; die "not every swarm node is Ready and Active after 30 s"; }
 status_notes "fleet swarm" "$SWARM_MANAGER manager, ${#FLEET_HOSTS[@]} nodes ready; LB $SWARM_LB_ADDR -> :$SWARM_APP_PORT" "${notes[@]}"
 
+# The demo's `cluster` environment (engine swarm) shares production's database and secrets
+# (testbed-up.sh writes .env.production, its DATABASE_URL already on the fleet's gateway, which
+# every node reaches): .env.cluster is that file with ENVIRONMENT=cluster, mode 600, rewritten
+# only when it differs, so `inv deploy --env=cluster` works in examples/demo after this script.
+ENV_DIR=$REPO/examples/demo/config/environments
+[ -f "$ENV_DIR/.env.production" ] || die "$ENV_DIR/.env.production is missing: run scripts/testbed-up.sh first"
+grep -q '^ENVIRONMENT=' "$ENV_DIR/.env.production" || die "$ENV_DIR/.env.production has no ENVIRONMENT line"
+old_umask=$(umask); umask 077
+write_file "$ENV_DIR/.env.cluster" 600 root:root < <(sed 's/^ENVIRONMENT=.*/ENVIRONMENT=cluster/' "$ENV_DIR/.env.production")
+umask "$old_umask"
+if [ "$WROTE" = 1 ]; then
+    status "demo env cluster" "ok ($ENV_DIR/.env.cluster written from .env.production)"
+else
+    status "demo env cluster" "ok"
+fi
+
 # ---------- 9. end-to-end checks ----------
 # Over SSH as deploy: plain `docker` reaches the host's own daemon; PostgreSQL answers from the
 # host; containers on the host reach PostgreSQL and the outside (the Debian mirror, for apt).

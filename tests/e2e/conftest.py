@@ -770,11 +770,20 @@ def new_demo_app(tmp: Path, env: str = "staging") -> DemoApp:
                    tmp=tmp, base_config=_base_config(f"e2e-{hexid}", env, remote_dir, ports))
 
 
+def _ignore_real_env_files(directory: str, names: list[str]) -> set[str]:
+    """copytree's filter: no caches, no .git, and none of the real env files the test bed (or
+    an operator) left in examples/demo (`.env.<environment>`, any name, e.g. `.env.cluster`):
+    only the committed `.env.*.example` templates are copied. The app writes its own env file
+    with its own database, so nothing of the checkout's secrets or databases leaks in."""
+    return {name for name in names
+            if name in ("__pycache__", ".git")
+            or (name.startswith(".env.") and not name.endswith(".example"))}
+
+
 def setup_demo_app(app: DemoApp) -> None:
     """Copy examples/demo (without the test bed's real env files), write the app's env file
     (mode 600) and config, create its database, `git init` and commit."""
-    shutil.copytree(DEMO_SRC, app.path, ignore=shutil.ignore_patterns(
-        "__pycache__", ".git", ".env.development", ".env.staging", ".env.production"))
+    shutil.copytree(DEMO_SRC, app.path, ignore=_ignore_real_env_files)
     app.log_dir.mkdir()
     fd = os.open(app.env_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
