@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= $(CURDIR)/.demo
 
-.PHONY: install testbed testbed-local testbed-down testbed-fleet testbed-fleet-down demo test test-unit test-e2e bench bench-edge bench-fleet wrk lint clean
+.PHONY: install testbed testbed-local testbed-down testbed-fleet testbed-fleet-down demo test test-unit test-e2e bench bench-edge bench-fleet bench-swarm wrk lint clean
 
 $(BIN)/inv: setup.cfg pyproject.toml constraints.txt
 	@# A fresh Debian has python3 without venv/ensurepip: install them when missing.
@@ -73,6 +73,12 @@ wrk:
 bench-fleet: testbed install
 	$(BIN)/python bench/fleet_zero_downtime.py
 	$(BIN)/python bench/fleet_timing.py
+
+# The swarm (issue 12): load through its load balancer (127.0.0.1:11080) during a swarm deploy
+# and rollback (0 failed requests is the target), then deploy wall time swarm vs compose fleet
+# on the same three hosts.
+bench-swarm: testbed install
+	$(BIN)/python bench/swarm.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache *.egg-info

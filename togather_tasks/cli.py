@@ -164,6 +164,32 @@ def load(c: Context, env: str | None, *, require_secrets: bool = True) -> config
                                    require_secrets=require_secrets)
 
 
+# Commands that act on Compose slots or the nginx proxy of ours, which a swarm environment
+# does not have: refused there (exit 2) before anything is touched, with what to do instead.
+NOT_ON_SWARM = {
+    "exec": "it runs a one-off Compose container or enters a slot; on a swarm use "
+            "`docker exec` into a task on its node (`inv status` names the nodes)",
+    "maintenance": "the maintenance page is served by the proxy of a Compose environment; on "
+                   "a swarm put it in your load balancer",
+    "cleanup": "it prunes Compose slot images and releases; on a swarm each deploy removes "
+               "the service's unused secrets, and `docker image prune` on each node frees "
+               "old images",
+    "certs.show": "TLS ends at the proxy of a Compose environment; on a swarm it ends at "
+                  "your load balancer",
+    "certs.renew": "TLS ends at the proxy of a Compose environment; on a swarm it ends at "
+                   "your load balancer",
+}
+
+
+def refuse_on_swarm(settings: configmod.Settings, operation: str) -> None:
+    """UsageError (exit 2) for an `operation` of NOT_ON_SWARM on an `engine: swarm` env."""
+    why = NOT_ON_SWARM.get(operation)
+    if why and settings.engine == "swarm":
+        shown = "maintenance.on/off" if operation == "maintenance" else operation
+        raise UsageError(f"`inv {shown}` is not supported on {settings.env} "
+                         f"(engine swarm): {why}. Nothing was changed.")
+
+
 def run_command(c: Context, env: str | None, operation: str,
                 body: Callable[[Session], Any], *, quiet: bool = False, log: bool = False,
                 accept_new_host_key: bool = False) -> Any:
@@ -172,6 +198,7 @@ def run_command(c: Context, env: str | None, operation: str,
     console = make_console(c, quiet=quiet)
     with guarded(console):
         settings = load(c, env)
+        refuse_on_swarm(settings, operation)
     console.redactor.add(settings.secret_values())
     run_log = RunLog.for_run(settings.env, operation, console.redactor) if log \
         else RunLog(None, console.redactor)

@@ -31,7 +31,7 @@ import json
 import shlex
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import requests
@@ -64,6 +64,7 @@ UPDATE_DELAY = 3  # between tasks: the load balancer's checks see the new node c
 MONITOR = 5  # a new task that fails within this is an update failure (engine rolls back)
 POLL_SECONDS = 1.0
 PUBLIC_CHECKS = 6
+NODE_CHECK_SECONDS = 5.0  # a task that cannot be placed: how often the nodes are counted
 PUBLIC_DEADLINE = 20.0
 
 
@@ -240,6 +241,13 @@ class ServiceView:
         return f"task {t.id[:12]} on node {t.node[:12]}: {t.error or t.message or t.state}"
 
 
+def unplaceable(view: ServiceView) -> list[Task]:
+    """Tasks the scheduler cannot place (`no suitable node`): under start-first with one
+    task per node, what a node drained or down during the update leaves behind."""
+    return [t for t in view.tasks if t.desired == "running" and t.state == "pending"
+            and "no suitable node" in (t.error or t.message)]
+
+
 def parse_view(stdout: str) -> ServiceView:
     lines = [line for line in stdout.splitlines() if line.strip()]
     spec = json.loads(lines[0]) if lines else None
@@ -297,6 +305,7 @@ class Engine:
         self.settings = session.settings
         self.name = service_name(self.settings)
         self.order = update_order(self.settings)
+        self.node_lost = ""
 
     @property
     def manager(self) -> Host:
@@ -395,6 +404,31 @@ class Engine:
                                timeout=60, what="listing the swarm's nodes").stdout
         return sum(line.strip() == "Ready/Active" for line in out.splitlines())
 
+    def go_stop_first(self, phase: str, console: Any) -> bool:
+        """A node left during a start-first update or its rollback (drained or down): a task
+        has no free node (one per node, host-mode port), and Swarm would wait for one for
+        ever. Switch the running update or rollback to stop-first (the same image and spec,
+        only the orders change): each remaining task is replaced in place while the others
+        serve. True when switched; a no-op while every node is still there."""
+        available = self.available_nodes()
+        if available > replicas(self.settings):
+            return False  # not a lack of nodes: leave it to the engine (and the deadline)
+        result = self.manager.run(
+            f"docker service update --detach --update-order stop-first "
+            f"--rollback-order stop-first {q(self.name)}", timeout=120, check=False)
+        if not result.ok:
+            raise SwarmError(f"docker service update --update-order stop-first failed on "
+                             f"{self.manager.name}: "
+                             + cmd.bounded(cmd.tool_error(result.stdout, result.stderr,
+                                                          result.exit_status), self.s.redact))
+        self.order = f"{self.order}, then stop-first"
+        self.node_lost = (f"only {available} of {len(self.settings.hosts)} nodes were Ready "
+                          f"and Active during the {phase}, so it went on stop-first")
+        console.note(f"swarm: only {available} of {len(self.settings.hosts)} nodes Ready and "
+                     f"Active: no free node for a new task; the {phase} goes on stop-first on "
+                     "the remaining nodes")
+        return True
+
     def deadline_seconds(self) -> float:
         per_task = HEALTH_START_PERIOD + HEALTH_INTERVAL * (HEALTH_RETRIES + 2) + MONITOR \
             + UPDATE_DELAY + float(self.settings.health.deadline)
@@ -402,13 +436,38 @@ class Engine:
 
     def wait(self, image: str, before: str | None, console: Any) -> ServiceView:
         """Until the service runs `image` on all its replicas (bounded). The engine's
-        rollback, a pause, or the deadline -> HealthCheckError (exit 4) with its reason."""
+        rollback, a pause, or the deadline -> HealthCheckError (exit 4) with its reason.
+        A node lost mid-update (a task no node can take) switches the update, or the
+        engine's rollback, to stop-first (go_stop_first), once each."""
         deadline = time.monotonic() + self.deadline_seconds()
         want = replicas(self.settings)
         last = ""
+        next_node_check = 0.0
+        switched: set[str] = set()
+        engine_reason = ""
         while True:
             view = self.view()
-            progress = judge_progress(view, image, want, before)
+            state = view.update.get("State", "") if view.update.get("StartedAt") != before \
+                else ""
+            if state == "rollback_started":
+                engine_reason = view.update.get("Message", "") or engine_reason
+            if self.node_lost and view.image != image and state not in (
+                    "updating", "rollback_started"):
+                # Our switch to stop-first came during (or before) the engine's rollback: the
+                # service is back on the old spec. Done when every replica runs it.
+                if len(view.running_with(view.image or "")) >= want:
+                    raise HealthCheckError(
+                        "the swarm rolled the update back"
+                        + (f" ({engine_reason})" if engine_reason else "")
+                        + f"; {self.node_lost}",
+                        hint="The old version keeps serving on the remaining nodes. Deploy "
+                             "again when you are ready: with a node missing, the update is "
+                             "stop-first from the start.")
+                progress = Progress(detail="the old version converging after the rollback")
+            else:
+                progress = judge_progress(view, image, want, before)
+                if progress.failed and self.node_lost:
+                    progress = replace(progress, failed=f"{progress.failed}; {self.node_lost}")
             if progress.detail != last:
                 console.debug(f"swarm: {progress.detail}")
                 last = progress.detail
@@ -418,11 +477,18 @@ class Engine:
                                        else None)
             if progress.done:
                 return view
+            phase = {"updating": "update", "rollback_started": "rollback"}.get(state)
+            if (phase and phase not in switched and unplaceable(view)
+                    and time.monotonic() >= next_node_check):
+                next_node_check = time.monotonic() + NODE_CHECK_SECONDS
+                if self.go_stop_first(phase, console):
+                    switched.add(phase)
             if time.monotonic() > deadline:
                 error = view.last_error()
                 raise HealthCheckError(
                     f"the swarm did not converge within {self.deadline_seconds():.0f} s "
-                    f"({progress.detail})" + (f"; {error}" if error else ""),
+                    f"({progress.detail})" + (f"; {error}" if error else "")
+                    + (f"; {self.node_lost}" if self.node_lost else ""),
                     hint=f"See `docker service ps {self.name}` on {self.manager.name}.")
             time.sleep(POLL_SECONDS)
 

@@ -337,6 +337,80 @@ def test_a_node_drained_then_a_deploy_goes_stop_first_on_the_others(swarm_app: A
         manager("node", "update", "--availability", "active", drained, check=True)
 
 
+def test_a_node_drained_during_a_start_first_update_ends_in_bounded_time(
+        swarm_app: Any) -> None:
+    """A node leaves while a start-first update runs (drained: the swarm's way of taking a
+    node down without touching the shared host's daemon), and the worst one: the node running
+    the update's first new task. Swarm alone waits for ever for a free node (one task per
+    node, host-mode port), in the update or in its own rollback (a new task ended early is an
+    update failure to it). The tool sees the task no node can take, switches the update or
+    the rollback to stop-first, and ends in bounded time either way: the update completed on
+    the two remaining nodes (exit 0), or the engine's rollback done (exit 4 saying why), the
+    old version serving; the load balancer answers throughout."""
+    app = swarm_app
+    v1 = app.head[:7]
+    app.deploy(check=True, timeout=900)
+    v1_image = service(app)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+    v2 = app.commit("v2", {"app/NOTE": "two\n"})[:7]
+    proc = app.spawn("deploy", app.env_flag)
+    new_task_nodes: list[str] = []
+
+    def a_new_task_runs() -> bool:
+        spec = service(app) or {}
+        image = spec.get("Spec", {}).get("TaskTemplate", {}).get("ContainerSpec", {}).get(
+            "Image", v1_image)
+        if image == v1_image or (spec.get("UpdateStatus") or {}).get("State") != "updating":
+            return False
+        new_task_nodes[:] = [t["Node"] for t in running_tasks(app)
+                             if t["Image"] == image or image.endswith(t["Image"])]
+        return bool(new_task_nodes)
+
+    wait_until("a task of v2 runs during the update", a_new_task_runs, timeout=600)
+    drained_host = new_task_nodes[0]
+    drained = node_id(drained_host)
+    manager("node", "update", "--availability", "drain", drained, check=True)
+    drained_at = time.monotonic()
+    try:
+        answers: list[int] = []
+        versions: set[str] = set()
+        deadline = time.monotonic() + 240
+        while proc.popen.poll() is None and time.monotonic() < deadline:
+            status, body = lb_version(timeout=5)
+            answers.append(status)
+            versions.add((body or {}).get("version", "-"))
+            time.sleep(0.2)
+        result = proc.wait(30)  # bounded: a deploy stuck waiting for a free node fails here
+        took = time.monotonic() - drained_at
+        output = result.stdout + result.stderr
+        assert "Traceback" not in output, output
+        assert "no free node for a new task" in result.stderr, output
+        assert answers and set(answers) == {200}, answers
+        assert versions <= {v1, v2}, versions
+        state = state_of(app)
+        assert state["lock"] == {"locked": False}
+        tasks = running_tasks(app)
+        assert len(tasks) == 2 and drained_host not in {t["Node"] for t in tasks}, tasks
+        if result.returncode == 0:
+            outcome = "completed stop-first"
+            assert "then stop-first" in result.stdout, output
+            assert lb_versions() == {v2}
+            assert state["current_deployment"]["version"] == v2, state["current_deployment"]
+        else:
+            outcome = "rolled back by the engine"
+            assert result.returncode == 4, output
+            assert "error: the swarm rolled the update back" in result.stderr, output
+            assert "went on stop-first" in result.stderr, output
+            assert lb_versions() == {v1}
+            assert service(app)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"] == v1_image
+            assert state["current_deployment"]["version"] == v1, state["current_deployment"]
+            failed = [d for d in state["deployment_history"] if d["version"] == v2]
+            assert failed and failed[0]["status"] == "failed", state["deployment_history"]
+        print(f"drained {drained_host} mid-update: {outcome} (exit {result.returncode}) "
+              f"{took:.1f} s later; {len(answers)} answers through the load balancer, all 200")
+    finally:
+        manager("node", "update", "--availability", "active", drained, check=True)
+
+
 def test_ctrl_c_mid_update_rolls_the_service_back_and_releases_the_lock(swarm_app: Any) -> None:
     app = swarm_app
     v1 = app.head[:7]

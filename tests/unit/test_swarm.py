@@ -190,3 +190,38 @@ def test_another_image_without_an_update_is_a_failure() -> None:
 def test_a_missing_service_parses() -> None:
     view = swarm.parse_view("null\n[]\n")
     assert not view.exists and view.image is None and view.secrets == []
+
+
+def test_a_task_without_a_suitable_node_is_unplaceable() -> None:
+    """What a node drained or down during a start-first update leaves: a pending task the
+    scheduler cannot place (Engine.wait then switches the update to stop-first)."""
+    view = _view(NEW, {"State": "updating", "StartedAt": "t2"},
+                 [("running", "running", NEW), ("running", "running", OLD),
+                  ("pending", "running", NEW), ("pending", "running", NEW),
+                  ("shutdown", "shutdown", NEW)])
+    view.tasks[2].error = "no suitable node (max replicas per node limit exceed)"
+    assert [t.id for t in swarm.unplaceable(view)] == ["t2"]
+    view.tasks[2].error = ""
+    assert swarm.unplaceable(view) == []  # pending for another reason (e.g. pulling): wait
+
+
+@pytest.mark.parametrize("operation", ["exec", "maintenance", "cleanup", "certs.show",
+                                       "certs.renew"])
+def test_compose_only_commands_are_refused_on_a_swarm_environment(
+        cluster: Settings, settings: Settings, operation: str) -> None:
+    from togather_tasks.cli import refuse_on_swarm
+    from togather_tasks.errors import ExitCode, UsageError
+
+    with pytest.raises(UsageError) as err:
+        refuse_on_swarm(cluster, operation)
+    assert err.value.exit_code == ExitCode.INVALID_ARGUMENTS == 2
+    assert "not supported on cluster (engine swarm)" in str(err.value)
+    refuse_on_swarm(settings, operation)  # a compose environment: no refusal
+
+
+@pytest.mark.parametrize("operation", ["deploy", "rollback", "status", "health", "logs", "db",
+                                       "lock"])
+def test_the_swarm_commands_are_not_refused(cluster: Settings, operation: str) -> None:
+    from togather_tasks.cli import refuse_on_swarm
+
+    refuse_on_swarm(cluster, operation)
