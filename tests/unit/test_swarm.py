@@ -225,3 +225,21 @@ def test_the_swarm_commands_are_not_refused(cluster: Settings, operation: str) -
     from togather_tasks.cli import refuse_on_swarm
 
     refuse_on_swarm(cluster, operation)
+
+
+@pytest.mark.parametrize("args", [("exec", "--command=true"), ("maintenance.on",),
+                                  ("maintenance.off",), ("cleanup",), ("cleanup", "--dry-run"),
+                                  ("certs.show",), ("certs.renew",)])
+def test_compose_only_commands_exit_2_through_the_cli(
+        cluster: Settings, project: Project, capsys: pytest.CaptureFixture[str],
+        args: tuple[str, ...]) -> None:
+    """Through the real task collection (in process): exit 2, one `error:` line naming the
+    environment and engine, no traceback, and nothing reached a host (the config's hosts do
+    not exist: any SSH attempt would fail differently)."""
+    from .test_cli import assert_clean, run_in_process
+
+    result = run_in_process(project, capsys, *args, "--env=cluster")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "is not supported on cluster (engine swarm)" in result.stderr
+    assert "Nothing was changed" in result.stderr
+    assert_clean(result)
