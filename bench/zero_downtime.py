@@ -219,8 +219,11 @@ class BenchApp:
         import yaml
 
         self.ports = self.pick_ports()
-        shutil.copytree(DEMO, self.repo, ignore=shutil.ignore_patterns(
-            "__pycache__", ".git", ".env.development", ".env.staging", ".env.production"))
+        # Without the checkout's real env files (`.env.<name>`, any name, `.env.cluster` too):
+        # only the committed `.example` templates; this app writes its own below.
+        shutil.copytree(DEMO, self.repo, ignore=lambda _dir, names: {
+            n for n in names if n in ("__pycache__", ".git")
+            or (n.startswith(".env.") and not n.endswith(".example"))})
         self.log_dir.mkdir()
         config_path = self.repo / "config" / "deployment.yml"
         document = yaml.safe_load(config_path.read_text())
