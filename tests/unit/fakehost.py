@@ -109,6 +109,15 @@ def batch_answer(**outputs: str) -> Rule:
     return rule
 
 
+STOP = "docker stop --time"  # in every slot's stop (commands.stop_slot), in no other command
+
+
+def stop_fragment(slot: str) -> str:
+    """What only the command that stops `slot` contains (commands.stop_slot)."""
+    return (f"service={cmd.service(slot)} --filter label=com.docker.compose.oneoff=False); "
+            f'[ -z "$ids" ] || {STOP}')
+
+
 def answer(status: int = 200, *, slot: str | None = None, body: bytes = b"{}") -> HttpResponse:
     headers = {"x-togather-slot": slot} if slot else {}
     return HttpResponse(status, headers, body)
