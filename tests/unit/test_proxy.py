@@ -243,6 +243,8 @@ def test_a_switch_renames_the_marker_verifies_with_the_token_and_never_reloads(
 
     assert (switched.how, switched.previous, disk.slot) == ("unchanged", "blue", "green")
     assert host.ran(RELOAD) == [] and host.ran(RECREATE) == []
+    # Two round trips: the marker, files and running proxy read at once, then the rename.
+    assert len(host.commands) == 2 and "mv -fT" in host.commands[1]
     assert host.request_headers[-1] == {proxy.VERIFY_HEADER: "ab" * 16}
     assert switched.notes() == []
 
