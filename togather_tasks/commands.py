@@ -263,13 +263,30 @@ def start_slot(settings: Settings, slot: str, pull: str) -> str:
     return compose(settings, "up", "--detach", "--no-deps", "--pull", pull, service(slot))
 
 
+def service_containers(settings: Settings, service_name: str, *, running: bool = False) -> str:
+    """The ids of a service's containers (running ones only, with `running`), newest first,
+    found by the labels Compose puts on them: `docker ps` answers in ~0.02 s where `docker
+    compose ps` spends ~0.1 s loading the project. One-off containers (`compose run`: the
+    migrations, `inv exec --slot=new`) are not the service's."""
+    filters = [f"label={label}" for label in (
+        f"com.docker.compose.project={settings.compose_project}",
+        f"com.docker.compose.service={service_name}",
+        "com.docker.compose.oneoff=False")]
+    return " ".join(["docker ps", "--quiet", *([] if running else ["--all"]),
+                     *(f"--filter {q(f)}" for f in filters)])
+
+
 def stop_slot(settings: Settings, slot: str) -> str:
-    return compose(settings, "stop", "--timeout", str(settings.deployment["stop_timeout"]),
-                   service(slot))
+    """Stop the slot's running container (Compose's `stop` with its timeout, without the
+    ~0.15 s Compose takes to load the project): SIGTERM, then SIGKILL after stop_timeout
+    seconds. Nothing running: nothing to do."""
+    return (f"ids=$({service_containers(settings, service(slot), running=True)}); "
+            f'[ -z "$ids" ] || docker stop --time {int(settings.deployment["stop_timeout"])} '
+            "$ids > /dev/null")
 
 
 def slot_container_ids(settings: Settings, slot: str) -> str:
-    return compose(settings, "ps", "--all", "--quiet", service(slot))
+    return service_containers(settings, service(slot))
 
 
 def slot_logs(settings: Settings, slot: str, lines: int = 15) -> str:
@@ -289,14 +306,15 @@ def start_proxy(settings: Settings, *, recreate: bool = False) -> str:
 
 def reload_proxy(settings: Settings) -> str:
     """Test the configuration first: a bad one never reaches the running nginx."""
-    return compose(settings, "exec", "-T", "proxy", "sh", "-c",
-                   q("nginx -t -q && nginx -s reload"))
+    return (f"id=$({service_containers(settings, 'proxy', running=True)} | head -n 1); "
+            '[ -n "$id" ] || { echo "the proxy container is not running" >&2; exit 1; }; '
+            'docker exec "$id" sh -c ' + q("nginx -t -q && nginx -s reload"))
 
 
 def running_proxy(settings: Settings) -> str:
     """The running proxy's image and network mode (`IMAGE MODE`), empty when none runs: one
     round trip."""
-    return (f"id=$({compose(settings, 'ps', '--quiet', '--status', 'running', 'proxy')}"
+    return (f"id=$({service_containers(settings, 'proxy', running=True)}"
             ' | head -n 1); [ -z "$id" ] || docker inspect --format '
             + q("{{.Config.Image}} {{.HostConfig.NetworkMode}}") + ' "$id"')
 

@@ -25,6 +25,9 @@ from togather_tasks.redact import Redactor
 from togather_tasks.store import StateStore
 
 Rule = Callable[[str], Result | None]
+BATCH = re.compile(r"--togather-batch-[0-9a-f]+-- begin")
+BATCH_SECTION = re.compile(r"printf '%s\\n' '(--togather-batch-[0-9a-f]+--) begin (\w+)'; "
+                           r"\( (.*?)\n\); printf", re.DOTALL)
 
 
 def ok(stdout: str = "", command: str = "") -> Result:
@@ -70,6 +73,23 @@ class FakeHost(Host):
     def _answer(self, command: str) -> Result:
         self.commands.append(command)
         self.journal.append((self.name, command))
+        if BATCH.search(command) and not any(
+                fragment in command and getattr(rule, "whole_batch", False)
+                for fragment, rule in self.rules):
+            return self._answer_batch(command)
+        return self._answer_one(command)
+
+    def _answer_batch(self, command: str) -> Result:
+        """A batch of probes (togather_tasks.batch) as the shell runs it: each section
+        answered on its own by the rules, framed by its marker lines."""
+        out = []
+        for marker, name, section in BATCH_SECTION.findall(command):
+            result = self._answer_one(section)
+            out.append(f"{marker} begin {name}\n{result.stdout}\n"
+                       f"{marker} end {name} {result.exit_status}\n")
+        return ok("".join(out), command)
+
+    def _answer_one(self, command: str) -> Result:
         for fragment, rule in self.rules:
             if fragment in command and (result := rule(command)) is not None:
                 return result
@@ -106,7 +126,17 @@ def batch_answer(**outputs: str) -> Rule:
         return ok("".join(f"{marker[1]} begin {name}\n{text}\n{marker[1]} end {name} 0\n"
                           for name, text in outputs.items()))
 
+    rule.whole_batch = True  # type: ignore[attr-defined]
     return rule
+
+
+STOP = "docker stop --time"  # in every slot's stop (commands.stop_slot), in no other command
+
+
+def stop_fragment(slot: str) -> str:
+    """What only the command that stops `slot` contains (commands.stop_slot)."""
+    return (f"service={cmd.service(slot)} --filter label=com.docker.compose.oneoff=False); "
+            f'[ -z "$ids" ] || {STOP}')
 
 
 def answer(status: int = 200, *, slot: str | None = None, body: bytes = b"{}") -> HttpResponse:

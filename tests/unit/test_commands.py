@@ -64,22 +64,32 @@ def test_compose_command_is_exact(settings: Settings) -> None:
 COMPOSE = ("docker compose --project-name togather-test-staging --project-directory "
            "/srv/togather/staging --file /srv/togather/staging/compose.yml --env-file "
            "/srv/togather/staging/slots.env")
+# A service's containers by Compose's labels (docker ps: no project to load).
+PROJECT = "--filter label=com.docker.compose.project=togather-test-staging"
+SERVICE = "label=com.docker.compose.service"
+NOT_ONE_OFF = "--filter label=com.docker.compose.oneoff=False"
+PS = f"docker ps --quiet {PROJECT}"
 
 
 @pytest.mark.parametrize(("build", "expected"), [
     (lambda st: cmd.start_slot(st, "green", "never"),
      f"{COMPOSE} up --detach --no-deps --pull never app-green"),
-    (lambda st: cmd.stop_slot(st, "blue"), f"{COMPOSE} stop --timeout 30 app-blue"),
-    (lambda st: cmd.slot_container_ids(st, "blue"), f"{COMPOSE} ps --all --quiet app-blue"),
+    (lambda st: cmd.stop_slot(st, "blue"),
+     f"ids=$({PS} --filter {SERVICE}=app-blue {NOT_ONE_OFF}); "
+     '[ -z "$ids" ] || docker stop --time 30 $ids > /dev/null'),
+    (lambda st: cmd.slot_container_ids(st, "blue"),
+     f"docker ps --quiet --all {PROJECT} --filter {SERVICE}=app-blue {NOT_ONE_OFF}"),
     (lambda st: cmd.slot_logs(st, "green"),
      f"{COMPOSE} logs --no-color --tail 15 app-green"),
     (lambda st: cmd.start_proxy(st), f"{COMPOSE} up --detach --no-deps proxy"),
     (lambda st: cmd.start_proxy(st, recreate=True),
      f"{COMPOSE} up --detach --no-deps --force-recreate proxy"),
     (lambda st: cmd.reload_proxy(st),
-     f"{COMPOSE} exec -T proxy sh -c 'nginx -t -q && nginx -s reload'"),
+     f"id=$({PS} --filter {SERVICE}=proxy {NOT_ONE_OFF} | head -n 1); "
+     '[ -n "$id" ] || { echo "the proxy container is not running" >&2; exit 1; }; '
+     "docker exec \"$id\" sh -c 'nginx -t -q && nginx -s reload'"),
     (lambda st: cmd.running_proxy(st),
-     f"id=$({COMPOSE} ps --quiet --status running proxy | head -n 1); [ -z \"$id\" ] || "
+     f"id=$({PS} --filter {SERVICE}=proxy {NOT_ONE_OFF} | head -n 1); [ -z \"$id\" ] || "
      "docker inspect --format '{{.Config.Image}} {{.HostConfig.NetworkMode}}' \"$id\""),
     (lambda st: cmd.proxy_files(cmd.Layout(st.remote_dir)),
      "printf '%s\\n' \"$(cat /srv/togather/staging/nginx/site.loaded 2>/dev/null)\"; "

@@ -32,7 +32,17 @@ from togather_tasks.slots import Slots, choose_slots
 from togather_tasks.state import new_deployment, utc_now
 from togather_tasks.ulid import new_id
 
-from .fakehost import FakeHost, FakeSession, ProxyDisk, answer, batch_answer, failed, ok
+from .fakehost import (
+    STOP,
+    FakeHost,
+    FakeSession,
+    ProxyDisk,
+    answer,
+    batch_answer,
+    failed,
+    ok,
+    stop_fragment,
+)
 from .test_health import body as health_body
 from .test_slots import proxy_running
 
@@ -55,7 +65,7 @@ def simulate(host: FakeHost, settings: Settings, *, routes: str = "blue",
     disk.load_site(settings)
     disk.mark(routes)
     proxy_running(host, settings)
-    host.on("--quiet app-", ok("c0ffee\n"))
+    host.on("com.docker.compose.service=app-", ok("c0ffee\n"))
     host.on("docker inspect --format '{{.State.Status}}", ok("running 0 0\n"))
 
     def http(address: str, port: int, path: str, timeout: float) -> HttpResponse:
@@ -103,7 +113,7 @@ def marks(journal: list[tuple[str, str]], host: str) -> list[int]:
 
 def stopped(session: FakeSession, slot: str) -> list[str]:
     return [name for name, command in session.journal
-            if f"stop --timeout 30 {cmd.service(slot)}" in command]
+            if stop_fragment(slot) in command]
 
 
 def history(session: FakeSession) -> list[dict]:
@@ -129,7 +139,7 @@ def test_host2s_switch_fails_host1_is_switched_back_and_verified_before_anything
 
     assert routes(fleet_session) == {"web1": "blue", "web2": "blue"}
     journal = fleet_session.journal
-    first_stop = next(i for i, (_, c) in enumerate(journal) if " stop --timeout" in c)
+    first_stop = next(i for i, (_, c) in enumerate(journal) if STOP in c)
     web1_back = max(marks(journal, "web1"))
     assert web1_back < first_stop
     assert not [c for _, c in journal if "nginx -s reload" in c]
@@ -329,7 +339,7 @@ def test_finish_prunes_every_host_at_once_while_the_old_slot_drains_then_stops_i
 
     assert not together.broken
     journal = session.journal
-    first_stop = next(i for i, (_, c) in enumerate(journal) if " stop --timeout" in c)
+    first_stop = next(i for i, (_, c) in enumerate(journal) if STOP in c)
     assert max(i for i, (_, c) in enumerate(journal) if "docker image ls" in c) < first_stop
     assert "web2: could not prune old images" in session.output
     assert "web1: could not prune" not in session.output
@@ -353,7 +363,7 @@ def test_each_host_stops_its_old_slot_no_sooner_than_the_drain_after_its_own_swi
         # The switch is the slot marker's rename: observed, then answered by the ProxyDisk.
         host.on(f"mv -fT {cmd.Layout(session.settings.remote_dir).proxy_state_dir}",
                 seen("switched", answer=lambda: None))
-        host.on(f"stop --timeout 30 {cmd.service('blue')}", seen("stopped"))
+        host.on(stop_fragment("blue"), seen("stopped"))
 
     deploy_from_start(session)
 

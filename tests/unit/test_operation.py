@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from togather_tasks import commands as cmd
 from togather_tasks import hooks, notify, proxy
 from togather_tasks.config import Settings
 from togather_tasks.deploy import Deploy, DeployOptions
@@ -20,7 +19,7 @@ from togather_tasks.operation import Release, Step
 from togather_tasks.slots import Slots
 from togather_tasks.ulid import new_id
 
-from .fakehost import FakeHost, FakeSession, ProxyDisk, answer
+from .fakehost import FakeHost, FakeSession, ProxyDisk, answer, stop_fragment
 from .projects import JWT_SECRET
 from .test_slots import proxy_running
 
@@ -55,7 +54,7 @@ def serving(host: FakeHost, slot: str) -> None:
 
 
 def stops(host: FakeHost, slot: str) -> list[str]:
-    return host.ran(f"stop --timeout 30 {cmd.service(slot)}")
+    return host.ran(stop_fragment(slot))
 
 
 def step(name: str, action=lambda: None, *, destructive: bool = False) -> Step:

@@ -243,6 +243,8 @@ def test_a_switch_renames_the_marker_verifies_with_the_token_and_never_reloads(
 
     assert (switched.how, switched.previous, disk.slot) == ("unchanged", "blue", "green")
     assert host.ran(RELOAD) == [] and host.ran(RECREATE) == []
+    # Two round trips: the marker, files and running proxy read at once, then the rename.
+    assert len(host.commands) == 2 and "mv -fT" in host.commands[1]
     assert host.request_headers[-1] == {proxy.VERIFY_HEADER: "ab" * 16}
     assert switched.notes() == []
 
@@ -258,6 +260,31 @@ def test_a_switch_that_does_not_verify_puts_the_marker_back(
     with pytest.raises(HealthCheckError, match="does not serve green/abc1234"):
         proxy.switch(settings, host, "green", "abc1234")
     assert disk.slot == "blue"
+
+
+def test_verify_pauses_start_short_and_are_capped() -> None:
+    assert proxy.verify_pauses(1) == []
+    assert proxy.verify_pauses(7) == [0.02, 0.04, 0.08, 0.16, 0.25, 0.25]
+    assert sum(proxy.verify_pauses(20)) == pytest.approx(4.05)
+
+
+def test_verify_asks_at_once_then_backs_off_and_stops_after_its_attempts(
+        host: FakeHost, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = dataclasses.replace(settings, proxy={**settings.proxy, "verify_attempts": 4})
+    slept: list[float] = []
+    monkeypatch.setattr(proxy.time, "sleep", slept.append)
+    answers = iter([answer(502), answer(200, slot="blue"), answer(200, slot="green")])
+    host.http = lambda *_: next(answers)
+    no_version = dataclasses.replace(settings, version_endpoint=None)
+
+    assert proxy.verify(no_version, host, "green", None) is None
+    assert slept == [0.02, 0.04]  # two answers missed, no pause before the first request
+
+    slept.clear()
+    calls: list[str] = []
+    host.http = lambda address, port, path, timeout: calls.append(path) or answer(503)
+    assert proxy.verify(no_version, host, "green", None) == "HTTP 503, slot None, version None"
+    assert len(calls) == 4 and slept == [0.02, 0.04, 0.08]  # none after the last request
 
 
 def test_a_marker_that_cannot_be_renamed_is_a_switch_error_and_nothing_moves(

@@ -17,7 +17,7 @@ from togather_tasks.operation import Release
 from togather_tasks.signals import interruptible
 from togather_tasks.slots import Slots
 
-from .fakehost import FakeSession
+from .fakehost import STOP, FakeSession
 from .projects import BASE_CONFIG, Project
 from .test_fleet import SHA, fast, history, routes, sigterm_during_start, simulate, stopped
 
@@ -116,7 +116,7 @@ def test_a_failure_in_the_last_wave_switches_back_the_waves_before_anything_stop
         rolling_deploy(session)
 
     assert routes(session) == {"web1": "blue", "web2": "blue", "web3": "blue"}
-    first_stop = next(i for i, (_, c) in enumerate(session.journal) if " stop --timeout" in c)
+    first_stop = next(i for i, (_, c) in enumerate(session.journal) if STOP in c)
     for host in ("web1", "web2"):
         assert last(session, host, MARK) < first_stop, host
         assert f"{host}: switched back to the blue slot" in session.output

@@ -61,7 +61,7 @@ def test_status_shows_maintenance_with_its_message_and_since_when(fleet: FakeSes
 
 
 def test_a_host_without_a_slot_container_says_missing(fleet: FakeSession) -> None:
-    fleet.host("web1").on("--quiet app-", ok(""))
+    fleet.host("web1").on("com.docker.compose.service=app-", ok(""))
     info = status.host_status(fleet.settings, fleet.host("web1"))
     assert info["slots"]["green"]["container"] == "missing"
 
