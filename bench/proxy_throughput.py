@@ -41,14 +41,43 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def proxy_pid(app: BenchApp) -> str:
-    ids = must(app.compose("ps", "--quiet", "proxy", timeout=60), "compose ps").output.split()
+def service_pid(app: BenchApp, service: str) -> str:
+    """The host pid of a service's container's main process."""
+    ids = must(app.compose("ps", "--quiet", service, timeout=60), "compose ps").output.split()
     if not ids:
-        raise SetupError("the proxy is not running")
+        raise SetupError(f"{service} is not running")
     out = subprocess.run(["docker", "inspect", "--format", "{{.State.Pid}} "
                           "{{.HostConfig.NetworkMode}}", ids[0]], capture_output=True,
                          text=True, timeout=30, check=True).stdout.split()
     return out[0]
+
+
+def proxy_pid(app: BenchApp) -> str:
+    return service_pid(app, "proxy")
+
+
+def children(pid: str) -> list[str]:
+    return subprocess.run(["pgrep", "-P", pid], capture_output=True, text=True,
+                          timeout=30).stdout.split()
+
+
+def cpu_seconds(pids: list[str]) -> float:
+    """User + system CPU time of these processes (not their children), from /proc."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(all CPU time, busy CPU time) of the machine so far, seconds, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    every = sum(values[:8]) / os.sysconf("SC_CLK_TCK")
+    return every, every - (values[3] + values[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def time_wait(pid: str, ports: tuple[int, ...]) -> tuple[int, int]:
@@ -83,6 +112,8 @@ def benchmark(app: BenchApp, args: argparse.Namespace) -> list[str]:
     must(app.inv("deploy", f"--env={ENV}"), "deploy")
     active = app.status()["active_slot"]
     pid = proxy_pid(app)
+    nginx_workers = children(pid)
+    app_pids = [service_pid(app, f"app-{active}")]
     ports = tuple(app.ports[name] for name in ("proxy", "https", "blue", "green")
                   if name in app.ports)
     rows = []
@@ -90,24 +121,34 @@ def benchmark(app: BenchApp, args: argparse.Namespace) -> list[str]:
         before = load_average()
         say(f"{label}: wrk {args.seconds:g} s, {args.threads} thread(s), {args.connections} "
             f"connections (load average {before}) ...")
+        cpu0, machine0 = (cpu_seconds(nginx_workers), cpu_seconds(app_pids)), machine_busy()
         result = wrk.run(url, args.seconds, threads=args.threads, connections=args.connections)
+        cpu1, machine1 = (cpu_seconds(nginx_workers), cpu_seconds(app_pids)), machine_busy()
+        thousands = max(result.requests, 1) / 1000
+        cost = ((cpu1[0] - cpu0[0]) * 1000 / thousands, (cpu1[1] - cpu0[1]) * 1000 / thousands,
+                (machine1[1] - machine0[1]) / max(machine1[0] - machine0[0], 1e-9))
         waiting = time_wait(pid, ports)
-        rows.append((label, result, waiting, before, load_average()))
+        rows.append((label, result, waiting, before, load_average(), cost))
 
     direct_rps = [r.rps for label, r, *_ in rows if label.startswith("direct")]
+    header = (f"{'run':<28}{'req/s':>8}{'vs best':>8}{'vs mean':>8}{'p50 ms':>8}{'p99 ms':>8}"
+              f"{'errors':>7}{'non-2xx':>8}{'TIME_WAIT all/ours':>19}  load before -> after")
     reference, mean = max(direct_rps), sum(direct_rps) / len(direct_rps)
     out = ["", f"wrk {args.threads} thread(s), {args.connections} connections, "
-               f"{args.seconds:g} s each; {os.cpu_count()} CPUs",
-           f"{'run':<28}{'req/s':>8}{'vs best':>8}{'vs mean':>8}{'p50 ms':>8}{'p99 ms':>8}"
-           f"{'errors':>7}{'non-2xx':>8}{'TIME_WAIT all/ours':>19}  load before -> after"]
+               f"{args.seconds:g} s each; {os.cpu_count()} CPUs", header]
     ratios = []
-    for label, r, (all_tw, ours), before, after in rows:
+    for label, r, (all_tw, ours), before, after, _ in rows:
         best, avg = r.rps / reference, r.rps / mean
         if label.startswith("proxy"):
             ratios.append((label, best))
         out.append(f"{label:<28}{r.rps:>8.0f}{best:>8.0%}{avg:>8.0%}{r.p50_ms:>8.1f}"
                    f"{r.p99_ms:>8.1f}{r.socket_errors:>7}{r.non_2xx:>8}"
                    f"{f'{all_tw}/{ours}':>19}  {before} -> {after}")
+    out += ["", "CPU per 1,000 requests (ms; nginx workers, the app's process) and how busy the "
+            "whole machine was (all processes, the other users' included):"]
+    for label, _, _, _, _, (nginx_ms, app_ms, busy) in rows:
+        out.append(f"  {label:<28}nginx {nginx_ms:6.1f}  app {app_ms:6.1f}  machine busy "
+                   f"{busy:4.0%}")
     piled = max(ours for _, _, (_, ours), *_ in rows)
     worst = min(ratio for _, ratio in ratios)
     out += ["", "through the proxy / best direct run: "
