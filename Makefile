@@ -57,12 +57,16 @@ test: testbed install
 bench: testbed install bench-edge
 	$(BIN)/python bench/zero_downtime.py
 
-# The switch without a reload (issue 10): wrk and the load generator with no retries through
-# the proxy during a deploy and a rollback; then sustained throughput direct vs through the
-# proxy (60 s each, twice) with the TIME_WAIT count in the proxy's network namespace.
+# The edge (issue 10): wrk and the load generator with no retries through the proxy during a
+# deploy and a rollback, over HTTP and over HTTPS (a throwaway self-signed certificate); then
+# sustained throughput direct vs through the proxy over HTTP and HTTPS (60 s each, twice) with
+# the TIME_WAIT count in the proxy's network namespace; then the time to obtain a certificate
+# from the test bed's Pebble. About fifteen minutes.
 bench-edge: testbed install wrk
 	$(BIN)/python bench/edge_switch.py
+	$(BIN)/python bench/edge_switch.py --scheme https
 	$(BIN)/python bench/proxy_throughput.py
+	$(BIN)/python bench/acme_obtain.py
 
 wrk:
 	@command -v wrk >/dev/null || { apt-get update -qq && \

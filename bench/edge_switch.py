@@ -11,9 +11,13 @@ Goal: 0 socket errors and 0 non-2xx in every phase. Printed next to the figures 
 the graceful-reload switch it replaced and the in-place baseline. About two minutes.
 
     .venv/bin/python bench/edge_switch.py [--scheme http] [--wrk-seconds 40] [--connections 16]
+                                          [--threads 1]
 
-`--scheme https` loads the environment's HTTPS port (`ports.https`, the TLS work) instead; the
-Python load generator speaks plain HTTP only and is skipped then. Run as root (like
+`--scheme https` gives the throwaway app `proxy.tls` with a self-signed certificate generated
+into the bench's temporary directory (bench/tls_app.py) and loads its HTTPS port instead (wrk
+keeps its TLS connections alive); the Python load generator speaks plain HTTP only and is
+skipped then. wrk runs one thread by default: on a small machine a second one takes CPU from
+the proxy and the app it measures. Run as root (like
 bench/zero_downtime.py, whose throwaway-app helper this uses); loopback only; every run bounded.
 """
 
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import wrk
 from loadgen import LoadResult, run_during
+from tls_app import TlsBenchApp
 from zero_downtime import ENV, BenchApp, Command, SetupError, must, preflight, terminate_as_exit
 
 # Measured on main before this change (issue 10 and the README), for comparison.
@@ -58,7 +63,8 @@ def load_url(app: BenchApp, scheme: str) -> str:
 def with_wrk(app: BenchApp, label: str, argv: tuple[str, ...], url: str,
              args: argparse.Namespace) -> WrkPhase:
     """wrk for --wrk-seconds; the command starts after a second of load."""
-    load = wrk.Wrk(url, args.wrk_seconds, threads=2, connections=args.connections).start()
+    load = wrk.Wrk(url, args.wrk_seconds, threads=args.threads,
+                   connections=args.connections).start()
     time.sleep(1.0)
     command = app.inv(*argv)
     covered = time.monotonic() < load.ends_at
@@ -110,8 +116,8 @@ def benchmark(app: BenchApp, args: argparse.Namespace) -> list[str]:
         must(command, "inv rollback under loadgen")
         generator.append(("loadgen: inv rollback (v3 -> v1)", load))
 
-    out = ["", f"{args.scheme.upper()}, keep-alive, no retries; load average after: "
-               f"{load_average()}",
+    out = ["", f"{args.scheme.upper()}, keep-alive, no retries, wrk {args.threads} thread(s) "
+               f"{args.connections} connections; load average after: {load_average()}",
            f"{'phase':<36}{'requests':>10}{'socket errors':>15}{'non-2xx':>9}{'req/s':>8}"
            f"{'p50 ms':>8}{'p99 ms':>8}"]
     for phase in phases:
@@ -140,18 +146,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wrk-seconds", type=float, default=40.0,
                         help="each wrk run (must outlast a deploy)")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads")
     parser.add_argument("--min-requests", type=int, default=5000,
                         help="loadgen: at least this many requests per phase")
     args = parser.parse_args(argv)
     args.wrk_seconds = max(10.0, min(args.wrk_seconds, 300.0))
     args.connections = max(1, min(args.connections, 128))
+    args.threads = max(1, min(args.threads, args.connections, 8))
     try:
         preflight()
         wrk.Wrk("http://127.0.0.1/", 1)  # wrk installed?
     except (SetupError, wrk.WrkMissing) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
-    app = BenchApp(Path(tempfile.mkdtemp(prefix="togather-bench-")))
+    kind = TlsBenchApp if args.scheme == "https" else BenchApp
+    app = kind(Path(tempfile.mkdtemp(prefix="togather-bench-")))
     lines: list[str] = []
     try:
         with terminate_as_exit():
