@@ -109,7 +109,12 @@ def show_logs(session: Session, request: LogRequest) -> None:
     since = parse_duration(request.since) if request.since is not None else None
     command = cmd.logs_command(session.settings, service, lines=request.lines,
                                since_seconds=since, follow=request.follow)
-    hosts = [session.host(name) for name in names]
+    read_logs(session, [session.host(name) for name in names], command, request)
+
+
+def read_logs(session: Session, hosts: list[Host], command: str, request: LogRequest) -> None:
+    """Run the log `command` on every host in `hosts` at once, printing whole lines (prefixed
+    by the host when there are several, filtered by --grep); Ctrl-C ends a --follow."""
     emit = _emitter(session)
     stop = threading.Event()
     readers = [_Reader(host, command, line_printer(host.name, len(hosts) > 1, request.grep,

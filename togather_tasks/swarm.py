@@ -40,14 +40,13 @@ from . import commands as cmd
 from . import fleet, images, registry, slots
 from .config import Settings, app_environment
 from .deploy import Deploy
-from .errors import ConfigError, HealthCheckError, Interrupted, TogatherError
+from .errors import ConfigError, HealthCheckError, TogatherError
 from .hosts import Host
-from .logs import LogRequest, _emitter, _Reader, _report_failures, line_printer, parse_duration
+from .logs import LogRequest, parse_duration, read_logs
 from .operation import Release, Step
 from .output import StepNote
 from .rollback import Rollback, RollbackError
 from .session import Session
-from .signals import shielded
 from .slots import Slots
 from .state import State, utc_now
 
@@ -573,6 +572,10 @@ class SwarmSteps:
         self.rolled_back_by_engine = False
         self.converged: ServiceView | None = None
 
+    def settle_slots(self, state: Any) -> None:
+        """A swarm has no slots and no proxies: nothing to settle under the lock (the lock
+        steps of Deploy and Rollback call this)."""
+
     @property
     def switched(self) -> bool:
         return "update" in self.progress.completed
@@ -732,16 +735,6 @@ class SwarmRollback(SwarmSteps, Rollback):
         super().validate(note)
         self.nodes = self.engine.node_map()
 
-    def acquire_lock(self, note: StepNote) -> None:
-        self.take_lock(self.chosen["id"], lock_wait=self.options.lock_wait)
-        fresh = self.s.store.read().state
-        if fresh.current and self.state.current and \
-                fresh.current["id"] != self.state.current["id"]:
-            raise RollbackError("the environment changed while taking the lock; retry")
-        self.state = fresh
-        note(self.lock["lock_id"])
-        self.notify("started")
-
     def image(self, note: StepNote) -> None:
         """Step: the target's digest (recorded, else the registry's for its tag), pulled on
         the manager; rebuilt and pushed from its commit if the registry lost it."""
@@ -887,18 +880,5 @@ def show_logs(session: Session, request: LogRequest) -> None:
     command = " ".join([*parts, q(name)])
     if request.follow:
         command = cmd.until_input_closes(command)
-    stop = threading.Event()
-    reader = _Reader(session.primary, command, line_printer(
-        session.primary.name, False, request.grep, _emitter(session)), stop, request.follow)
-    try:
-        reader.start()
-        reader.join_interruptibly()
-    except Interrupted:
-        if not request.follow:
-            raise
-        with shielded():
-            stop.set()
-            reader.thread.join(timeout=15)
-        return
-    _report_failures([reader])
+    read_logs(session, [session.primary], command, request)
 
