@@ -276,6 +276,17 @@ def service_containers(settings: Settings, service_name: str, *, running: bool =
                      *(f"--filter {q(f)}" for f in filters)])
 
 
+def slot_networks(settings: Settings) -> str:
+    """Every slot container of the project (running or not) as `<service> <network>,...`:
+    which of them are on the edge network (edge.parse_slot_networks). One `docker ps`."""
+    filters = [f"label={label}" for label in (
+        f"com.docker.compose.project={settings.compose_project}",
+        "com.docker.compose.oneoff=False")]
+    return " ".join(["docker ps", "--all", *(f"--filter {q(f)}" for f in filters),
+                     "--format",
+                     q('{{.Label "com.docker.compose.service"}} {{.Networks}}')])
+
+
 def stop_slot(settings: Settings, slot: str) -> str:
     """Stop the slot's running container (Compose's `stop` with its timeout, without the
     ~0.15 s Compose takes to load the project): SIGTERM, then SIGKILL after stop_timeout
@@ -346,10 +357,14 @@ def maintenance_off(layout: Layout) -> str:
             " -exec rm -rf {} + 2>/dev/null || true; }")
 
 
-def proxy_files(layout: Layout) -> str:
-    """What the switch needs to know of the proxy's files, in one round trip: the digest of
-    the site nginx last loaded (one line), the verification map, `--`, the site.conf."""
-    return (f'printf \'%s\\n\' "$(cat {q(layout.site_loaded)} 2>/dev/null)"; '
+def proxy_files(settings: Settings) -> str:
+    """What the switch needs to know of the proxy's files, in one round trip: the slots'
+    containers and their networks (`<service> <net>,<net>`, edge.parse_slot_networks), `--`,
+    the digest of the site nginx last loaded (one line), the verification map, `--`, the
+    site.conf."""
+    layout = Layout(settings.remote_dir)
+    return (f"{slot_networks(settings)}; echo --; "
+            f'printf \'%s\\n\' "$(cat {q(layout.site_loaded)} 2>/dev/null)"; '
             f"cat {q(layout.verify_map)} 2>/dev/null; echo --; "
             f"cat {q(layout.site_file)} 2>/dev/null; true")
 
@@ -426,6 +441,9 @@ def slots_env(settings: Settings, images: dict[str, str]) -> str:
         "GREEN_IMAGE": images.get("green", f"{settings.image}:none"),
         "BLUE_PORT": str(settings.ports["blue"]),
         "GREEN_PORT": str(settings.ports["green"]),
+        "EDGE_SUBNET": str(settings.edge_subnet),
+        "BLUE_EDGE_ADDRESS": settings.edge_address("blue"),
+        "GREEN_EDGE_ADDRESS": settings.edge_address("green"),
         "PROXY_IMAGE": proxy_image_ref(),
         "STOP_GRACE_PERIOD": f"{settings.deployment['stop_timeout']}s",
         "LOG_MAX_SIZE": settings.deployment["log_rotation"]["max_size"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import ipaddress
 import json
 import logging
 import posixpath
@@ -25,6 +26,7 @@ import yaml
 from dotenv.main import DotEnv
 from dotenv.parser import parse_stream
 
+from . import edge
 from . import tls as tls_config
 from .errors import ConfigError, UsageError
 from .redact import Redactor, is_secret_key
@@ -161,6 +163,15 @@ class Settings:
     @property
     def health(self) -> HealthCheckSettings:
         return HealthCheckSettings(**self.deployment["health_check"])
+
+    @property
+    def edge_subnet(self) -> ipaddress.IPv4Network:
+        """The slots' private network with the proxy (edge.py): proxy.subnet, or derived from
+        the blue port."""
+        return edge.subnet(self.proxy.get("subnet"), self.ports["blue"])
+
+    def edge_address(self, slot: str) -> str:
+        return edge.slot_address(self.edge_subnet, slot)
 
     @property
     def compose_project(self) -> str:
@@ -439,6 +450,8 @@ def _merge_environment(document: dict[str, Any], env: str, config_path: Path,
             problems.append(f"{config_path}: build.{key} must be a path inside the repository")
     problems += [f"{config_path}: {problem}" for problem in directory_problems(
         f"environments.{env}.remote_dir", _remote_dir(env_block, env), database["snapshot_dir"])]
+    if "subnet" in merged["proxy"] and (why := edge.subnet_problem(merged["proxy"]["subnet"])):
+        problems.append(f"{config_path}: proxy.subnet: {why}")
     if merged["proxy"].get("tls"):
         ports.setdefault("https", DEFAULT_HTTPS_PORT)
         if len(set(ports.values())) != len(ports):

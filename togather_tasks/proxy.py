@@ -19,7 +19,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from . import batch, tls
+from . import batch, edge, tls
 from . import commands as cmd
 from .config import Settings
 from .errors import CommandError, HealthCheckError, HostError, TogatherError
@@ -39,18 +39,27 @@ _DIRECTIVE = re.compile(r"^[ \t]*(listen|server) (\S+)[^;{\n]*;", re.MULTILINE)
 # --- the site configuration (pure) ------------------------------------------------------------
 
 
-def upstream_block(slot: str, port: int, keepalive: int) -> str:
-    """One slot's upstream group: its published port on the host's loopback and a pool of
-    idle keep-alive connections per worker, each used for up to 10,000 requests (nginx's
-    default, 1,000, left ~300 sockets in TIME_WAIT per minute of load). The app keeps idle
-    connections longer (75 s in the demo) than nginx does here, so nginx never reuses one the
-    app is closing."""
+def upstream_block(slot: str, server: str, keepalive: int) -> str:
+    """One slot's upstream group: its address on the edge network (edge.py; the published
+    port on the host's loopback for a container from before that network) and a pool of idle
+    keep-alive connections per worker, each used for up to 10,000 requests (nginx's default,
+    1,000, left ~300 sockets in TIME_WAIT per minute of load). The app keeps idle connections
+    longer (75 s in the demo) than nginx does here, so nginx never reuses one the app is
+    closing."""
     return (f"upstream togather_{slot} {{\n"
-            f"    server 127.0.0.1:{port};\n"
+            f"    server {server};\n"
             f"    keepalive {keepalive};\n"
             f"    keepalive_requests 10000;\n"
             f"    keepalive_timeout 30s;\n"
             f"}}\n")
+
+
+def slot_server(settings: Settings, slot: str, legacy: frozenset[str] = frozenset()) -> str:
+    """Where nginx reaches `slot`: its edge address and the app's port, or (a container not
+    on the edge network yet) its published port on 127.0.0.1."""
+    if slot in legacy:
+        return f"127.0.0.1:{settings.ports[slot]}"
+    return f"{settings.edge_address(slot)}:{settings.app_port}"
 
 
 def listen_address(settings: Settings, port: int | None = None) -> str:
@@ -76,12 +85,14 @@ def server_blocks(settings: Settings) -> list[str]:
                                    listen_address(settings, settings.tls.https_port))]
 
 
-def site_conf(settings: Settings) -> str:
+def site_conf(settings: Settings, legacy: frozenset[str] = frozenset()) -> str:
     """The environment's site.conf (included in the http block of the image's nginx.conf):
-    one upstream group per slot and the server blocks. Changing it is the only change that
-    needs `nginx -t && nginx -s reload`; the switch never does."""
+    one upstream group per slot and the server blocks. `legacy`: the slots whose container
+    is not on the edge network (edge.parse_slot_networks). Changing it is the only change
+    that needs `nginx -t && nginx -s reload`; the switch never does."""
     keepalive = settings.proxy["keepalive"]
-    blocks = [upstream_block(slot, settings.ports[slot], keepalive) for slot in SLOTS]
+    blocks = [upstream_block(slot, slot_server(settings, slot, legacy), keepalive)
+              for slot in SLOTS]
     return (f"# Written by togather-tasks for the {settings.env} environment; rewritten by "
             "every deploy.\n" + "\n".join([*blocks, *server_blocks(settings)]))
 
@@ -202,14 +213,17 @@ def write_site(settings: Settings, host: Host, files: str | None = None) -> tupl
     commands.proxy_files's output when the caller already read it. Returns the site and the
     token."""
     layout = cmd.Layout(settings.remote_dir)
-    out = files if files is not None else host.run(cmd.proxy_files(layout), timeout=30).stdout
+    out = (files if files is not None
+           else host.run(cmd.proxy_files(settings), timeout=30).stdout)
+    networks, _, out = out.partition("--\n")
+    legacy = frozenset(edge.parse_slot_networks(networks, settings.compose_project))
     loaded, _, rest = out.partition("\n")
     mapping, _, on_host = rest.partition("--\n")
     token = token_in(mapping)
     if token is None:
         token = secrets.token_hex(16)
         host.write_file(layout.verify_map, verify_map(token).encode(), mode=0o600)
-    text = site_conf(settings)
+    text = site_conf(settings, legacy)
     digest = site_digest(text + verify_map(token))
     site = Site(text, on_host, digest, stale=loaded.strip() != digest)
     if on_host != text:
@@ -344,7 +358,7 @@ def switch(settings: Settings, host: Host, slot: str, version: str | None) -> Sw
     # What the switch reads first, in one round trip: the marker, the proxy's files, and
     # whether (and as what) the proxy runs.
     probes = batch.run_batch(host, {"routes": cmd.read_routes(layout),
-                                    "files": cmd.proxy_files(layout),
+                                    "files": cmd.proxy_files(settings),
                                     "proxy": cmd.running_proxy(settings)},
                              timeout=60, what="reading the proxy's state")
     routes = parse_routes(probes["routes"].output)

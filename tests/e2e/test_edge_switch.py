@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from togather_tasks import edge
+
 pytestmark = pytest.mark.e2e
 
 LEGACY = Path(__file__).parent / "legacy_proxy"
@@ -39,6 +41,14 @@ def worker_pids(app) -> set[str]:
     pids = {line.split()[0] for line in out.splitlines() if "worker process" in line}
     assert pids, out
     return pids
+
+
+def established(destination: str) -> int:
+    """Established TCP connections from this host (the proxy runs in its network namespace)
+    to `destination` (address:port)."""
+    out = subprocess.run(["ss", "-Htn", "state", "established", "dst", destination],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    return len(out.splitlines())
 
 
 @dataclass
@@ -100,6 +110,10 @@ def test_one_keepalive_connection_survives_deploy_and_rollback_without_a_reload(
     try:
         deployed = app.deploy()
         after_deploy = list(held.seen)
+        # nginx reaches the new slot at its address on the edge network (edge.py), not
+        # through the published port's userland forwarder.
+        green = edge.slot_address(edge.derived_subnet(app.ports["blue"]), "green")
+        pooled = (established(f"{green}:8080"), established(f"127.0.0.1:{app.ports['green']}"))
         rolled_back = app.inv("rollback", app.env_flag)
         time.sleep(0.5)
     finally:
@@ -112,6 +126,7 @@ def test_one_keepalive_connection_survives_deploy_and_rollback_without_a_reload(
     assert after_deploy[0] == ("blue", v1) and after_deploy[-1] == ("green", v2), after_deploy
     assert held.seen == [("blue", v1), ("green", v2), ("blue", v1)], held.seen
     assert held.requests > 100
+    assert pooled[0] >= 1 and pooled[1] == 0, pooled
     assert worker_pids(app) == workers, "nginx was reloaded (its workers changed)"
     assert "reload" not in deployed.stderr + rolled_back.stderr
     # The slot the rollback left stopped gracefully: its idle keep-alive connections (the

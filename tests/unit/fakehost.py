@@ -191,7 +191,9 @@ class ProxyDisk:
         self.refuse_marks = False
         self.marks_allowed: int | None = None  # then refused (see refuse_marks)
         host.on("for n in green blue; do", self._read_routes)
-        host.on("printf '%s\\n' \"$(cat", self._proxy_files)
+        # commands.proxy_files starts with the slots' networks (commands.slot_networks).
+        host.on("docker ps --all --filter label=com.docker.compose.project=", self._proxy_files)
+        self.slot_networks = ""  # `<service> <networks>` lines; none: no slot container yet
         host.on(f"mv -fT {self.layout.proxy_state_dir}", self._mark)
         host.on(f"rm -f {self.layout.slot_marker('blue')}", self._unmark)
 
@@ -225,7 +227,8 @@ class ProxyDisk:
     def _proxy_files(self, command: str) -> Result:
         files = self.host.files
         loaded = files.get(self.layout.site_loaded, b"").decode().strip()
-        return ok(f"{loaded}\n" + files.get(self.layout.verify_map, b"").decode() + "--\n"
+        return ok(f"{self.slot_networks}--\n{loaded}\n"
+                  + files.get(self.layout.verify_map, b"").decode() + "--\n"
                   + files.get(self.layout.site_file, b"").decode())
 
     def _mark(self, command: str) -> Result:

@@ -45,7 +45,7 @@ def every_command(settings: Settings) -> list[str]:
         cmd.slots_env(settings, {"blue": "togather-server:abc1234"}),
         cmd.read_routes(cmd.Layout(settings.remote_dir)),
         cmd.mark_slot(cmd.Layout(settings.remote_dir), "green"),
-        cmd.proxy_files(cmd.Layout(settings.remote_dir)),
+        cmd.proxy_files(settings),
         proxy.site_conf(settings),
     ]
 
@@ -91,7 +91,9 @@ PS = f"docker ps --quiet {PROJECT}"
     (lambda st: cmd.running_proxy(st),
      f"id=$({PS} --filter {SERVICE}=proxy {NOT_ONE_OFF} | head -n 1); [ -z \"$id\" ] || "
      "docker inspect --format '{{.Config.Image}} {{.HostConfig.NetworkMode}}' \"$id\""),
-    (lambda st: cmd.proxy_files(cmd.Layout(st.remote_dir)),
+    (lambda st: cmd.proxy_files(st),
+     f"docker ps --all {PROJECT} {NOT_ONE_OFF} "
+     "--format '{{.Label \"com.docker.compose.service\"}} {{.Networks}}'; echo --; "
      "printf '%s\\n' \"$(cat /srv/togather/staging/nginx/site.loaded 2>/dev/null)\"; "
      "cat /srv/togather/staging/nginx/verify.map 2>/dev/null; echo --; "
      "cat /srv/togather/staging/nginx/site.conf 2>/dev/null; true"),
@@ -160,6 +162,9 @@ def test_slots_env_content(settings: Settings) -> None:
         "GREEN_IMAGE": "togather-server:none",
         "BLUE_PORT": "9081",
         "GREEN_PORT": "9082",
+        "EDGE_SUBNET": "10.201.27.200/29",
+        "BLUE_EDGE_ADDRESS": "10.201.27.202",
+        "GREEN_EDGE_ADDRESS": "10.201.27.203",
         "PROXY_IMAGE": cmd.proxy_image_ref(),
         "STOP_GRACE_PERIOD": "30s",
         "LOG_MAX_SIZE": "10m",

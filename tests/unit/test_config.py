@@ -246,6 +246,18 @@ def test_duplicate_ports(project: Project) -> None:
     assert "different ports" in problem
 
 
+def test_proxy_subnet_is_validated(project: Project) -> None:
+    project.write_config(BASE_CONFIG + "proxy:\n  subnet: 8.8.8.0/29\n")
+    assert "proxy.subnet: 8.8.8.0/29: not a private network" in only_problem(project)
+
+
+def test_proxy_subnet_sets_the_edge_addresses(project: Project) -> None:
+    project.write_config(BASE_CONFIG + "proxy:\n  subnet: 10.201.0.8/29\n")
+    settings = project.load()
+    assert str(settings.edge_subnet) == "10.201.0.8/29"
+    assert settings.edge_address("green") == "10.201.0.11"
+
+
 def test_custom_migration_tool_needs_a_command(project: Project) -> None:
     project.write_config(BASE_CONFIG + "database:\n  migration_tool: custom\n")
     assert "database.migration_command" in only_problem(project)

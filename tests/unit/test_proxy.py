@@ -59,14 +59,14 @@ def test_site_conf_is_exact(settings: Settings) -> None:
     assert proxy.site_conf(settings) == """\
 # Written by togather-tasks for the staging environment; rewritten by every deploy.
 upstream togather_blue {
-    server 127.0.0.1:9081;
+    server 10.201.27.202:8080;
     keepalive 32;
     keepalive_requests 10000;
     keepalive_timeout 30s;
 }
 
 upstream togather_green {
-    server 127.0.0.1:9082;
+    server 10.201.27.203:8080;
     keepalive 32;
     keepalive_requests 10000;
     keepalive_timeout 30s;
@@ -77,6 +77,22 @@ server {
     include /etc/nginx/togather-app.conf;
 }
 """
+
+
+def test_a_slot_container_not_on_the_edge_network_keeps_its_published_port(
+        settings: Settings) -> None:
+    """A host deployed by an older version: its running blue slot predates the edge network,
+    so nginx reaches it on 127.0.0.1:<blue port> until it is recreated; green (new) on the
+    edge network."""
+    text = proxy.site_conf(settings, frozenset({"blue"}))
+    assert "upstream togather_blue {\n    server 127.0.0.1:9081;\n" in text
+    assert "upstream togather_green {\n    server 10.201.27.203:8080;\n" in text
+
+
+def test_proxy_subnet_chooses_the_edge_addresses(settings: Settings) -> None:
+    chosen = dataclasses.replace(settings, proxy={**settings.proxy, "subnet": "172.30.9.0/24"})
+    text = proxy.site_conf(chosen)
+    assert "    server 172.30.9.2:8080;\n" in text and "    server 172.30.9.3:8080;\n" in text
 
 
 def test_site_conf_follows_bind_keepalive_and_ipv6(settings: Settings) -> None:
@@ -95,9 +111,11 @@ def test_the_server_blocks_are_a_list_another_scheme_can_extend(settings: Settin
 
 
 def test_site_changes_names_the_directives_that_changed(settings: Settings) -> None:
-    moved = dataclasses.replace(settings, ports={**settings.ports, "proxy": 9180, "green": 9182})
+    moved = dataclasses.replace(settings, ports={**settings.ports, "proxy": 9180, "blue": 9181})
     said = proxy.site_changes(proxy.site_conf(settings), proxy.site_conf(moved))
-    assert said == ("server 127.0.0.1:9082 -> 127.0.0.1:9182, "
+    # The blue port moves the edge subnet (edge.derived_subnet): both slots' addresses change.
+    assert said == ("server 10.201.27.202:8080 -> 10.201.30.234:8080, "
+                    "server 10.201.27.203:8080 -> 10.201.30.235:8080, "
                     "listen 0.0.0.0:9080 -> 0.0.0.0:9180")
     assert proxy.site_changes("", proxy.site_conf(settings)) == "site.conf written"
 
@@ -374,3 +392,24 @@ def test_a_proxy_started_on_a_taken_port_says_what_nginx_said(
     with pytest.raises(HealthCheckError, match=r"nginx says: .*Address already in use"):
         proxy.switch(settings, host, "blue", "abc1234")
     assert disk.slot is None
+
+
+def test_write_site_keeps_the_published_port_for_a_slot_not_on_the_edge_network(
+        host: FakeHost, disk: ProxyDisk, settings: Settings) -> None:
+    """The switch reads the slots' networks with the proxy's files: a blue container from
+    before the edge network is reached on its published port, and nginx must reload."""
+    disk.load_site(settings)
+    project = settings.compose_project
+    disk.slot_networks = (f"app-blue {project}_default\n"
+                          f"app-green {project}_default,{project}_edge\n")
+    site, _ = proxy.write_site(settings, host)
+    written = host.files[cmd.Layout(settings.remote_dir).site_file].decode()
+    assert written == site.text == proxy.site_conf(settings, frozenset({"blue"}))
+    assert "    server 127.0.0.1:9081;\n" in written
+    assert site.stale
+    # Both on the network: the site nginx loaded, nothing to reload.
+    disk.slot_networks = (f"app-blue {project}_default,{project}_edge\n"
+                          f"app-green {project}_edge\n")
+    disk.load_site(settings)
+    site, _ = proxy.write_site(settings, host)
+    assert not site.stale
