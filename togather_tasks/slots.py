@@ -129,6 +129,14 @@ def start_slot(settings: Settings, host: Host, target: SlotTarget) -> None:
                                      "removed meanwhile (docker image prune, another cleanup)? "
                                      "Nothing was switched; run the command again.",
                 exit_status=result.exit_status)
+        if "pool overlaps" in text or "overlaps with" in text:
+            raise CommandError(
+                f"the {target.slot} slot cannot join its edge network on {host.name}: the "
+                f"subnet {settings.edge_subnet} overlaps a network that is already there",
+                hint="Nothing was stopped. Choose a free private /29 for this environment in "
+                     "config/deployment.yml (proxy.subnet, per environment under "
+                     f"environments.{settings.env}.proxy); `docker network inspect` on the "
+                     "host lists the subnets in use.", exit_status=result.exit_status)
         if any(marker in text for marker in PORT_BUSY_MARKERS):
             raise CommandError(
                 f"port {port} on {host.name} is already in use by something else, so the "

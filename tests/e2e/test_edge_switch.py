@@ -231,3 +231,25 @@ def test_a_host_deployed_by_the_previous_version_is_taken_over_by_the_next_deplo
     assert again.returncode == 0, again.stdout + again.stderr
     assert "recreated" not in again.stderr and "reloaded" not in again.stderr
     assert app.served()[0] == "blue"
+
+
+def test_an_edge_subnet_already_in_use_is_a_clear_error(demo_app) -> None:
+    """Another network on the host holds the environment's derived /29: the deploy stops
+    before anything is switched, names the subnet and proxy.subnet, and frees the lock; once
+    the subnet is free the same deploy works."""
+    app = demo_app
+    subnet = str(edge.derived_subnet(app.ports["blue"]))
+    squatter = f"e2e-{app.hex}-squatter"
+    subprocess.run(["docker", "network", "create", "--subnet", subnet, squatter],
+                   check=True, capture_output=True, timeout=60)
+    try:
+        result = app.deploy()
+        assert result.returncode != 0
+        said = result.stdout + result.stderr
+        assert f"subnet {subnet} overlaps a network" in said, said
+        assert "proxy.subnet" in said and "Traceback" not in said
+    finally:
+        subprocess.run(["docker", "network", "rm", squatter], check=True,
+                       capture_output=True, timeout=60)
+    app.deploy(check=True)
+    assert app.served()[0] == "blue"
