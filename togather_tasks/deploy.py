@@ -223,6 +223,8 @@ class Deploy(SlotOperation):
             lines.append("[rolling] waves in host order: " + " | ".join(
                 ", ".join(wave) for wave in waves) + "; each wave: start, health, switch, then "
                 "health through its proxies before the next (instead of every host at once)")
+        when = ("every host of its wave is" if self.rolling_batch
+                else "every host is" if len(st.hosts) > 1 else "it is")
         for host in st.hosts:
             lines += [
                 f"[{host}] write {layout.slots_env} ({new.upper()}_IMAGE={release.image})",
@@ -230,7 +232,7 @@ class Deploy(SlotOperation):
                 f"[{host}] GET 127.0.0.1:{st.ports[new]}{st.health_endpoint} until "
                 f"healthy (<= {st.health.retries} checks)",
                 *self.certificate_plan(host),
-                f"[{host}] when every host is healthy: write {layout.site_file} (nginx -t "
+                f"[{host}] when {when} healthy: write {layout.site_file} (nginx -t "
                 f"and reload only if it changed); rename the slot marker to "
                 f"{layout.slot_marker(new)}; verify through the proxy",
             ]

@@ -109,11 +109,13 @@ class Rollback(SlotOperation):
         restore = [f"[{self.settings.primary_host}] restore the database from "
                    f"{self.snapshot} (after a safety snapshot)"] \
             if self.options.restore_db else []
+        when = "every host is" if len(self.settings.hosts) > 1 else "it is"
         return restore + [
             f"[{h}] start {self.slots.new} slot from {self.image_ref()} (rebuild from "
             f"{self.chosen['git_commit'][:7]} if the image is gone)" for h in self.settings.hosts
-        ] + [f"[{h}] health-gate {self.slots.new}; when every host is healthy, switch nginx, "
-             "verify" for h in self.settings.hosts]
+        ] + [f"[{h}] health-gate {self.slots.new}; when {when} healthy, rename the slot marker "
+             f"to {self.slots.new} (no reload), verify through the proxy"
+             for h in self.settings.hosts]
 
     def image_ref(self) -> str:
         return self.chosen.get("image") or f"{self.settings.image}:{self.chosen['version']}"
