@@ -315,3 +315,42 @@ def test_rolling_waves_a_failing_second_wave_switches_the_first_back_then_a_good
     app.write_config()
     assert_one_version(app, v3)
     assert versions_through_lb(app) == {v3}
+
+
+def test_rolling_sigkill_between_two_waves_then_the_next_rolling_deploy_repairs(
+        fleet: Any) -> None:
+    """SIGKILL after wave 2 switched and before wave 3 (host3): host1 and host2 serve the new
+    version, host3 the old one, the lock is held. The next rolling deploy takes over the lock,
+    switches host1 and host2 back first, then rolls the fleet wave by wave to one version; no
+    request through the load balancer fails meanwhile."""
+    app = fleet
+    v1 = app.head[:7]
+    old_slot, _ = app.served_by("host1")
+    new_slot = "green" if old_slot == "blue" else "blue"
+    app.write_config(deployment={"rolling": {"batch": 1}})
+    v2 = app.commit("v2", {"app/VERSION_NOTE": "two\n"})[:7]
+    proc = app.spawn("deploy", app.env_flag, "--yes",
+                     env={PAUSE_ENV: "switch@togather-host3"})
+    proc.wait_for_stdout(r"paused before switch@togather-host3", timeout=600)
+    proc.send(signal.SIGKILL)
+    proc.wait(30)
+    assert {h: app.served_by(h)[1]["version"] for h in app.hosts} == {
+        "host1": v2, "host2": v2, "host3": v1}
+    state = app.state()  # valid against both schemas
+    assert state["lock"]["locked"] is True
+    assert state["current_deployment"]["version"] == v1
+
+    v3 = app.commit("v3", {"app/VERSION_NOTE": "three\n"})[:7]
+    with LoadSampler(app).running() as load:
+        result = app.deploy(timeout=600)
+    output = result.stdout + result.stderr
+    app.write_config()
+    assert result.returncode == 0, output
+    assert "took over the lock" in result.stderr, output
+    assert f"switching togather-host1, togather-host2 back to {old_slot} first" in \
+        result.stderr, output
+    assert "wave 3/3" in output, output
+    assert load.requests > 20 and load.failures == [], (load.requests, load.failures[:5])
+    state = assert_one_version(app, v3)
+    assert state["current_deployment"]["active_slot"] == new_slot
+    assert versions_through_lb(app) == {v3}
