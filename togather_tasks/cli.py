@@ -266,8 +266,12 @@ def deploy(c, env=None, ref="HEAD", dry_run=False, force=False, skip_migrations=
                 console.print(f"  {line}")
             return
         d = result.deployment
-        console.print(f"deployed {d['version']} to {session.settings.env} "
-                      f"({d['active_slot']} slot) as {d['id']} in {d['duration_seconds']}s")
+        where = f"{d['active_slot']} slot"
+        if session.settings.engine == "swarm":
+            from .swarm import service_name
+            where = f"service {service_name(session.settings)}"
+        console.print(f"deployed {d['version']} to {session.settings.env} ({where}) as "
+                      f"{d['id']} in {d['duration_seconds']}s")
         console.print(f"  url: {session.settings.public_url}")
         console.print(f"  log: {result.log_path}  (ssh connections: {result.ssh_connections})")
 

@@ -124,7 +124,11 @@ class Deploy(SlotOperation):
         if self.migrations_enabled:
             self.check_database()
         note(f"{self.release.sha7} -> {self.settings.env} ({', '.join(self.settings.hosts)}), "
-             f"slot {self.slots.new}")
+             f"{self.target_label()}")
+
+    def target_label(self) -> str:
+        """What this deploy replaces on the hosts, for the operator: the slot it starts."""
+        return f"slot {self.slots.new}"
 
     def check_tree(self) -> None:
         root, build, sha7 = self.settings.source_root, self.settings.build, self.release.sha7

@@ -656,6 +656,10 @@ class SwarmDeploy(SwarmSteps, Deploy):
                               "dbmate, golang-migrate or custom")
         super().validate(note)
 
+    def target_label(self) -> str:
+        """A swarm has no slots: the service is updated in place, task by task."""
+        return f"service {self.engine.name}"
+
     def acquire_lock(self, note: StepNote) -> None:
         """Step: the lock, then the state re-read under it (no proxies to settle)."""
         self.take_lock(self.deployment_id, force=self.options.force,

@@ -130,6 +130,9 @@ def test_first_and_second_deploy(swarm_app: Any, record_property: Any) -> None:
     result = app.deploy(timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     record_property("swarm_first_deploy_seconds", round(time.monotonic() - started, 1))
+    # A swarm has no slots: the output names the service it updates.
+    assert f"(service {app.project}) as dep_" in result.stdout, result.stdout
+    assert " slot" not in result.stdout, result.stdout
 
     # Two tasks (one node fewer than the hosts), on two different nodes, both the new image.
     spec = service(app)
