@@ -446,6 +446,10 @@ def _merge_environment(document: dict[str, Any], env: str, config_path: Path,
                             "the proxy, blue and green ports")
         problems += [f"{config_path}: {problem}" for problem in tls_config.problems(
             merged["proxy"]["tls"], config_path.parent.parent, "proxy.tls")]
+        if env_block.get("engine", "compose") == "compose":
+            problems += [f"{config_path}: {problem}" for problem in tls_config.fleet_problems(
+                merged["proxy"]["tls"], tuple(env_block.get("hosts") or ()),
+                merged["proxy"]["bind"], "proxy.tls")]
     return env_block, merged, problems
 
 
@@ -581,6 +585,10 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
     app = merged["app"]
     ports = env_block["ports"]
     mode = app["health"]["mode"]
+    hosts = tuple(env_block["hosts"])
+    if merged["proxy"].get("tls") and env_block.get("engine", "compose") == "compose":
+        warnings += [f"{config_path}: {warning}"
+                     for warning in tls_config.fleet_warnings(merged["proxy"]["tls"], hosts)]
     return Settings(
         root=root,
         env=env,
@@ -593,7 +601,7 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
         health_mode=mode,
         source_root=source_root(root, app.get("source")),
         confirm=env_block.get("confirm", False),
-        hosts=tuple(env_block["hosts"]),
+        hosts=hosts,
         remote_dir=_remote_dir(env_block, env),
         ports=dict(ports),
         public_url=env_block.get("public_url", f"http://127.0.0.1:{ports['proxy']}"),
@@ -607,7 +615,9 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
         secrets=secrets,
         warnings=tuple(warnings),
         source_url=app["source"] if is_git_url(app.get("source") or "") else None,
-        tls=tls_config.resolve(merged["proxy"]["tls"], root, ports["https"])
+        tls=tls_config.resolve(merged["proxy"]["tls"], root, ports["https"],
+                               hosts if env_block.get("engine", "compose") == "compose" else (),
+                               ports["proxy"])
         if merged["proxy"].get("tls") else None,
         engine=env_block.get("engine", "compose"),
     )
