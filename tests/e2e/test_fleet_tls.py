@@ -3,11 +3,12 @@ HTTP-01 challenge, from its own webroot, then from its peers', one hop at most).
 
 Pebble validates HTTP-01 on port 9080 of whatever the test domain resolves to in its DNS: here
 127.78.0.1:9080, the test bed's HAProxy door to the three hosts' port 80 (round robin, no
-stickiness; scripts/testbed-fleet.sh lists the hosts in reverse, so hosts validating one after
-another in their own order, deployment.parallel 1, never all land on themselves). Without the
-forwarding, a validation that lands on another host finds no token there and the deploy
-fails; with it, each host obtains its own certificate and the other hosts' nginx logs the
-forwarded validations.
+stickiness). Pebble asks three times per validation, at once, so each validation reaches
+every host; and with deployment.parallel 1 (hosts validating one after another in their own
+order, the door listing them in reverse) at least one would land on another host even with one
+request each. Without the forwarding, a request that lands on another host finds no token
+there and the deploy fails; with it, each host obtains its own certificate and the other
+hosts' nginx logs the forwarded validations.
 
 Then HTTPS is removed from the configuration: the next deploy removes each host's renewal
 service.
