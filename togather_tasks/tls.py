@@ -489,16 +489,19 @@ def http_locations(tls: TlsSettings | None) -> str:
 # A challenge asked for by a peer carries this header: answered from the webroot or 404,
 # never forwarded again, so a request travels one hop at most (no loop, whatever the peers).
 ACME_HOP_HEADER = "X-Togather-Acme-Hop"
+# An HTTP-01 token's path: the token is base64url (RFC 8555, 8.1).
+CHALLENGE_PATH_RE = r"/\.well-known/acme-challenge/[A-Za-z0-9_-]+$"
 PEER_CONNECT_TIMEOUT = "1s"
 PEER_READ_TIMEOUT = "3s"
 PEER_TOTAL_TIMEOUT = "8s"
 
 
 def acme_peers_block(tls: TlsSettings | None) -> str:
-    """The http-level part of challenge forwarding in a fleet (empty otherwise): the peers'
-    proxies as one upstream group, every host's own address included (the same site.conf on
-    every host; asked by itself, a host answers 404 from the webroot it just looked in, and
-    nginx moves on), and the log line of each forwarded challenge. max_fails=0: a 404 or a
+    """The http-level part of challenge forwarding in a fleet (empty otherwise): which
+    requests are forwarded, the peers' proxies as one upstream group, every host's own
+    address included (the same site.conf on every host; asked by itself, a host answers 404
+    from the webroot it just looked in, and nginx moves on), and the log line of each
+    forwarded challenge. max_fails=0: a 404 or a
     host down never takes a peer out of the group (a challenge is rare; its token may be
     on the host that just came back)."""
     if tls is None or tls.acme is None or not tls.acme.peers:
@@ -507,8 +510,10 @@ def acme_peers_block(tls: TlsSettings | None) -> str:
     return ("upstream togather_acme_peers {\n"
             f"{servers}"
             "}\n"
-            "map $http_x_togather_acme_hop $togather_acme_forwarded {\n"
-            '    "" 1;\n'
+            # Forwarded: no hop header, and a token as ACME makes them (base64url), nothing
+            # else: no other path of a peer is reached from its neighbours' addresses.
+            'map "$http_x_togather_acme_hop:$uri" $togather_acme_forwarded {\n'
+            f'    "~^:{CHALLENGE_PATH_RE}" 1;\n'
             "    default 0;\n"
             "}\n"
             "log_format togather_acme 'acme-challenge $uri not in the webroot here: asked "
@@ -518,7 +523,8 @@ def acme_peers_block(tls: TlsSettings | None) -> str:
 def _peers_location(peers: int) -> str:
     """Where a challenge this host has no file for goes: each peer in turn until one has it
     (a 404, an error or a timeout moves on; at most one try per peer, 8 s in all). The hop
-    header marks the request for the peer; one with the header is never forwarded."""
+    header marks the request for the peer; one with the header, or for anything but a
+    token, is never forwarded (acme_peers_block's map)."""
     return ("    location @togather_acme_peers {\n"
             "        if ($togather_acme_forwarded = 0) {\n"
             "            return 404;\n"

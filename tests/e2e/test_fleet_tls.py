@@ -125,6 +125,11 @@ def test_a_fleet_behind_a_load_balancer_obtains_a_certificate_on_every_host(
                              {HOP_HEADER: "1"})[0] == 404
         assert challenge_get(fleet_addr("host2"), 80, token, domain,
                              {HOP_HEADER: "1"})[0] == 200
+        # Only a token's path is forwarded: no other path of a peer is reached that way.
+        (webroot / "not.a.token").write_text("x")
+        (webroot / "not.a.token").chmod(0o644)
+        assert challenge_get(fleet_addr("host2"), 80, "not.a.token", domain)[0] == 200
+        assert challenge_get(fleet_addr("host1"), 80, "not.a.token", domain)[0] == 404
 
         # HTTPS removed from the configuration: the next deploy removes the renewal service
         # on every host, and plain HTTP serves the new version.

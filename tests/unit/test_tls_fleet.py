@@ -137,7 +137,10 @@ def test_the_peers_upstream_every_host_included_never_taken_out() -> None:
                             "    server 10.0.0.11:80 max_fails=0;\n"
                             "    server 10.0.0.12:80 max_fails=0;\n"
                             "}\n")
-    assert 'map $http_x_togather_acme_hop $togather_acme_forwarded {\n    "" 1;\n' in block
+    # Forwarded: no hop header and a token's path, nothing else.
+    assert ('map "$http_x_togather_acme_hop:$uri" $togather_acme_forwarded {\n'
+            '    "~^:/\\.well-known/acme-challenge/[A-Za-z0-9_-]+$" 1;\n'
+            '    default 0;\n}\n') in block
     assert "log_format togather_acme " in block
     assert tls.acme_peers_block(fleet_tls(peers=())) == ""
     assert tls.acme_peers_block(None) == ""
