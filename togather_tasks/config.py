@@ -586,9 +586,11 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
     ports = env_block["ports"]
     mode = app["health"]["mode"]
     hosts = tuple(env_block["hosts"])
-    if merged["proxy"].get("tls") and env_block.get("engine", "compose") == "compose":
-        warnings += [f"{config_path}: {warning}"
-                     for warning in tls_config.fleet_warnings(merged["proxy"]["tls"], hosts)]
+    # proxy.tls is the Compose proxies' (a swarm ends TLS at its load balancer).
+    tls_hosts = hosts if env_block.get("engine", "compose") == "compose" else ()
+    if merged["proxy"].get("tls"):
+        warnings += [f"{config_path}: {warning}" for warning in tls_config.fleet_warnings(
+            merged["proxy"]["tls"], tls_hosts)]
     return Settings(
         root=root,
         env=env,
@@ -615,8 +617,7 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
         secrets=secrets,
         warnings=tuple(warnings),
         source_url=app["source"] if is_git_url(app.get("source") or "") else None,
-        tls=tls_config.resolve(merged["proxy"]["tls"], root, ports["https"],
-                               hosts if env_block.get("engine", "compose") == "compose" else (),
+        tls=tls_config.resolve(merged["proxy"]["tls"], root, ports["https"], tls_hosts,
                                ports["proxy"])
         if merged["proxy"].get("tls") else None,
         engine=env_block.get("engine", "compose"),
