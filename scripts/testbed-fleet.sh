@@ -14,7 +14,9 @@
 #   load balancer  HAProxy on 127.0.0.1:10080 over the hosts' proxies on 10.77.0.1N:80.
 #                  HAProxy rather than nginx: it retries a failed connect on another server
 #                  (redispatch) and takes a dead host out with active checks, and it is not the
-#                  product's own nginx, so the two configs never get mixed up.
+#                  product's own nginx, so the two configs never get mixed up. Also
+#                  127.78.0.1:9080 over the same proxies, for the ACME server (Pebble)
+#                  validating HTTP-01 on a fleet: round robin, no stickiness.
 #
 # The registry name: the root dockerd trusts plain HTTP only on 127.0.0.0/8 (and must not be
 # restarted to change that), the fleet dockerds trust it through --insecure-registry. So the
@@ -44,6 +46,10 @@ MARK_BEGIN="# BEGIN togather-testbed-fleet"
 SWARM_MANAGER=host1
 SWARM_APP_PORT=8090
 SWARM_LB_ADDR=127.0.0.1:11080
+# ACME on the fleet (tests/e2e/test_fleet_tls.py): Pebble validates HTTP-01 on port 9080 of
+# whatever a test domain resolves to; a domain pointed here reaches the hosts' port 80 through
+# a round-robin load balancer without stickiness, like a cloud one.
+ACME_LB_ADDR=127.78.0.1:9080
 MARK_END="# END togather-testbed-fleet"
 
 export DEBIAN_FRONTEND=noninteractive
@@ -610,6 +616,23 @@ EOF
     done
     cat <<EOF
 
+# The ACME server's door to the fleet (see ACME_LB_ADDR): every request to the next host in
+# turn, no stickiness and no health check (the deploy starts every host's proxy before any
+# host orders a certificate). The hosts are listed in reverse: hosts that validate one after
+# another in their own order (deployment.parallel: 1) then never all land on themselves,
+# whatever turn the rotation is at, so at least one validation is forwarded.
+frontend acme_http01
+    bind $ACME_LB_ADDR
+    default_backend acme_fleet_proxies
+
+backend acme_fleet_proxies
+    balance roundrobin
+EOF
+    for ((i = ${#FLEET_HOSTS[@]} - 1; i >= 0; i--)); do
+        printf '    server %s %s:%s\n' "${FLEET_HOSTS[$i]}" "$(fleet_addr "${FLEET_HOSTS[$i]}")" "$FLEET_PROXY_PORT"
+    done
+    cat <<EOF
+
 # The registry seen from the root namespace (the root dockerd trusts plain HTTP on 127.0.0.0/8).
 frontend registry_loopback
     mode tcp
@@ -641,11 +664,12 @@ fi
 lb_up() {
     live_pid "$LB_PIDFILE" haproxy "$LB_CONF" >/dev/null &&
         ss -Hltn "sport = :${FLEET_LB_ADDR##*:}" | grep -qF "$FLEET_LB_ADDR" &&
-        ss -Hltn "sport = :${SWARM_LB_ADDR##*:}" | grep -qF "$SWARM_LB_ADDR"
+        ss -Hltn "sport = :${SWARM_LB_ADDR##*:}" | grep -qF "$SWARM_LB_ADDR" &&
+        ss -Hltn "sport = :${ACME_LB_ADDR##*:}" | grep -qF "$ACME_LB_ADDR"
 }
 wait_for 10 lb_up || die "haproxy not listening on $FLEET_LB_ADDR"
 pid=$(live_pid "$LB_PIDFILE" haproxy "$LB_CONF")
-status_notes "fleet load balancer" "haproxy on $FLEET_LB_ADDR -> 10.77.0.11-13:$FLEET_PROXY_PORT, $SWARM_LB_ADDR -> 10.77.0.11-13:$SWARM_APP_PORT, pid $pid" "${notes[@]}"
+status_notes "fleet load balancer" "haproxy on $FLEET_LB_ADDR -> 10.77.0.11-13:$FLEET_PROXY_PORT, $SWARM_LB_ADDR -> 10.77.0.11-13:$SWARM_APP_PORT, $ACME_LB_ADDR -> 10.77.0.13-11:$FLEET_PROXY_PORT, pid $pid" "${notes[@]}"
 
 # ---------- 8. the swarm (issue 12) ----------
 # One manager (host1), two workers. Why one: the tool keeps its state file and lock on the

@@ -13,6 +13,7 @@ import hashlib
 import re
 import shlex
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
@@ -21,6 +22,9 @@ from . import proxy, tls
 from .config import Settings
 from .errors import TogatherError
 from .hosts import Host
+
+if TYPE_CHECKING:
+    from .session import Session
 
 q = shlex.quote
 ACME_IMAGE_FILES = ("Dockerfile", "togather-acme")
@@ -170,16 +174,55 @@ def prepare(settings: Settings, host: Host) -> None:
                             mode=0o644)
 
 
-def ensure_on_host(settings: Settings, host: Host) -> str:
-    """The deploy's certificate step on one host: the proxy serving this configuration's
-    site (its HTTP server answers the ACME challenge; the slot marker is not touched, the old
-    version keeps serving), then the certificate (`ensure`). The switch that follows finds
-    the site in place: no second reload."""
+def serve_challenges(settings: Settings, host: Host) -> str:
+    """The deploy's certificate step, first on every host: the proxy serving this
+    configuration's site (its HTTP server answers the ACME challenge, in a fleet its peers'
+    too; the slot marker is not touched, the old version keeps serving). Only then does any
+    host ask for a certificate (`ensure`): the ACME server's request may reach any host
+    through the load balancer, and one still on the old site would answer it 404. The switch
+    that follows finds the site in place: no second reload. Returns what the proxy did."""
     site, _ = proxy.write_site(settings, host)
     proxy.take_over(settings, host, proxy.read_routes(settings, host))
-    how = proxy.apply_config(settings, host, site)
-    done = ensure(settings, host)
-    return done if how == "unchanged" else f"nginx proxy {how}; {done}"
+    return proxy.apply_config(settings, host, site)
+
+
+def step_line(proxy_how: str, done: str) -> str:
+    """One host's line of the certs step: what the proxy did (when it did something), then
+    what happened to the certificate."""
+    return done if proxy_how == "unchanged" else f"nginx proxy {proxy_how}; {done}"
+
+
+def retire_after_deploy(session: Session, host: Host) -> None:
+    """`retire` as cleanup after a deploy: said when done, a failure only a warning (the
+    next deploy tries again)."""
+    try:
+        done = retire(session.settings, host)
+    except (TogatherError, OSError) as exc:
+        session.console.warn(f"{host.name}: could not remove the certificate renewal service "
+                             f"({exc}); the next deploy tries again")
+        return
+    if done:
+        session.console.note(f"{host.name}: {done}")
+
+
+def renewer_running(settings: Settings) -> str:
+    """Prints the acme service's container ids (none: no renewer on the host)."""
+    return cmd.service_containers(settings, ACME_SERVICE)
+
+
+def retire(settings: Settings, host: Host) -> str | None:
+    """An environment without proxy.tls.acme (HTTPS removed, or a provided certificate):
+    the renewal service, left from when it had it, stopped and removed, or it would go on
+    renewing (and installing) a certificate nothing asked for. The certificate, the account
+    and lego's data stay (HTTPS turned on again reuses them). One `docker ps` where there is
+    none. Returns what was done, None for nothing."""
+    if settings.tls is not None and settings.tls.acme is not None:
+        return None
+    if not host.run(renewer_running(settings), timeout=30, check=False).stdout.strip():
+        return None
+    host.run(stop_renewer(settings), timeout=120, what="removing the certificate renewal "
+                                                          "service")
+    return "certificate renewal service removed (no proxy.tls.acme)"
 
 
 def ensure(settings: Settings, host: Host) -> str:
@@ -191,7 +234,7 @@ def ensure(settings: Settings, host: Host) -> str:
     current = served_certificate(settings, host)
     if settings_tls.acme is None:
         # Renewing an ACME certificate would overwrite the provided one.
-        host.run(stop_renewer(settings), timeout=120, check=False)
+        retire(settings, host)
         return upload_provided(settings, host, current)
     issued_by = host.run(cmd.read_file(paths.issued_by), timeout=30).stdout.strip()
     reason = tls.needs_certificate(settings_tls, current, issued_by=issued_by or None)

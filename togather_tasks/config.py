@@ -459,6 +459,10 @@ def _merge_environment(document: dict[str, Any], env: str, config_path: Path,
                             "the proxy, blue and green ports")
         problems += [f"{config_path}: {problem}" for problem in tls_config.problems(
             merged["proxy"]["tls"], config_path.parent.parent, "proxy.tls")]
+        if env_block.get("engine", "compose") == "compose":
+            problems += [f"{config_path}: {problem}" for problem in tls_config.fleet_problems(
+                merged["proxy"]["tls"], tuple(env_block.get("hosts") or ()),
+                merged["proxy"]["bind"], "proxy.tls")]
     return env_block, merged, problems
 
 
@@ -594,6 +598,12 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
     app = merged["app"]
     ports = env_block["ports"]
     mode = app["health"]["mode"]
+    hosts = tuple(env_block["hosts"])
+    # proxy.tls is the Compose proxies' (a swarm ends TLS at its load balancer).
+    tls_hosts = hosts if env_block.get("engine", "compose") == "compose" else ()
+    if merged["proxy"].get("tls"):
+        warnings += [f"{config_path}: {warning}" for warning in tls_config.fleet_warnings(
+            merged["proxy"]["tls"], tls_hosts)]
     return Settings(
         root=root,
         env=env,
@@ -606,7 +616,7 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
         health_mode=mode,
         source_root=source_root(root, app.get("source")),
         confirm=env_block.get("confirm", False),
-        hosts=tuple(env_block["hosts"]),
+        hosts=hosts,
         remote_dir=_remote_dir(env_block, env),
         ports=dict(ports),
         public_url=env_block.get("public_url", f"http://127.0.0.1:{ports['proxy']}"),
@@ -620,7 +630,8 @@ def load_settings(env: str, root: Path, *, require_secrets: bool = True) -> Sett
         secrets=secrets,
         warnings=tuple(warnings),
         source_url=app["source"] if is_git_url(app.get("source") or "") else None,
-        tls=tls_config.resolve(merged["proxy"]["tls"], root, ports["https"])
+        tls=tls_config.resolve(merged["proxy"]["tls"], root, ports["https"], tls_hosts,
+                               ports["proxy"])
         if merged["proxy"].get("tls") else None,
         engine=env_block.get("engine", "compose"),
     )

@@ -404,9 +404,10 @@ class Deploy(SlotOperation):
         """Step (proxy.tls): the certificate on every host before any switch, obtained from
         the ACME server once and kept; a refusal stops the deploy with the old version and
         the old certificate serving."""
-        outcomes = self.on_hosts("certs",
-                                 lambda host: certs.ensure_on_host(self.settings, host))
-        note("; ".join(f"{name}: {outcome.value}" for name, outcome in outcomes.items()))
+        sites = self.on_hosts("certs", lambda host: certs.serve_challenges(self.settings, host))
+        outcomes = self.on_hosts("certs", lambda host: certs.ensure(self.settings, host))
+        note("; ".join(f"{name}: {certs.step_line(sites[name].value, outcome.value)}"
+                       for name, outcome in outcomes.items()))
 
     def switch(self, note: StepNote) -> None:
         outcomes = self.switch_traffic()
@@ -431,8 +432,12 @@ class Deploy(SlotOperation):
         """Step: on every host at once, old images pruned while the old slot drains, then
         the old slot stopped."""
         pruned = cleanup.CleanupReport()
-        self.drain_and_stop_old_slot(meanwhile=lambda host: cleanup.prune_host_after_deploy(
-            self.s, self.state, host, pruned))
+
+        def meanwhile(host: Host) -> None:
+            cleanup.prune_host_after_deploy(self.s, self.state, host, pruned)
+            certs.retire_after_deploy(self.s, host)
+
+        self.drain_and_stop_old_slot(meanwhile=meanwhile)
         cleanup.log_pruned(self.s, pruned)
         if not self.slots.old:
             note("first deployment: no old slot to stop")

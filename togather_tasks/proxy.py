@@ -77,10 +77,12 @@ def http_server(settings: Settings) -> str:
 
 
 def server_blocks(settings: Settings) -> list[str]:
-    """The site's server blocks, in order: plain HTTP, then HTTPS when proxy.tls is on."""
+    """The site's server blocks, in order: plain HTTP, then HTTPS when proxy.tls is on (in a
+    fleet with ACME, after the peers the challenges are forwarded to: tls.py)."""
     if settings.tls is None:
         return [http_server(settings)]
-    return [http_server(settings),
+    peers = tls.acme_peers_block(settings.tls)
+    return [*([peers] if peers else []), http_server(settings),
             tls.https_server_block(settings.tls,
                                    listen_address(settings, settings.tls.https_port))]
 

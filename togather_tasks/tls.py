@@ -51,6 +51,9 @@ class AcmeSettings:
     directory: str
     ca_bundle: Path | None  # local file: a private ACME server's CA (the test bed's Pebble)
     renew_before_days: int
+    # A fleet's proxies, `address:port` as the hosts reach each other (acme.peers): where a
+    # challenge this host has no file for is asked for (empty: one host, nothing to ask).
+    peers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,11 @@ def _path(root: Path, value: str | None) -> Path | None:
     return path if path.is_absolute() else root / path
 
 
-def resolve(raw: dict[str, Any], root: Path, https_port: int) -> TlsSettings:
-    """The settings of a `proxy.tls` block that passed `problems` (relative paths are relative
-    to the project's root, like the secrets file)."""
+def resolve(raw: dict[str, Any], root: Path, https_port: int, hosts: tuple[str, ...] = (),
+            proxy_port: int = 80) -> TlsSettings:
+    """The settings of a `proxy.tls` block that passed `problems` (and, for the environment's
+    `hosts`, `fleet_problems`). Relative paths are relative to the project's root, like the
+    secrets file."""
     acme = raw.get("acme")
     certificate = _path(root, raw.get("certificate"))
     domains = tuple(d.lower() for d in (acme or raw).get("domains") or ())
@@ -100,6 +105,8 @@ def resolve(raw: dict[str, Any], root: Path, https_port: int) -> TlsSettings:
             directory=acme.get("directory", LETS_ENCRYPT),
             ca_bundle=_path(root, acme.get("ca_bundle")),
             renew_before_days=acme.get("renew_before_days", DEFAULT_RENEW_BEFORE_DAYS),
+            peers=tuple(_host_port(address, proxy_port)
+                        for address in peer_addresses(acme, hosts).values()),
         ) if acme else None,
         certificate=certificate,
         key=_path(root, raw.get("key")),
@@ -157,6 +164,101 @@ def _acme_problems(acme: dict[str, Any], root: Path, where: str) -> list[str]:
     elif not EMAIL_RE.match(acme["email"]):
         found.append(f"{where}.email: {acme['email']!r} is not an e-mail address")
     return found + _bundle_problems(_path(root, acme.get("ca_bundle")), f"{where}.ca_bundle")
+
+
+# --- a fleet behind a load balancer ----------------------------------------------------------
+# The ACME server's HTTP-01 request reaches the load balancer, which may send it to any host:
+# every host answers every host's challenge (its own webroot first, then its peers).
+
+# Let's Encrypt issues at most this many new certificates per week for one exact set of names;
+# each host of a fleet obtains its own.
+LETS_ENCRYPT_DUPLICATE_LIMIT = 5
+
+
+def host_address(host: str) -> str | None:
+    """The IP address an SSH host entry (`[user@]address[:port]`) names, None for a name (an
+    ~/.ssh/config alias or a DNS name: not necessarily what the hosts call each other)."""
+    name = host.rpartition("@")[2].partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return None
+
+
+def peer_addresses(acme: dict[str, Any], hosts: tuple[str, ...]) -> dict[str, str]:
+    """Each host's address for its peers: acme.peers, else the address in the host entry.
+    Empty for one host (nothing to forward to)."""
+    if len(hosts) < 2:
+        return {}
+    given = acme.get("peers") or {}
+    return {host: str(given.get(host) or host_address(host)) for host in hosts}
+
+
+def fleet_problems(raw: dict[str, Any], hosts: tuple[str, ...], bind: str,
+                   where: str) -> list[str]:
+    """A fleet (several hosts) with ACME: each host's address for its peers (acme.peers, or
+    an IP address as the host entry), valid, distinct, not loopback; the proxy listening on
+    every address (its peers reach it on the host's own)."""
+    acme = raw.get("acme")
+    if not acme or len(hosts) < 2:
+        return []
+    given = acme.get("peers") or {}
+    found = [f"{where}.acme.peers: {name!r} is not a host of this environment (its hosts: "
+             f"{', '.join(hosts)})" for name in given if name not in hosts]
+    missing = [h for h in hosts if h not in given and host_address(h) is None]
+    if missing:
+        example = ", ".join(f"{h}: 10.0.0.{11 + i}" for i, h in enumerate(hosts))
+        found.append(
+            f"{where}.acme.peers: missing for {', '.join(missing)}: a fleet with ACME answers "
+            "each host's HTTP-01 challenge on every host (the load balancer may send the "
+            "ACME server's request to any of them), so each host needs the address the "
+            "others reach its proxy at (a private one), e.g. peers: {" + example + "}")
+    seen: dict[str, str] = {}
+    for host, value in given.items():
+        problem = _peer_problem(str(value))
+        if problem:
+            found.append(f"{where}.acme.peers.{host}: {problem}")
+            continue
+        address = str(ipaddress.ip_address(value))
+        if address in seen:
+            found.append(f"{where}.acme.peers.{host}: {value} is also the address of "
+                         f"{seen[address]}")
+        seen[address] = host
+    if bind not in ("0.0.0.0", "::"):  # noqa: S104 - comparing, not binding
+        found.append(f"proxy.bind: {bind}: a fleet with ACME forwards challenges between the "
+                     "hosts' proxies, each at its own address: bind 0.0.0.0")
+    return found
+
+
+def _peer_problem(value: str) -> str | None:
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        return (f"{value!r} is not an IP address (nginx would resolve a name once, at "
+                "start: give the address itself)")
+    if address.is_loopback or address.is_unspecified or address.is_multicast:
+        return f"{value} cannot reach another host (loopback, unspecified or multicast)"
+    return None
+
+
+def fleet_warnings(raw: dict[str, Any], hosts: tuple[str, ...]) -> list[str]:
+    """More hosts than Let's Encrypt issues certificates per week for one set of names: each
+    host obtains its own, so the later hosts' orders are refused until the week passes."""
+    acme = raw.get("acme")
+    if not acme or acme.get("directory", LETS_ENCRYPT) != LETS_ENCRYPT \
+            or len(hosts) <= LETS_ENCRYPT_DUPLICATE_LIMIT:
+        return []
+    return [f"proxy.tls.acme: {len(hosts)} hosts each obtain their own certificate for "
+            f"{', '.join(acme.get('domains') or [])}, and Let's Encrypt issues at most "
+            f"{LETS_ENCRYPT_DUPLICATE_LIMIT} new certificates per week for one exact set of "
+            "names: the first deploy (or a change of domains) fails on the later hosts "
+            "(rateLimited) until the week passes. Use at most "
+            f"{LETS_ENCRYPT_DUPLICATE_LIMIT} hosts per set of names, a certificate you provide "
+            "(certificate + key, uploaded to every host), or TLS at the load balancer"]
+
+
+def _host_port(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def _bundle_problems(bundle: Path | None, where: str) -> list[str]:
@@ -374,12 +476,72 @@ def http_locations(tls: TlsSettings | None) -> str:
     port = "" if tls.https_port == 443 else f":{tls.https_port}"
     rest = (f"    location / {{\n        return 301 https://$host{port}$request_uri;\n    }}\n"
             if tls.redirect else f"    include {APP_INCLUDE};\n")
+    peers = tls.acme.peers if tls.acme else ()
     return (f"    location ^~ {CHALLENGE_PATH} {{\n"
             f"        root {PROXY_CONF_DIR}/acme;\n"
             "        default_type text/plain;\n"
-            "        try_files $uri =404;\n"
+            f"        try_files $uri {'@togather_acme_peers' if peers else '=404'};\n"
             "    }\n"
+            f"{_peers_location(len(peers)) if peers else ''}"
             f"{rest}")
+
+
+# A challenge asked for by a peer carries this header: answered from the webroot or 404,
+# never forwarded again, so a request travels one hop at most (no loop, whatever the peers).
+ACME_HOP_HEADER = "X-Togather-Acme-Hop"
+# An HTTP-01 token's path: the token is base64url (RFC 8555, 8.1).
+CHALLENGE_PATH_RE = r"/\.well-known/acme-challenge/[A-Za-z0-9_-]+$"
+PEER_CONNECT_TIMEOUT = "1s"
+PEER_READ_TIMEOUT = "3s"
+PEER_TOTAL_TIMEOUT = "8s"
+
+
+def acme_peers_block(tls: TlsSettings | None) -> str:
+    """The http-level part of challenge forwarding in a fleet (empty otherwise): which
+    requests are forwarded, the peers' proxies as one upstream group, every host's own
+    address included (the same site.conf on every host; asked by itself, a host answers 404
+    from the webroot it just looked in, and nginx moves on), and the log line of each
+    forwarded challenge. max_fails=0: a 404 or a
+    host down never takes a peer out of the group (a challenge is rare; its token may be
+    on the host that just came back)."""
+    if tls is None or tls.acme is None or not tls.acme.peers:
+        return ""
+    servers = "".join(f"    server {peer} max_fails=0;\n" for peer in tls.acme.peers)
+    return ("upstream togather_acme_peers {\n"
+            f"{servers}"
+            "}\n"
+            # Forwarded: no hop header, and a token as ACME makes them (base64url), nothing
+            # else: no other path of a peer is reached from its neighbours' addresses.
+            'map "$http_x_togather_acme_hop:$uri" $togather_acme_forwarded {\n'
+            f'    "~^:{CHALLENGE_PATH_RE}" 1;\n'
+            "    default 0;\n"
+            "}\n"
+            "log_format togather_acme 'acme-challenge $uri not in the webroot here: asked "
+            "$upstream_addr, answered $upstream_status, sent $status';\n")
+
+
+def _peers_location(peers: int) -> str:
+    """Where a challenge this host has no file for goes: each peer in turn until one has it
+    (a 404, an error or a timeout moves on; at most one try per peer, 8 s in all). The hop
+    header marks the request for the peer; one with the header, or for anything but a
+    token, is never forwarded (acme_peers_block's map)."""
+    return ("    location @togather_acme_peers {\n"
+            "        if ($togather_acme_forwarded = 0) {\n"
+            "            return 404;\n"
+            "        }\n"
+            "        access_log /dev/stdout togather_acme if=$togather_acme_forwarded;\n"
+            "        proxy_pass http://togather_acme_peers;\n"
+            "        proxy_set_header Host $host;\n"
+            f"        proxy_set_header {ACME_HOP_HEADER} 1;\n"
+            "        proxy_pass_request_body off;\n"
+            '        proxy_set_header Content-Length "";\n'
+            f"        proxy_connect_timeout {PEER_CONNECT_TIMEOUT};\n"
+            f"        proxy_read_timeout {PEER_READ_TIMEOUT};\n"
+            f"        proxy_send_timeout {PEER_READ_TIMEOUT};\n"
+            "        proxy_next_upstream error timeout http_404 http_502 http_503 http_504;\n"
+            f"        proxy_next_upstream_tries {peers};\n"
+            f"        proxy_next_upstream_timeout {PEER_TOTAL_TIMEOUT};\n"
+            "    }\n")
 
 
 # --- the ACME client's configuration on the host ---------------------------------------------
