@@ -69,8 +69,9 @@ DRAIN_SECONDS = 5.0  # how long shutdown waits for in-flight requests
 # upstream connections (keepalive_timeout 30s), so the proxy never reuses one being closed.
 IDLE_KEEPALIVE_SECONDS = 75
 SWEEP_SECONDS = 1.0  # how often connections past that are looked for
-# http.server's limits: a head (request line or header line there) of at most 64 KiB, 100
-# headers. Request bodies are read and dropped, up to 1 MiB.
+# A request head of at most 64 KiB (http.server's limit per line, here for the whole head, so a
+# client can make a connection buffer no more) and 100 headers; bodies (unused) are read and
+# dropped, up to 1 MiB.
 MAX_HEAD, MAX_HEADERS, MAX_BODY = 65536, 100, 1 << 20
 LISTEN_BACKLOG = 128
 SERVER = f"togather-demo Python/{sys.version.split()[0]}"  # http.server's Server header
@@ -389,10 +390,11 @@ class Request:
 class BadRequest(Exception):
     """A request answered with an error page and a closed connection (http.server's send_error)."""
 
-    def __init__(self, status: int, message: str | None = None) -> None:
+    def __init__(self, status: int, message: str | None = None, explain: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message or HTTPStatus(status).phrase
+        self.explain = explain or HTTPStatus(status).description
 
 
 def parse_head(head: bytes) -> Request:
@@ -411,7 +413,7 @@ def parse_head(head: bytes) -> Request:
     if number >= (2, 0):
         raise BadRequest(505, f"Invalid HTTP version ({version[5:]})")
     if len(lines) > MAX_HEADERS + 1:
-        raise BadRequest(431, "Too many headers")
+        raise BadRequest(431, "Too many headers", f"got more than {MAX_HEADERS} headers")
     keep_alive = number >= (1, 1)
     body_length, expect_continue = 0, False
     for line in lines[1:]:
@@ -435,6 +437,17 @@ def parse_head(head: bytes) -> Request:
     if target.startswith("//"):
         target = "/" + target.lstrip("/")  # as http.server does (gh-87389)
     return Request(method, target.split("?", 1)[0], keep_alive, body_length, expect_continue)
+
+
+def oversized(head: bytes | bytearray) -> BadRequest:
+    """The error for a head longer than MAX_HEAD, in http.server's words where it had some."""
+    lines = head.split(b"\n")
+    if len(lines[0]) > MAX_HEAD:
+        return BadRequest(414)
+    if any(len(line) > MAX_HEAD for line in lines):
+        return BadRequest(431, "Line too long",
+                          f"got more than {MAX_HEAD} bytes when reading header line")
+    return BadRequest(431)
 
 
 def find_head(buffer: bytearray) -> tuple[int, int]:
@@ -471,7 +484,7 @@ def error_response(error: BadRequest, head_only: bool) -> bytes:
     body = DEFAULT_ERROR_MESSAGE % {
         "code": error.status,
         "message": html.escape(error.message, quote=False),
-        "explain": html.escape(HTTPStatus(error.status).description, quote=False),
+        "explain": html.escape(error.explain, quote=False),
     }
     data = body.encode("utf-8", "replace")
     head = (f"HTTP/1.1 {error.status} {error.message}\r\nServer: {SERVER}\r\n"
@@ -563,11 +576,12 @@ class HttpConnection(asyncio.Protocol):
             if self.buffer[:1] in (b"\r", b"\n"):
                 del self.buffer[:len(self.buffer) - len(self.buffer.lstrip(b"\r\n"))]
             end, rest = find_head(self.buffer)
+            if end > MAX_HEAD or (end < 0 and len(self.buffer) > MAX_HEAD):
+                head = self.buffer[:end] if end > 0 else self.buffer
+                self.reject(oversized(head), head_only=False)
+                return
             if end < 0:
-                if len(self.buffer) > MAX_HEAD:
-                    line_too_long = self.buffer.find(b"\n", 0, MAX_HEAD) < 0
-                    self.reject(BadRequest(414 if line_too_long else 431), head_only=False)
-                elif self.eof:
+                if self.eof:
                     self.finish()
                 elif not self.reading:
                     self.reading = True
@@ -587,7 +601,7 @@ class HttpConnection(asyncio.Protocol):
             error = BadRequest(501, f"Unsupported method ({request.method!r})")
             self.reject(error, head_only=request.method == "HEAD")
             return
-        if request.expect_continue and request.body_length:
+        if request.expect_continue:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.skip = request.body_length
         path = request.path
@@ -624,7 +638,7 @@ class HttpConnection(asyncio.Protocol):
         finally:
             self.app.in_flight -= 1
         if self.app.mode == "lying":
-            body["status"] = "unhealthy"
+            status, body["status"] = 200, "unhealthy"
         self.task = None
         self.respond(request, status, json_bytes(body))
         self.process()
