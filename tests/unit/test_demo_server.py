@@ -198,7 +198,7 @@ def test_pipelined_requests_are_answered_in_order_with_health_in_between(start) 
 
 
 def test_a_slow_health_check_does_not_hold_up_other_requests(start) -> None:
-    server = start(db_delay=1.0)
+    server = start(db_delay=2.0)
     slow = server.http()
     slow.request("GET", "/health")
     with server.connect() as sock:

@@ -362,7 +362,7 @@ class Connections:
         self.closing = True
         idle = [connection for connection in self.open if connection.idle]
         for connection in idle:
-            connection.transport.close()
+            connection.finish()
         return len(idle)
 
     def drop_expired(self, now: float) -> None:
@@ -649,10 +649,9 @@ class HttpConnection(asyncio.Protocol):
             return  # the client went away while its answer was being made
         closing = self.app.connections.closing
         self.transport.write(response(status, data, content_type, closing))
+        self.deadline = self.loop.time() + IDLE_KEEPALIVE_SECONDS  # to send it, or for the next
         if closing or not request.keep_alive:
             self.finish()
-        else:
-            self.deadline = self.loop.time() + IDLE_KEEPALIVE_SECONDS
 
     def reject(self, error: BadRequest, head_only: bool) -> None:
         if not self.done:
