@@ -21,7 +21,7 @@ from .errors import StateError
 q = shlex.quote
 DOCKER_DIR = Path(__file__).parent / "docker"
 # The files the proxy image is built from (in DOCKER_DIR/nginx); its tag hashes them.
-PROXY_IMAGE_FILES = ("Dockerfile", "nginx.conf", "togather-app.conf")
+PROXY_IMAGE_FILES = ("Dockerfile", "nginx.conf", "togather-app.conf", "togather-nginx")
 SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword"})
 # The state schema's image_ref: no blank, quote, `=`, `$` or line break.
 IMAGE_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,511}")
@@ -233,6 +233,12 @@ def image_exists_command(image: str) -> str:
     return f"docker image inspect --format '{{{{.Id}}}}' {q(image)} > /dev/null"
 
 
+def proxy_workers(settings: Settings) -> str:
+    """proxy.workers as togather-nginx reads it: a number, `auto`, or empty (one per four
+    cores, at least one)."""
+    return str(settings.proxy.get("workers") or "")
+
+
 def proxy_image_ref() -> str:
     """Tagged by content so a changed nginx.conf, include or Dockerfile builds a new proxy
     image (and recreates the proxy: see proxy.changes)."""
@@ -323,11 +329,15 @@ def reload_proxy(settings: Settings) -> str:
 
 
 def running_proxy(settings: Settings) -> str:
-    """The running proxy's image and network mode (`IMAGE MODE`), empty when none runs: one
+    """The running proxy's image, network mode and worker setting (`IMAGE MODE workers=W`),
+    empty when none runs: one
     round trip."""
     return (f"id=$({service_containers(settings, 'proxy', running=True)}"
             ' | head -n 1); [ -z "$id" ] || docker inspect --format '
-            + q("{{.Config.Image}} {{.HostConfig.NetworkMode}}") + ' "$id"')
+            + q("{{.Config.Image}} {{.HostConfig.NetworkMode}} workers="
+                "{{range .Config.Env}}{{if eq (index (split . \"=\") 0) "
+                "\"TOGATHER_NGINX_WORKERS\"}}{{index (split . \"=\") 1}}{{end}}{{end}}")
+            + ' "$id"')
 
 
 def read_routes(layout: Layout) -> str:
@@ -445,6 +455,7 @@ def slots_env(settings: Settings, images: dict[str, str]) -> str:
         "BLUE_EDGE_ADDRESS": settings.edge_address("blue"),
         "GREEN_EDGE_ADDRESS": settings.edge_address("green"),
         "PROXY_IMAGE": proxy_image_ref(),
+        "PROXY_WORKERS": proxy_workers(settings),
         "STOP_GRACE_PERIOD": f"{settings.deployment['stop_timeout']}s",
         "LOG_MAX_SIZE": settings.deployment["log_rotation"]["max_size"],
         "LOG_MAX_FILE": str(settings.deployment["log_rotation"]["max_files"]),

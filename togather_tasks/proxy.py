@@ -191,10 +191,14 @@ def serving_slot(settings: Settings, host: Host) -> str | None:
 def changes(settings: Settings, inspected: str) -> list[str]:
     """How the running proxy (commands.running_proxy's output) differs from what a recreate
     would start, one phrase per difference; empty when it matches. The listen address and
-    the slots' ports are in site.conf (a reload, see apply_config)."""
-    image, _, mode = inspected.strip().partition(" ")
-    wanted = {"image": cmd.proxy_image_ref(), "network": "host"}
-    running = {"image": image, "network": mode.strip() or "?"}
+    the slots' addresses are in site.conf (a reload, see apply_config); nginx's worker count
+    (proxy.workers, `default`: one per four cores) is on its command line (a recreate)."""
+    image, _, rest = inspected.strip().partition(" ")
+    mode, _, workers = rest.partition(" ")
+    wanted = {"image": cmd.proxy_image_ref(), "network": "host",
+              "workers": cmd.proxy_workers(settings) or "default"}
+    running = {"image": image, "network": mode.strip() or "?",
+               "workers": workers.strip().removeprefix("workers=") or "default"}
     return [f"{what} {running[what]} -> {value}" for what, value in wanted.items()
             if running[what] != value]
 

@@ -83,8 +83,9 @@ def prepare_host(settings: Settings, host: Host, *, primary: bool) -> None:
     if primary and settings.has_database:
         write_pgpass(settings, host)
     for name in cmd.PROXY_IMAGE_FILES:
-        host.write_file(f"{layout.proxy_dir}/{name}",
-                        (cmd.DOCKER_DIR / "nginx" / name).read_bytes(), mode=0o644)
+        source = cmd.DOCKER_DIR / "nginx" / name
+        host.write_file(f"{layout.proxy_dir}/{name}", source.read_bytes(),
+                        mode=0o755 if name == "togather-nginx" else 0o644)
 
 
 def write_pgpass(settings: Settings, host: Host) -> None:

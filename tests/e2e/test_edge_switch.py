@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -104,6 +105,8 @@ def test_one_keepalive_connection_survives_deploy_and_rollback_without_a_reload(
     slot, body = app.served()
     assert (slot, body["version"]) == ("blue", v1)
     workers = worker_pids(app)
+    # proxy.workers unset: one nginx worker per four cores, at least one (togather-nginx).
+    assert len(workers) == max(1, len(os.sched_getaffinity(0)) // 4), workers
     v2 = app.commit("v2", {"app/RELEASE": "v2\n"})[:7]
 
     held = HeldConnection(app.ports["proxy"])

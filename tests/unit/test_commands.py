@@ -90,7 +90,9 @@ PS = f"docker ps --quiet {PROJECT}"
      "docker exec \"$id\" sh -c 'nginx -t -q && nginx -s reload'"),
     (lambda st: cmd.running_proxy(st),
      f"id=$({PS} --filter {SERVICE}=proxy {NOT_ONE_OFF} | head -n 1); [ -z \"$id\" ] || "
-     "docker inspect --format '{{.Config.Image}} {{.HostConfig.NetworkMode}}' \"$id\""),
+     "docker inspect --format '{{.Config.Image}} {{.HostConfig.NetworkMode}} workers="
+     "{{range .Config.Env}}{{if eq (index (split . \"=\") 0) \"TOGATHER_NGINX_WORKERS\"}}"
+     "{{index (split . \"=\") 1}}{{end}}{{end}}' \"$id\""),
     (lambda st: cmd.proxy_files(st),
      f"docker ps --all {PROJECT} {NOT_ONE_OFF} "
      "--format '{{.Label \"com.docker.compose.service\"}} {{.Networks}}'; echo --; "
@@ -166,6 +168,7 @@ def test_slots_env_content(settings: Settings) -> None:
         "BLUE_EDGE_ADDRESS": "10.201.27.202",
         "GREEN_EDGE_ADDRESS": "10.201.27.203",
         "PROXY_IMAGE": cmd.proxy_image_ref(),
+        "PROXY_WORKERS": "",
         "STOP_GRACE_PERIOD": "30s",
         "LOG_MAX_SIZE": "10m",
         "LOG_MAX_FILE": "5",

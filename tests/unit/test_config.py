@@ -258,6 +258,16 @@ def test_proxy_subnet_sets_the_edge_addresses(project: Project) -> None:
     assert settings.edge_address("green") == "10.201.0.11"
 
 
+@pytest.mark.parametrize("value, ok", [("1", True), ("8", True), ("auto", True),
+                                       ("0", False), ("many", False), ("1.5", False)])
+def test_proxy_workers_is_a_count_or_auto(project: Project, value: str, ok: bool) -> None:
+    project.write_config(BASE_CONFIG + f"proxy:\n  workers: {value}\n")
+    if ok:
+        assert str(project.load().proxy["workers"]) == value
+    else:
+        assert "proxy" in only_problem(project) and "workers" in only_problem(project)
+
+
 def test_custom_migration_tool_needs_a_command(project: Project) -> None:
     project.write_config(BASE_CONFIG + "database:\n  migration_tool: custom\n")
     assert "database.migration_command" in only_problem(project)

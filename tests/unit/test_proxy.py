@@ -413,3 +413,18 @@ def test_write_site_keeps_the_published_port_for_a_slot_not_on_the_edge_network(
     disk.load_site(settings)
     site, _ = proxy.write_site(settings, host)
     assert not site.stale
+
+
+def test_changes_names_the_image_network_and_worker_setting_that_differ(
+        settings: Settings) -> None:
+    image = cmd.proxy_image_ref()
+    assert proxy.changes(settings, f"{image} host workers=\n") == []
+    # A proxy started by an older version prints no worker setting: the default either way.
+    assert proxy.changes(settings, f"{image} host\n") == []
+    assert proxy.changes(settings, "togather-proxy:old bridge workers=\n") == [
+        f"image togather-proxy:old -> {image}", "network bridge -> host"]
+    four = dataclasses.replace(settings, proxy={**settings.proxy, "workers": 4})
+    assert proxy.changes(four, f"{image} host workers=\n") == ["workers default -> 4"]
+    assert proxy.changes(four, f"{image} host workers=4\n") == []
+    auto = dataclasses.replace(settings, proxy={**settings.proxy, "workers": "auto"})
+    assert proxy.changes(auto, f"{image} host workers=4\n") == ["workers 4 -> auto"]
