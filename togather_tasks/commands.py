@@ -67,6 +67,10 @@ class Layout:
         return f"{self.root}/slots.env"
 
     @property
+    def compose_oneoff_file(self) -> str:
+        return f"{self.root}/compose.oneoff.yml"
+
+    @property
     def app_env(self) -> str:
         return f"{self.root}/app.env"
 
@@ -258,6 +262,14 @@ def _compose_without_slots(settings: Settings, *args: str) -> str:
     return " ".join([
         "docker", "compose", "--project-name", q(settings.compose_project),
         "--project-directory", q(layout.root), "--file", q(layout.compose_file), *args])
+
+
+def _compose_one_off(settings: Settings, *args: str) -> str:
+    """Compose for `run`: compose.yml plus compose.oneoff.yml, which keeps the one-off
+    container off the slots' fixed edge addresses (put on the host with compose.yml by every
+    deploy, and by `inv exec` before it runs one)."""
+    layout = Layout(settings.remote_dir)
+    return _compose_without_slots(settings, "--file", q(layout.compose_oneoff_file), *args)
 
 
 def service(slot: str) -> str:
@@ -495,7 +507,9 @@ def exec_command(settings: Settings, slot: str, command: str, *, one_off: bool,
     its caller goes away (until_input_closes) and its own standard input is empty."""
     verb = ["run", "--rm", "--no-deps"] if one_off else ["exec"]
     tty = [] if interactive else ["-T"]
-    line = compose(settings, *verb, *tty, service(slot), "sh", "-c", q(command))
+    compose_for = _compose_one_off if one_off else _compose_without_slots
+    line = compose_for(settings, "--env-file", q(Layout(settings.remote_dir).slots_env), *verb,
+                       *tty, service(slot), "sh", "-c", q(command))
     return line if interactive else until_input_closes(line)
 
 
@@ -667,7 +681,7 @@ def migrate_in_image_command(settings: Settings, image: str, guard: str) -> str:
     by `run`, so a running slot is undisturbed. Its standard input is /dev/null: `run`
     attaches it otherwise, and over SSH that ended the session."""
     return (f"BLUE_IMAGE={q(image)} {guard} "
-            + _compose_without_slots(settings, "run", "--rm", "--no-deps", "-T",
+            + _compose_one_off(settings, "run", "--rm", "--no-deps", "-T",
                                      service("blue"), "sh", "-c",
                                      q(settings.database["migration_command"]))
             + " < /dev/null")

@@ -31,6 +31,12 @@ def run_in_app(session: Session, command: str, *, slot: str, interactive: bool) 
     line = cmd.exec_command(session.settings, active, command, one_off=slot == "new",
                             interactive=interactive)
     host = session.primary
+    if slot == "new":
+        # The one-off container needs compose.oneoff.yml, which a host deployed by an older
+        # version lacks.
+        layout = cmd.Layout(session.settings.remote_dir)
+        host.write_file(layout.compose_oneoff_file,
+                        (cmd.DOCKER_DIR / "compose.oneoff.yml").read_bytes(), mode=0o644)
     if interactive:
         return host.interact(line)
     console = session.console

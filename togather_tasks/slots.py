@@ -76,8 +76,7 @@ def prepare_host(settings: Settings, host: Host, *, primary: bool) -> None:
     Idempotent: every deploy rewrites them, so a changed secret takes effect."""
     layout = cmd.Layout(settings.remote_dir)
     host.run(cmd.host_directories(layout), timeout=30, what="creating the remote directories")
-    host.write_file(layout.compose_file, (cmd.DOCKER_DIR / "compose.yml").read_bytes(),
-                    mode=0o644)
+    write_compose_files(host, layout)
     host.write_file(layout.app_env, cmd.app_env_file(app_environment(settings.secrets))
                     .encode(), mode=0o600)
     if primary and settings.has_database:
@@ -86,6 +85,14 @@ def prepare_host(settings: Settings, host: Host, *, primary: bool) -> None:
         source = cmd.DOCKER_DIR / "nginx" / name
         host.write_file(f"{layout.proxy_dir}/{name}", source.read_bytes(),
                         mode=0o755 if name == "togather-nginx" else 0o644)
+
+
+def write_compose_files(host: Host, layout: cmd.Layout) -> None:
+    """compose.yml and compose.oneoff.yml (one-off containers off the slots' edge addresses)."""
+    host.write_file(layout.compose_file, (cmd.DOCKER_DIR / "compose.yml").read_bytes(),
+                    mode=0o644)
+    host.write_file(layout.compose_oneoff_file,
+                    (cmd.DOCKER_DIR / "compose.oneoff.yml").read_bytes(), mode=0o644)
 
 
 def write_pgpass(settings: Settings, host: Host) -> None:

@@ -304,7 +304,8 @@ def test_migration_command_runs_in_a_one_off_container_of_the_new_image(
     assert cmd.migrate_command(s, "/unused", "togather-server:abc1234") == (
         "BLUE_IMAGE=togather-server:abc1234 timeout --kill-after=10 90 docker compose "
         "--project-name togather-test-staging --project-directory /srv/togather/staging "
-        "--file /srv/togather/staging/compose.yml run --rm --no-deps -T app-blue sh -c "
+        "--file /srv/togather/staging/compose.yml "
+        "--file /srv/togather/staging/compose.oneoff.yml run --rm --no-deps -T app-blue sh -c "
         "'bin/migrate up --verbose' < /dev/null")
     assert cmd.migration_tool_binary("command") is None
 

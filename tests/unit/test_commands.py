@@ -561,6 +561,8 @@ COMPOSE = ("docker compose --project-name togather-test-staging "
            "--project-directory /srv/togather/staging "
            "--file /srv/togather/staging/compose.yml "
            "--env-file /srv/togather/staging/slots.env")
+ONE_OFF = COMPOSE.replace("/compose.yml ",
+                          "/compose.yml --file /srv/togather/staging/compose.oneoff.yml ")
 UNTIL_INPUT_CLOSES = ('exec 3<&0; {} & pid=$!; { cat <&3 > /dev/null; kill "$pid"; } '
                       '> /dev/null 2>&1 & wait "$pid"')
 
@@ -606,11 +608,11 @@ def test_exec_commands_are_exact_and_quote_the_operators_command(settings: Setti
     quoted = shlex.quote(operator)
     assert cmd.exec_command(settings, "blue", operator, one_off=True, interactive=False) == \
         UNTIL_INPUT_CLOSES.replace(
-            "{}", f"{COMPOSE} run --rm --no-deps -T app-blue sh -c {quoted}")
+            "{}", f"{ONE_OFF} run --rm --no-deps -T app-blue sh -c {quoted}")
     assert cmd.exec_command(settings, "green", operator, one_off=False, interactive=True) == \
         f"{COMPOSE} exec app-green sh -c {quoted}"
     assert cmd.exec_command(settings, "blue", "id", one_off=True, interactive=True) == \
-        f"{COMPOSE} run --rm --no-deps app-blue sh -c id"
+        f"{ONE_OFF} run --rm --no-deps app-blue sh -c id"
 
 
 def test_audit_tail_command_is_exact() -> None:

@@ -141,6 +141,7 @@ def test_prepare_host_closes_the_directories_before_writing_any_file(
     layout = cmd.Layout(settings.remote_dir)
     assert host.events[0] == cmd.host_directories(layout)
     assert host.events[1:] == [
-        "write compose.yml 644", "write app.env 600", cmd.private_directories(layout.root),
+        "write compose.yml 644", "write compose.oneoff.yml 644", "write app.env 600",
+        cmd.private_directories(layout.root),
         "write .pgpass 600", "write Dockerfile 644", "write nginx.conf 644",
         "write togather-app.conf 644", "write togather-nginx 755"]
