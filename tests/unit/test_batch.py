@@ -97,9 +97,9 @@ def fake_bin(tmp_path: Path, docker: str) -> dict[str, str]:
 
 def test_the_host_check_reports_versions_and_missing_tools(tmp_path: Path) -> None:
     env = fake_bin(tmp_path, 'case "$1" in version) sleep 0.2; echo 24.0.7;; '
-                             'compose) echo v2.20.2;; esac')
+                             'compose) echo v2.40.3;; esac')
     out = run_sh(provision.host_check_script(["flock", "no-such-tool"]), env)
-    assert sorted(out.splitlines()) == ["compose=v2.20.2", "docker=24.0.7",
+    assert sorted(out.splitlines()) == ["compose=v2.40.3", "docker=24.0.7",
                                         "missing=no-such-tool"]
     assert provision.host_check_problems("web1", out) == [
         "web1: `no-such-tool` is not installed or not on PATH"]
@@ -113,13 +113,17 @@ def test_the_host_check_of_a_healthy_host_finds_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("output", "problem"), [
-    ("docker=Cannot connect to the Docker daemon\ncompose=2.1.0\n",
+    ("docker=Cannot connect to the Docker daemon\ncompose=2.40.3\n",
      "web1: the Docker daemon does not answer (Cannot connect to the Docker daemon); start "
      "it (e.g. `systemctl start docker`) and retry"),
-    ("docker=\ncompose=2.1.0\n", "web1: the Docker daemon does not answer (no output)"),
-    ("docker=19.03.1\ncompose=2.1.0\n", "web1: Docker 19.03.1 is too old (>= 20.10 needed)"),
+    ("docker=\ncompose=2.40.3\n", "web1: the Docker daemon does not answer (no output)"),
+    ("docker=19.03.1\ncompose=2.40.3\n", "web1: Docker 19.03.1 is too old (>= 20.10 needed)"),
     ("docker=24.0.7\ncompose=\n", "web1: the Docker Compose v2 plugin is missing"),
     ("docker=24.0.7\ncompose=1.29.2\n", "web1: the Docker Compose v2 plugin is missing"),
+    ("docker=24.0.7\ncompose=v2.20.2\n", "web1: Docker Compose v2.20.2 is too old (>= 2.24.4 "
+                                          "needed"),
+    ("docker=24.0.7\ncompose=2.24.3-desktop.1\n",
+     "web1: Docker Compose 2.24.3-desktop.1 is too old"),
 ])
 def test_host_check_problems(output: str, problem: str) -> None:
     problems = provision.host_check_problems("web1", output)

@@ -305,7 +305,7 @@ def test_one_host_unreachable_at_validate_is_named_and_nothing_changes(
         raise HostUnreachableError("cannot connect to web2: timed out after 15 s")
 
     for host in fleet_session.all_hosts:
-        host.on("docker version", batch_answer(host="docker=24.0.7\ncompose=v2.20.2\n"))
+        host.on("docker version", batch_answer(host="docker=24.0.7\ncompose=v2.40.3\n"))
     fleet_session.host("web2").on("docker version", unreachable)
     deploy = Deploy(fleet_session, DeployOptions())  # type: ignore[arg-type]
 
