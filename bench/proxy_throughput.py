@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,13 @@ def machine_busy() -> tuple[float, float]:
     return every, every - (values[3] + values[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def docker_proxy_pids(port: int) -> list[str]:
+    """Docker's userland forwarder for a published port (none when the daemon runs without
+    it)."""
+    return subprocess.run(["pgrep", "-f", f"docker-proxy .*-host-port {port} "],
+                          capture_output=True, text=True, timeout=30).stdout.split()
+
+
 def time_wait(pid: str, ports: tuple[int, ...]) -> tuple[int, int]:
     """(all TIME_WAIT sockets, those to or from `ports`) in the network namespace of `pid`."""
     def count(*condition: str) -> int:
@@ -124,22 +132,29 @@ def benchmark(app: BenchApp, args: argparse.Namespace) -> list[str]:
     app_pids = [service_pid(app, f"app-{active}")]
     ports = tuple(app.ports[name] for name in ("proxy", "https", "blue", "green")
                   if name in app.ports)
+    forwarder = docker_proxy_pids(app.ports[active])
     rows = []
     for label, url in plan(app, active, args.scheme):
         before = load_average()
         say(f"{label}: wrk {args.seconds:g} s, {args.threads} thread(s), {args.connections} "
             f"connections (load average {before}) ...")
-        cpu0, machine0 = (cpu_seconds(nginx_workers), cpu_seconds(app_pids)), machine_busy()
+        def sample() -> tuple[float, ...]:
+            spent = resource.getrusage(resource.RUSAGE_CHILDREN)
+            return (cpu_seconds(nginx_workers), cpu_seconds(app_pids), cpu_seconds(forwarder),
+                    spent.ru_utime + spent.ru_stime)
+
+        cpu0, machine0 = sample(), machine_busy()
         result = wrk.run(url, args.seconds, threads=args.threads, connections=args.connections)
-        cpu1, machine1 = (cpu_seconds(nginx_workers), cpu_seconds(app_pids)), machine_busy()
+        cpu1, machine1 = sample(), machine_busy()
         thousands = max(result.requests, 1) / 1000
-        cost = ((cpu1[0] - cpu0[0]) * 1000 / thousands, (cpu1[1] - cpu0[1]) * 1000 / thousands,
+        cost = (*((after - before) * 1000 / thousands for before, after in zip(cpu0, cpu1,
+                                                                             strict=True)),
                 (machine1[1] - machine0[1]) / max(machine1[0] - machine0[0], 1e-9))
         waiting = time_wait(pid, ports)
         rows.append((label, result, waiting, before, load_average(), cost))
 
     direct_rps = [r.rps for label, r, *_ in rows if label.startswith("direct")]
-    header = (f"{'run':<28}{'req/s':>8}{'vs best':>8}{'vs mean':>8}{'p50 ms':>8}{'p99 ms':>8}"
+    header = (f"{'run':<34}{'req/s':>8}{'vs best':>8}{'vs mean':>8}{'p50 ms':>8}{'p99 ms':>8}"
               f"{'errors':>7}{'non-2xx':>8}{'TIME_WAIT all/ours':>19}  load before -> after")
     reference, mean = max(direct_rps), sum(direct_rps) / len(direct_rps)
     out = ["", f"wrk {args.threads} thread(s), {args.connections} connections, "
@@ -149,14 +164,15 @@ def benchmark(app: BenchApp, args: argparse.Namespace) -> list[str]:
         best, avg = r.rps / reference, r.rps / mean
         if label.startswith("proxy"):
             ratios.append((label, best))
-        out.append(f"{label:<28}{r.rps:>8.0f}{best:>8.0%}{avg:>8.0%}{r.p50_ms:>8.1f}"
+        out.append(f"{label:<34}{r.rps:>8.0f}{best:>8.0%}{avg:>8.0%}{r.p50_ms:>8.1f}"
                    f"{r.p99_ms:>8.1f}{r.socket_errors:>7}{r.non_2xx:>8}"
                    f"{f'{all_tw}/{ours}':>19}  {before} -> {after}")
-    out += ["", "CPU per 1,000 requests (ms; nginx workers, the app's process) and how busy the "
-            "whole machine was (all processes, the other users' included):"]
-    for label, _, _, _, _, (nginx_ms, app_ms, busy) in rows:
-        out.append(f"  {label:<28}nginx {nginx_ms:6.1f}  app {app_ms:6.1f}  machine busy "
-                   f"{busy:4.0%}")
+    out += ["", "CPU per 1,000 requests (ms): nginx's workers, the app's process, docker-proxy "
+            "(the published port's forwarder), wrk (the load generator, on the same CPUs), and "
+            "how busy the whole machine was (all processes, the other users' included):"]
+    for label, _, _, _, _, (nginx_ms, app_ms, forwarder_ms, wrk_ms, busy) in rows:
+        out.append(f"  {label:<34}nginx {nginx_ms:5.1f}  app {app_ms:5.1f}  docker-proxy "
+                   f"{forwarder_ms:5.1f}  wrk {wrk_ms:5.1f}  machine busy {busy:4.0%}")
     piled = max(ours for _, _, (_, ours), *_ in rows)
     worst = min(ratio for _, ratio in ratios)
     raw = max(r.rps for label, r, *_ in rows if label.startswith("app-"))
