@@ -591,9 +591,16 @@ def passwordless_url(settings: Settings) -> str:
             f"{quote(parts['dbname'], safe='')}?{'&'.join(params)}")
 
 
+# snapshot_command's exit status when a snapshot of that name exists already (two taken in
+# one second: a restore's safety snapshot right after `inv db.snapshot`).
+SNAPSHOT_NAME_TAKEN = 17
+
+
 def snapshot_command(settings: Settings, path: str) -> str:
-    """pg_dump into a partial file, check the archive's table of contents, then rename:
-    a snapshot that exists under its final name is complete and readable."""
+    """pg_dump into a partial file, check the archive's table of contents, then link it under
+    its final name, never over an existing snapshot (`ln` refuses: exit SNAPSHOT_NAME_TAKEN):
+    a snapshot that exists under its final name is complete, readable, and the one taken
+    under that name."""
     partial = f"{path}.partial"
     directory = path.rsplit("/", 1)[0]
     return (
@@ -601,7 +608,8 @@ def snapshot_command(settings: Settings, path: str) -> str:
         f"{pg_env(settings)} pg_dump --no-password --format=custom --compress=6 --no-owner "
         f"--file={q(partial)} && "
         f"test -s {q(partial)} && pg_restore --list {q(partial)} > /dev/null && "
-        f"mv -f {q(partial)} {q(path)} && stat -c %s {q(path)}"
+        f"{{ ln {q(partial)} {q(path)} 2>/dev/null || {{ rm -f {q(partial)}; "
+        f"exit {SNAPSHOT_NAME_TAKEN}; }}; }} && rm -f {q(partial)} && stat -c %s {q(path)}"
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -97,14 +98,26 @@ def list_snapshots(session: Session) -> list[SnapshotFile]:
     return parse_listing(out)
 
 
+NAME_ATTEMPTS = 3  # a snapshot's name has the second it was taken in; see take_snapshot
+
+
 def take_snapshot(session: Session, sha7: str, state: State | None, *,
                   protect: Iterable[str] = ()) -> tuple[str, int]:
     """pg_dump on the primary host, verified; then apply retention, which never removes the
     new snapshot nor those in `protect` (a restore's target). Returns (path, bytes)."""
     st = session.settings
-    now = utc_now()
-    path = f"{st.snapshot_dir}/{snapshot_name(st.env, now.strftime('%Y%m%dT%H%M%SZ'), sha7)}"
-    result = session.primary.run(cmd.snapshot_command(st, path), timeout=3600, check=False)
+    for _ in range(NAME_ATTEMPTS):
+        now = utc_now()
+        path = f"{st.snapshot_dir}/{snapshot_name(st.env, now.strftime('%Y%m%dT%H%M%SZ'), sha7)}"
+        result = session.primary.run(cmd.snapshot_command(st, path), timeout=3600, check=False)
+        if result.exit_status != cmd.SNAPSHOT_NAME_TAKEN:
+            break
+        # A snapshot of this name (this second) exists: never overwrite it (it may be the one
+        # a restore is about to replay); take this one under the next second's name.
+        time.sleep(1.0 - now.microsecond / 1e6 + 0.01)
+    if result.exit_status == cmd.SNAPSHOT_NAME_TAKEN:
+        raise TogatherError(f"database snapshot failed: {path} exists already",
+                            hint="Nothing was migrated or switched. Run the command again.")
     if not result.ok:
         session.primary.run(cmd.remove_files(path + ".partial"), timeout=30, check=False)
         lines = result.stderr.strip().splitlines()

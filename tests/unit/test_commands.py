@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
+import subprocess
 from pathlib import Path
 from urllib.parse import quote
 
@@ -233,8 +234,36 @@ def test_snapshot_command_verifies_before_renaming(settings: Settings) -> None:
     assert f"{PG_ENV} pg_dump --no-password --format=custom" in command
     assert f"--file={path}.partial" in command
     dump, verify, rename = (command.index("pg_dump"), command.index("pg_restore --list"),
-                            command.index(f"mv -f {path}.partial {path}"))
+                            command.index(f"ln {path}.partial {path}"))
     assert dump < verify < rename
+
+
+def test_a_snapshot_never_replaces_one_of_the_same_name(settings: Settings,
+                                                        tmp_path: Path) -> None:
+    """Two snapshots in one second (a restore's safety snapshot right after `db.snapshot`):
+    the second is refused with SNAPSHOT_NAME_TAKEN, the first keeps its content, no partial
+    file is left. Real sh, stand-ins for pg_dump and pg_restore."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pg_dump").write_text(
+        '#!/bin/sh\nfor a; do case "$a" in --file=*) printf "%s" "$DUMP" > "${a#--file=}";; '
+        "esac; done\n")
+    (bin_dir / "pg_restore").write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("pg_dump", "pg_restore"):
+        (bin_dir / tool).chmod(0o755)
+    path = tmp_path / "snaps" / "staging_20261126T181500Z_abc1234.dump"
+    command = cmd.snapshot_command(settings, str(path))
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+
+    first = subprocess.run(["sh", "-c", command], env={**env, "DUMP": "kept"},
+                           capture_output=True, text=True, timeout=30)
+    second = subprocess.run(["sh", "-c", command], env={**env, "DUMP": "lost"},
+                            capture_output=True, text=True, timeout=30)
+
+    assert first.returncode == 0 and first.stdout.strip() == "4", first.stderr
+    assert second.returncode == cmd.SNAPSHOT_NAME_TAKEN, second.stderr
+    assert path.read_text() == "kept"
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
 def test_restore_command_replaces_the_schemas_and_replays_in_one_transaction(

@@ -126,3 +126,30 @@ def test_protected_names_come_from_current_and_previous() -> None:
 
 def test_list_command_quotes_the_directory() -> None:
     assert "'/srv/it'\"'\"'s/snapshots'" in list_command("/srv/it's/snapshots")
+
+
+def test_a_snapshot_name_taken_this_second_is_retried_under_the_next_seconds_name(
+        settings, tmp_path, monkeypatch) -> None:
+    """commands.snapshot_command refuses to replace a snapshot of the same name (exit
+    SNAPSHOT_NAME_TAKEN): take_snapshot waits for the next second and takes it under that
+    name, never over the one a restore may be about to replay."""
+    from togather_tasks import commands as cmd
+    from togather_tasks import snapshots
+
+    from .fakehost import FakeSession, failed, ok
+
+    session = FakeSession(settings, tmp_path / "state")
+    answers = [failed("", status=cmd.SNAPSHOT_NAME_TAKEN), ok("1234\n")]
+    session.primary.on("pg_dump", lambda command: answers.pop(0))
+    session.primary.on("find ", ok(""))
+    clock = iter([datetime(2026, 11, 26, 18, 15, 0, 900000, tzinfo=UTC),
+                  datetime(2026, 11, 26, 18, 15, 1, 10000, tzinfo=UTC)])
+    monkeypatch.setattr(snapshots, "utc_now", lambda: next(clock, datetime.now(UTC)))
+    slept: list[float] = []
+    monkeypatch.setattr(snapshots.time, "sleep", slept.append)
+
+    path, size = snapshots.take_snapshot(session, "abc1234", None)
+
+    assert path.endswith("/staging_20261126T181501Z_abc1234.dump") and size == 1234
+    assert len(session.primary.ran("pg_dump")) == 2
+    assert slept and 0 < slept[0] <= 0.2
