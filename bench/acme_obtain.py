@@ -144,13 +144,21 @@ def main() -> int:
         print(f"bench: setup failed: {exc}", file=sys.stderr)
         return 1
     finally:
-        try:
-            challtestsrv("clear-a", host=app.domain)
-        except (OSError, SetupError):
-            leftovers.append(f"pebble-challtestsrv: clear-a {app.domain}")
-        leftovers += app.cleanup()
+        leftovers += release(app)
         for line in leftovers:
             print(f"bench: left behind, remove by hand: {line}", file=sys.stderr)
+
+
+
+def release(app) -> list[str]:
+    """The test domain's DNS record removed and the throwaway app cleaned up; what could not
+    be, as commands for the operator (shared with bench/fleet_acme.py)."""
+    leftovers = []
+    try:
+        challtestsrv("clear-a", host=app.domain)
+    except (OSError, SetupError):
+        leftovers.append(f"pebble-challtestsrv: clear-a {app.domain}")
+    return leftovers + app.cleanup()
 
 
 if __name__ == "__main__":

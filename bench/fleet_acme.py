@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from acme_obtain import ACME_ROOT, PEBBLE_API_CA, challtestsrv, step_seconds
+from acme_obtain import ACME_ROOT, PEBBLE_API_CA, challtestsrv, release, step_seconds
 from fleet import FLEET_HOSTS, FleetBenchApp, docker_argv, fleet_preflight, port80_lock
 from zero_downtime import SetupError, free_ports, must, run
 
@@ -92,11 +92,7 @@ def main() -> int:
                 second = must(app.deploy(), "second deploy")
                 reuse = step_seconds(second, "certs")
             finally:
-                try:
-                    challtestsrv("clear-a", host=app.domain)
-                except (OSError, SetupError):
-                    leftovers.append(f"pebble-challtestsrv: clear-a {app.domain}")
-                leftovers += app.cleanup()
+                leftovers += release(app)
         how = f"deployment.parallel {args.parallel}" if args.parallel else "every host at once"
         print(f"ACME (Pebble) on a fleet of {len(FLEET_HOSTS)} behind a round-robin load "
               f"balancer, {how}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 
 from . import commands as cmd
+from . import slots
 from .errors import UsageError
 from .logs import active_slot
 from .session import Session
@@ -34,9 +35,7 @@ def run_in_app(session: Session, command: str, *, slot: str, interactive: bool) 
     if slot == "new":
         # The one-off container needs compose.oneoff.yml, which a host deployed by an older
         # version lacks.
-        layout = cmd.Layout(session.settings.remote_dir)
-        host.write_file(layout.compose_oneoff_file,
-                        (cmd.DOCKER_DIR / "compose.oneoff.yml").read_bytes(), mode=0o644)
+        slots.write_oneoff_file(host, cmd.Layout(session.settings.remote_dir))
     if interactive:
         return host.interact(line)
     console = session.console

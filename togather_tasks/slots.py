@@ -91,6 +91,12 @@ def write_compose_files(host: Host, layout: cmd.Layout) -> None:
     """compose.yml and compose.oneoff.yml (one-off containers off the slots' edge addresses)."""
     host.write_file(layout.compose_file, (cmd.DOCKER_DIR / "compose.yml").read_bytes(),
                     mode=0o644)
+    write_oneoff_file(host, layout)
+
+
+def write_oneoff_file(host: Host, layout: cmd.Layout) -> None:
+    """compose.oneoff.yml: `compose run` with it keeps a one-off container off the slots'
+    fixed edge addresses (commands._compose_one_off)."""
     host.write_file(layout.compose_oneoff_file,
                     (cmd.DOCKER_DIR / "compose.oneoff.yml").read_bytes(), mode=0o644)
 
