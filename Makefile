@@ -47,10 +47,10 @@ lint: install
 test-unit: install
 	$(BIN)/pytest -q tests/unit
 
-test-e2e: testbed install
+test-e2e: testbed install wrk
 	$(BIN)/pytest -q -m e2e tests/e2e
 
-test: testbed install
+test: testbed install wrk
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q tests
 

@@ -13,10 +13,15 @@ run it counts the sockets in TIME_WAIT in the proxy's network namespace (`ss -ta
 time-wait`, entered through the proxy container's pid): a proxy that opened a new upstream
 connection per request piled up ~14,000 of them and lost two thirds of its throughput (issue
 10). Goal: through the proxy >= 90 % of direct, every run, and no TIME_WAIT pile-up. About six
-and a half minutes with the default 60 s.
+and a half minutes with the default 60 s, then direct, proxy HTTP and proxy HTTPS again with
+--many (256) connections for --many-seconds (20) each: more clients at once than a small
+upstream pool holds (with nginx's pool of 32 per worker, 128 connections collapsed to 1,206
+req/s with ~20,000 sockets in TIME_WAIT; proxy.keepalive is 1024 now). About eight minutes
+in all.
 
     .venv/bin/python bench/proxy_throughput.py [--seconds 60] [--connections 16] [--threads 1]
                                                [--scheme both|http|https]
+                                               [--many 256] [--many-seconds 20]
 
 wrk runs one thread by default: on a 2-core machine a second wrk thread takes CPU from the
 proxy and the app being measured (the proxy side needs more CPU than the direct side, so a
@@ -105,8 +110,11 @@ def time_wait(pid: str, ports: tuple[int, ...]) -> tuple[int, int]:
     return count(), count(f"( {ours} )")
 
 
-def plan(app: BenchApp, active: str, scheme: str) -> list[tuple[str, str]]:
-    """(label, url) of each wrk run, in order."""
+def plan(app: BenchApp, active: str, args: argparse.Namespace
+         ) -> list[tuple[str, str, int, float]]:
+    """(label, url, connections, seconds) of each wrk run, in order: the sustained runs, then
+    the many-clients runs (--many connections: more than a small upstream pool holds)."""
+    scheme = args.scheme
     direct = f"http://127.0.0.1:{app.ports[active]}/version"
     address = edge.slot_address(edge.derived_subnet(app.ports["blue"]), active)
     runs = [(f"direct to app-{active}", direct),
@@ -117,8 +125,15 @@ def plan(app: BenchApp, active: str, scheme: str) -> list[tuple[str, str]]:
     if scheme in ("both", "https"):
         https = f"https://127.0.0.1:{app.ports['https']}/version"
         runs += [("proxy HTTPS", https), ("proxy HTTPS, again", https)]
-    return [*runs, (f"direct to app-{active}, again", direct),
-            (f"app-{active} at {address}, again", f"http://{address}:8080/version")]
+    runs += [(f"direct to app-{active}, again", direct),
+             (f"app-{active} at {address}, again", f"http://{address}:8080/version")]
+    sustained = [(label, url, args.connections, args.seconds) for label, url in runs]
+    if not args.many:
+        return sustained
+    many = [(f"{label}, {args.many} conns", url, args.many, args.many_seconds)
+            for label, url in runs[:1] + [run for run in runs if run[0] in (
+                "proxy HTTP", "proxy HTTPS")]]
+    return sustained + many
 
 
 def benchmark(app: BenchApp, args: argparse.Namespace) -> list[str]:
@@ -134,9 +149,9 @@ def benchmark(app: BenchApp, args: argparse.Namespace) -> list[str]:
                   if name in app.ports)
     forwarder = docker_proxy_pids(app.ports[active])
     rows = []
-    for label, url in plan(app, active, args.scheme):
+    for label, url, connections, seconds in plan(app, active, args):
         before = load_average()
-        say(f"{label}: wrk {args.seconds:g} s, {args.threads} thread(s), {args.connections} "
+        say(f"{label}: wrk {seconds:g} s, {args.threads} thread(s), {connections} "
             f"connections (load average {before}) ...")
         def sample() -> tuple[float, ...]:
             spent = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -144,7 +159,7 @@ def benchmark(app: BenchApp, args: argparse.Namespace) -> list[str]:
                     spent.ru_utime + spent.ru_stime)
 
         cpu0, machine0 = sample(), machine_busy()
-        result = wrk.run(url, args.seconds, threads=args.threads, connections=args.connections)
+        result = wrk.run(url, seconds, threads=args.threads, connections=connections)
         cpu1, machine1 = sample(), machine_busy()
         thousands = max(result.requests, 1) / 1000
         cost = (*((after - before) * 1000 / thousands for before, after in zip(cpu0, cpu1,
@@ -153,6 +168,9 @@ def benchmark(app: BenchApp, args: argparse.Namespace) -> list[str]:
         waiting = time_wait(pid, ports)
         rows.append((label, result, waiting, before, load_average(), cost))
 
+    sustained = [row for row in rows if " conns" not in row[0]]
+    many = [row for row in rows if " conns" in row[0]]
+    rows = sustained
     direct_rps = [r.rps for label, r, *_ in rows if label.startswith("direct")]
     header = (f"{'run':<34}{'req/s':>8}{'vs best':>8}{'vs mean':>8}{'p50 ms':>8}{'p99 ms':>8}"
               f"{'errors':>7}{'non-2xx':>8}{'TIME_WAIT all/ours':>19}  load before -> after")
@@ -187,6 +205,17 @@ def benchmark(app: BenchApp, args: argparse.Namespace) -> list[str]:
             f"({'no pile-up' if piled < 1000 else 'PILE-UP'}; main had ~14,000)",
             "before (main, issue 10): direct ~2,040 req/s; through the proxy four 8 s runs "
             "1,880, 1,380, 700, 660 req/s"]
+    if many:
+        out += ["", f"Many clients: {args.many} connections, {args.many_seconds:g} s each "
+                "(more than an upstream pool of 32 per worker held: 1,206 req/s and ~20,000 "
+                "TIME_WAIT at 128 connections before proxy.keepalive went to 1024)", header]
+        out += [f"{label:<34}{r.rps:>8.0f}{r.rps / reference:>8.0%}{r.rps / mean:>8.0%}"
+                f"{r.p50_ms:>8.1f}{r.p99_ms:>8.1f}{r.socket_errors:>7}{r.non_2xx:>8}"
+                f"{f'{all_tw}/{ours}':>19}  {before} -> {after}"
+                for label, r, (all_tw, ours), before, after, _ in many]
+        piled_many = max(ours for _, _, (_, ours), *_ in many)
+        out.append(f"TIME_WAIT to the proxy's and slots' ports after a many-clients run: "
+                   f"{piled_many} ({'no pile-up' if piled_many < 1000 else 'PILE-UP'})")
     return out
 
 
@@ -195,11 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--many", type=int, default=256,
+                        help="connections of the many-clients runs (0: none)")
+    parser.add_argument("--many-seconds", type=float, default=20.0)
     parser.add_argument("--scheme", choices=("both", "http", "https"), default="both",
                         help="which side(s) of the proxy to load")
     args = parser.parse_args(argv)
     args.seconds = max(5.0, min(args.seconds, 300.0))
-    args.connections = max(1, min(args.connections, 128))
+    args.connections = max(1, min(args.connections, 1024))
+    args.many = max(0, min(args.many, 1024))
+    args.many_seconds = max(5.0, min(args.many_seconds, 300.0))
     args.threads = max(1, min(args.threads, args.connections, 8))
     try:
         preflight()

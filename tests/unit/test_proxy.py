@@ -60,14 +60,14 @@ def test_site_conf_is_exact(settings: Settings) -> None:
 # Written by togather-tasks for the staging environment; rewritten by every deploy.
 upstream togather_blue {
     server 10.201.27.202:8080;
-    keepalive 32;
+    keepalive 1024;
     keepalive_requests 10000;
     keepalive_timeout 30s;
 }
 
 upstream togather_green {
     server 10.201.27.203:8080;
-    keepalive 32;
+    keepalive 1024;
     keepalive_requests 10000;
     keepalive_timeout 30s;
 }
