@@ -21,7 +21,11 @@ in all.
 
     .venv/bin/python bench/proxy_throughput.py [--seconds 60] [--connections 16] [--threads 1]
                                                [--scheme both|http|https]
-                                               [--many 256] [--many-seconds 20]
+                                               [--many 256] [--many-seconds 20] [--haproxy]
+
+--haproxy adds two runs: Debian's HAProxy (2.6, OpenSSL 3.0 like nginx) started beside the
+proxy in front of the same slot, doing to each request what togather-app.conf does, over HTTP
+and HTTPS; a comparison for the choice of proxy, not part of the product.
 
 wrk runs one thread by default: on a 2-core machine a second wrk thread takes CPU from the
 proxy and the app being measured (the proxy side needs more CPU than the direct side, so a
@@ -32,20 +36,55 @@ machine is shared: the load average is printed with each run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import wrk
 from tls_app import TlsBenchApp
-from zero_downtime import ENV, BenchApp, SetupError, must, preflight, terminate_as_exit
+from zero_downtime import ENV, BenchApp, SetupError, free_ports, must, preflight, terminate_as_exit
 
 from togather_tasks import edge
 
 GOAL = 0.90
+HAPROXY_START_SECONDS = 10.0
+
+# --haproxy: Debian's HAProxy beside the proxy, in front of the same slot, doing what nginx's
+# togather-app.conf does to each request and response (the forwarded headers, the
+# verification header dropped, the slot header added), one thread like nginx's one worker.
+# For comparison only: it has no switch, no maintenance page, no ACME.
+HAPROXY_CFG = """\
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 65s
+    timeout server 60s
+    option http-keep-alive
+    http-reuse always
+frontend edge
+    bind 127.0.0.1:{http_port}
+    bind 127.0.0.1:{https_port} ssl crt {pem}
+    option forwardfor
+    http-request set-header X-Forwarded-Proto https if {{ ssl_fc }}
+    http-request set-header X-Forwarded-Proto http if !{{ ssl_fc }}
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    http-request del-header X-Togather-Verify
+    http-response set-header X-Togather-Slot {slot}
+    default_backend slot
+backend slot
+    server {slot} {address}:8080
+"""
 
 
 def load_average() -> str:
@@ -110,8 +149,48 @@ def time_wait(pid: str, ports: tuple[int, ...]) -> tuple[int, int]:
     return count(), count(f"( {ours} )")
 
 
-def plan(app: BenchApp, active: str, args: argparse.Namespace
-         ) -> list[tuple[str, str, int, float]]:
+@contextlib.contextmanager
+def haproxy_beside(app: BenchApp, active: str) -> Iterator[tuple[list[str], int, int]]:
+    """HAProxy in the foreground in front of the active slot's edge address, with the bench's
+    self-signed certificate: ([its pid], HTTP port, HTTPS port); stopped on the way out."""
+    if not shutil.which("haproxy"):
+        raise SetupError("--haproxy needs Debian's haproxy (the fleet test bed installs it)")
+    workdir = app.workdir / "haproxy"
+    workdir.mkdir()
+    pem = workdir / "site.pem"
+    fd = os.open(pem, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write((app.tls_dir / "site.crt").read_bytes() + (app.tls_dir / "site.key").read_bytes())
+    http_port, https_port = free_ports(2)
+    address = edge.slot_address(edge.derived_subnet(app.ports["blue"]), active)
+    cfg = workdir / "haproxy.cfg"
+    cfg.write_text(HAPROXY_CFG.format(http_port=http_port, https_port=https_port, pem=pem,
+                                      slot=active, address=address))
+    process = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + HAPROXY_START_SECONDS
+        while True:
+            if process.poll() is not None:
+                raise SetupError(f"haproxy exited: {process.stderr.read()[-500:]}")
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", https_port)) == 0:
+                    break
+            if time.monotonic() > deadline:
+                raise SetupError(f"haproxy did not listen within {HAPROXY_START_SECONDS:g} s")
+            time.sleep(0.1)
+        yield [str(process.pid)], http_port, https_port
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def plan(app: BenchApp, active: str, args: argparse.Namespace,
+         haproxy: tuple[int, int] | None = None) -> list[tuple[str, str, int, float]]:
     """(label, url, connections, seconds) of each wrk run, in order: the sustained runs, then
     the many-clients runs (--many connections: more than a small upstream pool holds)."""
     scheme = args.scheme
@@ -125,6 +204,9 @@ def plan(app: BenchApp, active: str, args: argparse.Namespace
     if scheme in ("both", "https"):
         https = f"https://127.0.0.1:{app.ports['https']}/version"
         runs += [("proxy HTTPS", https), ("proxy HTTPS, again", https)]
+    if haproxy:
+        runs += [("haproxy HTTP", f"http://127.0.0.1:{haproxy[0]}/version"),
+                 ("haproxy HTTPS", f"https://127.0.0.1:{haproxy[1]}/version")]
     runs += [(f"direct to app-{active}, again", direct),
              (f"app-{active} at {address}, again", f"http://{address}:8080/version")]
     sustained = [(label, url, args.connections, args.seconds) for label, url in runs]
@@ -137,19 +219,28 @@ def plan(app: BenchApp, active: str, args: argparse.Namespace
 
 
 def benchmark(app: BenchApp, args: argparse.Namespace) -> list[str]:
+    must(app.inv("deploy", f"--env={ENV}"), "deploy")
+    active = app.status()["active_slot"]
+    if not args.haproxy:
+        return measure(app, args, active, [], None)
+    with haproxy_beside(app, active) as (haproxy_pids, http_port, https_port):
+        return measure(app, args, active, haproxy_pids, (http_port, https_port))
+
+
+def measure(app: BenchApp, args: argparse.Namespace, active: str, haproxy_pids: list[str],
+            haproxy: tuple[int, int] | None) -> list[str]:
     def say(text: str) -> None:
         print(text, flush=True)
 
-    must(app.inv("deploy", f"--env={ENV}"), "deploy")
-    active = app.status()["active_slot"]
     pid = proxy_pid(app)
-    nginx_workers = children(pid)
+    # The proxy column: nginx's workers, or HAProxy in its runs (the other one is idle).
+    nginx_workers = children(pid) + haproxy_pids
     app_pids = [service_pid(app, f"app-{active}")]
     ports = tuple(app.ports[name] for name in ("proxy", "https", "blue", "green")
                   if name in app.ports)
     forwarder = docker_proxy_pids(app.ports[active])
     rows = []
-    for label, url, connections, seconds in plan(app, active, args):
+    for label, url, connections, seconds in plan(app, active, args, haproxy):
         before = load_average()
         say(f"{label}: wrk {seconds:g} s, {args.threads} thread(s), {connections} "
             f"connections (load average {before}) ...")
@@ -185,7 +276,8 @@ def benchmark(app: BenchApp, args: argparse.Namespace) -> list[str]:
         out.append(f"{label:<34}{r.rps:>8.0f}{best:>8.0%}{avg:>8.0%}{r.p50_ms:>8.1f}"
                    f"{r.p99_ms:>8.1f}{r.socket_errors:>7}{r.non_2xx:>8}"
                    f"{f'{all_tw}/{ours}':>19}  {before} -> {after}")
-    out += ["", "CPU per 1,000 requests (ms): nginx's workers, the app's process, docker-proxy "
+    out += ["", "CPU per 1,000 requests (ms): nginx's workers (HAProxy in its runs), the app's "
+            "process, docker-proxy "
             "(the published port's forwarder), wrk (the load generator, on the same CPUs), and "
             "how busy the whole machine was (all processes, the other users' included):"]
     for label, _, _, _, _, (nginx_ms, app_ms, forwarder_ms, wrk_ms, busy) in rows:
@@ -201,6 +293,9 @@ def benchmark(app: BenchApp, args: argparse.Namespace) -> list[str]:
                                              for label, r, *_ in rows
                                              if label.startswith("proxy")),
             f"goal >= {GOAL:.0%} every proxy run: {'PASS' if worst >= GOAL else 'FAIL'}",
+            *(["HAProxy beside nginx, same slot and headers (not the product; --haproxy): "
+               + ", ".join(f"{label} {r.rps / reference:.0%}" for label, r, *_ in rows
+                           if label.startswith("haproxy"))] if haproxy else []),
             f"TIME_WAIT to the proxy's and slots' ports after any run: {piled} "
             f"({'no pile-up' if piled < 1000 else 'PILE-UP'}; main had ~14,000)",
             "before (main, issue 10): direct ~2,040 req/s; through the proxy four 8 s runs "
@@ -229,9 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--many", type=int, default=256,
                         help="connections of the many-clients runs (0: none)")
     parser.add_argument("--many-seconds", type=float, default=20.0)
+    parser.add_argument("--haproxy", action="store_true",
+                        help="also run Debian's HAProxy beside nginx in front of the same "
+                             "slot, HTTP and HTTPS (a comparison, not the product)")
     parser.add_argument("--scheme", choices=("both", "http", "https"), default="both",
                         help="which side(s) of the proxy to load")
     args = parser.parse_args(argv)
+    if args.haproxy and args.scheme == "http":
+        parser.error("--haproxy needs the HTTPS bench app (--scheme both or https)")
     args.seconds = max(5.0, min(args.seconds, 300.0))
     args.connections = max(1, min(args.connections, 1024))
     args.many = max(0, min(args.many, 1024))
