@@ -21,6 +21,7 @@ from typing import Any
 
 from . import batch, certs, cleanup, fleet, images, provision, proxy, slots, snapshots, source
 from . import commands as cmd
+from .config import Settings
 from .errors import CommandTimeoutError, ConfigError, MigrationError, TogatherError
 from .hosts import Host, Result
 from .operation import Release, SlotOperation, Step
@@ -67,6 +68,24 @@ class DeployResult:
     log_path: str | None
     ssh_connections: int
     plan: list[str] = field(default_factory=list)
+
+
+def certificate_plan(settings: Settings, host: str) -> list[str]:
+    """The dry run's line for the certs step on `host` (none without proxy.tls)."""
+    settings_tls = settings.tls
+    if settings_tls is None:
+        return []
+    if settings_tls.acme is None:
+        how = f"upload {settings_tls.certificate} and its key (mode 600) unless installed"
+    else:
+        peers = settings_tls.acme.peers
+        how = (f"obtain a certificate for {', '.join(settings_tls.domains)} from "
+               f"{settings_tls.acme.directory} (HTTP-01) unless the host has one"
+               + (f"; a challenge token this host does not hold is asked of its peers "
+                  f"{', '.join(peers)} (one hop)" if peers else "")
+               + "; " + certs.start_renewer(settings))
+    return [f"[{host}] HTTPS: write {cmd.Layout(settings.remote_dir).site_file} with "
+            f"the ACME challenge location (nginx -t and reload if it changed); {how}"]
 
 
 class Deploy(SlotOperation):
@@ -248,17 +267,7 @@ class Deploy(SlotOperation):
         return lines
 
     def certificate_plan(self, host: str) -> list[str]:
-        settings_tls = self.settings.tls
-        if settings_tls is None:
-            return []
-        if settings_tls.acme is None:
-            how = f"upload {settings_tls.certificate} and its key (mode 600) unless installed"
-        else:
-            how = (f"obtain a certificate for {', '.join(settings_tls.domains)} from "
-                   f"{settings_tls.acme.directory} (HTTP-01) unless the host has one; "
-                   + certs.start_renewer(self.settings))
-        return [f"[{host}] HTTPS: write {cmd.Layout(self.settings.remote_dir).site_file} with "
-                f"the ACME challenge location (nginx -t and reload if it changed); {how}"]
+        return certificate_plan(self.settings, host)
 
     def migration_plan(self, primary: str, layout: cmd.Layout) -> list[str]:
         st, sha7 = self.settings, self.release.sha7

@@ -13,7 +13,7 @@ import pytest
 
 from togather_tasks import certs, proxy, tls
 from togather_tasks.config import Settings
-from togather_tasks.deploy import Deploy, DeployOptions
+from togather_tasks.deploy import Deploy, DeployOptions, certificate_plan
 
 from .fakehost import FakeHost, FakeSession, failed, ok
 from .projects import Project
@@ -174,6 +174,17 @@ def test_the_site_of_a_fleet_with_acme_declares_its_peers_before_the_servers(
     assert site.index("upstream togather_acme_peers") < site.index("server {")
     assert "server 10.0.0.12:9080 max_fails=0;" in site
     assert site.count("location @togather_acme_peers") == 1
+
+
+def test_the_dry_run_names_the_peers_a_challenge_is_asked_of(project: Project) -> None:
+    project.write_config(fleet_config())
+    [line] = certificate_plan(project.load("staging"), "app2")
+    assert line.startswith("[app2] HTTPS: write ")
+    assert ("asked of its peers 10.0.0.11:9080, 10.0.0.12:9080, 10.0.0.13:9080 (one hop)"
+            in line), line
+    project.write_config(with_tls(ACME))  # one host: no peers
+    [line] = certificate_plan(project.load("staging"), "app1")
+    assert "peers" not in line and "(HTTP-01) unless the host has one; " in line, line
 
 
 # --- the certs step and the renewer -------------------------------------------------------------
