@@ -194,12 +194,12 @@ def step_line(proxy_how: str, done: str) -> str:
 
 def retire_after_deploy(session: Session, host: Host) -> None:
     """`retire` as cleanup after a deploy: said when done, a failure only a warning (the
-    next deploy tries again)."""
+    next deploy or rollback tries again)."""
     try:
         done = retire(session.settings, host)
     except (TogatherError, OSError) as exc:
         session.console.warn(f"{host.name}: could not remove the certificate renewal service "
-                             f"({exc}); the next deploy tries again")
+                             f"({exc}); the next deploy or rollback tries again")
         return
     if done:
         session.console.note(f"{host.name}: {done}")

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import dbops, fleet, images, slots, snapshots, source
+from . import certs, dbops, fleet, images, slots, snapshots, source
 from .errors import TogatherError
 from .hosts import Host
 from .operation import Release, SlotOperation, Step
@@ -182,7 +182,11 @@ class Rollback(SlotOperation):
              f"(rollback_count {self.state.current['rollback_count']})")
 
     def finish(self, note: StepNote) -> None:
-        self.drain_and_stop_old_slot()
+        """Step: the rolled-back slot drained and stopped; meanwhile, as after a deploy, the
+        certificate renewal service removed where proxy.tls.acme is gone (the switch has just
+        written the site without it)."""
+        self.drain_and_stop_old_slot(
+            meanwhile=lambda host: certs.retire_after_deploy(self.s, host))
         note(f"app-{self.slots.old} stopped")
 
     def after(self) -> None:

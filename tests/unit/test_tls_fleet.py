@@ -14,6 +14,8 @@ import pytest
 from togather_tasks import certs, proxy, tls
 from togather_tasks.config import Settings
 from togather_tasks.deploy import Deploy, DeployOptions, certificate_plan
+from togather_tasks.rollback import Rollback, RollbackOptions
+from togather_tasks.slots import Slots
 
 from .fakehost import FakeHost, FakeSession, failed, ok
 from .projects import Project
@@ -243,3 +245,26 @@ def test_a_failed_removal_is_a_warning_after_a_deploy(settings: Settings, tmp_pa
     host.on("rm --stop --force acme", failed("daemon gone"))
     certs.retire_after_deploy(session, host)
     assert "could not remove the certificate renewal service" in session.output
+
+
+def test_a_rollback_removes_the_renewer_where_acme_is_gone(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rollback's switch writes the site from today's settings (no proxy.tls): its finish
+    step removes the renewal service as a deploy's does, while the old slot drains."""
+    session = FakeSession(settings, tmp_path / "state", names=("web1", "web2"))
+    for host in session.all_hosts:
+        host.on("com.docker.compose.service=acme", ok("4f2a\n"))
+    drained: list[str] = []
+
+    def drain(self: Rollback, meanwhile=None) -> None:
+        for host in session.all_hosts:
+            meanwhile(host)
+            drained.append(host.name)
+
+    monkeypatch.setattr(Rollback, "drain_and_stop_old_slot", drain)
+    rollback = Rollback(session, RollbackOptions())  # type: ignore[arg-type]
+    rollback.slots = Slots("blue", "green")
+    rollback.finish(lambda text: None)
+    assert drained == ["web1", "web2"]
+    assert all(host.ran("rm --stop --force acme") for host in session.all_hosts)
+    assert "web2: certificate renewal service removed (no proxy.tls.acme)" in session.output
