@@ -98,8 +98,11 @@ DEFAULTS: dict[str, Any] = {
     # requests in flight per worker at peak: each request beyond the pool closes its upstream
     # connection afterwards, and ~470 closes a second fill the ephemeral ports with TIME_WAIT
     # (32 collapsed to 1,206 req/s at 128 connections; README "Sustained throughput").
+    # max_body_size: the largest request body the proxy passes (nginx's size: 0 = no limit;
+    # nginx's own default of 1m refuses uploads an app accepts direct). read_timeout: seconds
+    # the proxy waits between two reads of the app's answer before a 504.
     "proxy": {"bind": "0.0.0.0", "verify_attempts": 20,  # noqa: S104 - the public entry point
-              "keepalive": 1024},
+              "keepalive": 1024, "max_body_size": "100m", "read_timeout": 60},
     "notifications": {"retries": 3, "timeout": 5},
     # Off unless configured: node exporter's textfile directory is not on every host, and the
     # deploy user needs write access to it (see the README's Monitoring section).
@@ -114,6 +117,8 @@ ENVIRONMENT_DEFAULTS: dict[str, dict[str, Any]] = {
 OTHER_ENVIRONMENT_DEFAULTS = ENVIRONMENT_DEFAULTS["staging"]
 # The HTTPS port when proxy.tls is on and ports.https is not given.
 DEFAULT_HTTPS_PORT = 443
+# proxy.max_body_size as nginx reads a size (client_max_body_size).
+BODY_SIZE = re.compile(r"0|[1-9][0-9]{0,11}[kmgKMG]?")
 OVERRIDABLE_SECTIONS = ("build", "database", "deployment", "proxy", "notifications",
                         "monitoring")
 
@@ -455,6 +460,10 @@ def _merge_environment(document: dict[str, Any], env: str, config_path: Path,
         f"environments.{env}.remote_dir", _remote_dir(env_block, env), database["snapshot_dir"])]
     if "subnet" in merged["proxy"] and (why := edge.subnet_problem(merged["proxy"]["subnet"])):
         problems.append(f"{config_path}: proxy.subnet: {why}")
+    if not BODY_SIZE.fullmatch(str(merged["proxy"]["max_body_size"])):
+        problems.append(f"{config_path}: proxy.max_body_size: "
+                        f"{merged['proxy']['max_body_size']!r} is not a size: a number of "
+                        "bytes, or of k, m or g (100m, 1g), or 0 for no limit")
     if merged["proxy"].get("tls"):
         ports.setdefault("https", DEFAULT_HTTPS_PORT)
         if len(set(ports.values())) != len(ports):

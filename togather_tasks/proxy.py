@@ -33,7 +33,8 @@ SLOTS = ("blue", "green")
 VERIFY_HEADER = "X-Togather-Verify"
 _LEGACY_SLOT = re.compile(r"\$togather_slot \{\s*default (blue|green);")
 _TOKEN = re.compile(r'^"([0-9a-f]{32,})" 1;$', re.MULTILINE)
-_DIRECTIVE = re.compile(r"^[ \t]*(listen|server) (\S+)[^;{\n]*;", re.MULTILINE)
+_DIRECTIVE = re.compile(r"^[ \t]*(listen|server|keepalive|client_max_body_size|"
+                        r"proxy_read_timeout) (\S+)[^;{\n]*;", re.MULTILINE)
 
 
 # --- the site configuration (pure) ------------------------------------------------------------
@@ -67,11 +68,20 @@ def listen_address(settings: Settings, port: int | None = None) -> str:
     return f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
 
 
+def app_limits(settings: Settings) -> str:
+    """Server-level lines of every server block, inherited by togather-app.conf's location:
+    the largest request body passed to the app (proxy.max_body_size) and how long the proxy
+    waits between two reads of the app's answer (proxy.read_timeout)."""
+    return (f"    client_max_body_size {settings.proxy['max_body_size']};\n"
+            f"    proxy_read_timeout {settings.proxy['read_timeout']}s;\n")
+
+
 def http_server(settings: Settings) -> str:
     """The plain-HTTP server: the app through the shared include; with HTTPS on, the ACME
     challenge path and (by default) a redirect to HTTPS instead of the app (tls.py)."""
     return ("server {\n"
             f"    listen {listen_address(settings)} default_server;\n"
+            f"{app_limits(settings)}"
             f"{tls.http_locations(settings.tls)}"
             "}\n")
 
@@ -84,7 +94,8 @@ def server_blocks(settings: Settings) -> list[str]:
     peers = tls.acme_peers_block(settings.tls)
     return [*([peers] if peers else []), http_server(settings),
             tls.https_server_block(settings.tls,
-                                   listen_address(settings, settings.tls.https_port))]
+                                   listen_address(settings, settings.tls.https_port),
+                                   app_limits(settings))]
 
 
 def site_conf(settings: Settings, legacy: frozenset[str] = frozenset()) -> str:

@@ -441,7 +441,7 @@ def verify_context(trust: Path | None) -> ssl.SSLContext:
 # --- nginx ----------------------------------------------------------------------------------
 
 
-def https_server_block(tls: TlsSettings, listen: str) -> str:
+def https_server_block(tls: TlsSettings, listen: str, limits: str = "") -> str:
     """The HTTPS server of the proxy's site config (http level). The certificate path holds a
     variable, so nginx reads the file at each handshake: a renewal needs no reload. Session
     cache and tickets let returning clients skip the full handshake."""
@@ -461,6 +461,7 @@ def https_server_block(tls: TlsSettings, listen: str) -> str:
         "    ssl_session_cache shared:togather_tls:10m;\n"
         "    ssl_session_timeout 1d;\n"
         "    ssl_session_tickets on;\n"
+        f"{limits}"
         f"    include {APP_INCLUDE};\n"
         f"{hsts}"
         "}\n"

@@ -187,6 +187,39 @@ def test_many_clients_at_once_reuse_the_pool_without_churn(demo_app) -> None:
     assert events == f"worker_connections {max(256, min(16384, int(soft) - 64))};\n", events
 
 
+def send_body(port: int, size: int) -> int:
+    """GET / with a body of `size` bytes through the proxy (the demo app reads and drops a
+    body up to 64 MiB); the status."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/", body=b"x" * size)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def test_request_bodies_up_to_proxy_max_body_size_reach_the_app(demo_app) -> None:
+    """nginx's own limit (1m) answered 413 to an upload the app accepts direct. The proxy now
+    passes bodies up to proxy.max_body_size (100m by default) and refuses a larger one
+    itself, before the app; changing it is a reload that names the change."""
+    app = demo_app
+    app.deploy(check=True)
+    three_mib = 3 << 20
+    assert send_body(app.ports["blue"], three_mib) == 200  # the app alone
+    assert send_body(app.ports["proxy"], three_mib) == 200
+
+    app.write_config(proxy={"max_body_size": "1m", "read_timeout": 30})
+    app.commit("v2", {"app/RELEASE": "v2\n"})
+    deployed = app.deploy(check=True)
+    said = deployed.stdout + deployed.stderr
+    assert "client_max_body_size 100m -> 1m" in said and "proxy_read_timeout 60s -> 30s" in said
+    assert send_body(app.ports["proxy"], three_mib) == 413
+    assert send_body(app.ports["proxy"], 1000) == 200
+    assert send_body(app.ports["green"], three_mib) == 200  # refused by the proxy only
+
+
 def test_the_switch_state_survives_a_proxy_restart(demo_app) -> None:
     app = demo_app
     app.deploy(check=True)

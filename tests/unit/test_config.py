@@ -268,6 +268,27 @@ def test_proxy_workers_is_a_count_or_auto(project: Project, value: str, ok: bool
         assert "proxy" in only_problem(project) and "workers" in only_problem(project)
 
 
+@pytest.mark.parametrize("value, ok", [("100m", True), ("1g", True), ("0", True),
+                                       ("1048576", True), ("512K", True), ("100mb", False),
+                                       ("-1", False), ("1.5m", False), ("lots", False)])
+def test_proxy_max_body_size_is_an_nginx_size(project: Project, value: str, ok: bool) -> None:
+    project.write_config(BASE_CONFIG + f"proxy:\n  max_body_size: {value}\n")
+    if ok:
+        assert str(project.load().proxy["max_body_size"]) == value
+    else:
+        assert (f"proxy.max_body_size: {value!r} is not a size" in only_problem(project)
+                or "max_body_size" in only_problem(project))
+
+
+def test_proxy_body_size_and_read_timeout_defaults(project: Project) -> None:
+    project.write_config(BASE_CONFIG)
+    proxy = project.load().proxy
+    assert (proxy["max_body_size"], proxy["read_timeout"], proxy["keepalive"]) == \
+        ("100m", 60, 1024)
+    project.write_config(BASE_CONFIG + "proxy:\n  read_timeout: 0\n")
+    assert "read_timeout" in only_problem(project)
+
+
 def test_custom_migration_tool_needs_a_command(project: Project) -> None:
     project.write_config(BASE_CONFIG + "database:\n  migration_tool: custom\n")
     assert "database.migration_command" in only_problem(project)

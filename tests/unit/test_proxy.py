@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
 from togather_tasks import commands as cmd
-from togather_tasks import proxy
+from togather_tasks import proxy, tls
 from togather_tasks.config import Settings
 from togather_tasks.errors import CommandError, HealthCheckError
 from togather_tasks.hosts import HttpResponse
@@ -74,6 +75,8 @@ upstream togather_green {
 
 server {
     listen 0.0.0.0:9080 default_server;
+    client_max_body_size 100m;
+    proxy_read_timeout 60s;
     include /etc/nginx/togather-app.conf;
 }
 """
@@ -102,6 +105,32 @@ def test_site_conf_follows_bind_keepalive_and_ipv6(settings: Settings) -> None:
     assert "    listen [::1]:9080 default_server;\n" in text
     assert text.count("    keepalive 8;\n") == 2
     assert proxy.address(settings) == "::1"
+
+
+def test_body_size_and_read_timeout_reach_every_server_block_and_are_named_when_changed(
+        settings: Settings) -> None:
+    with_tls = dataclasses.replace(settings, tls=tls.TlsSettings(
+        domains=("example.test",), https_port=9443, redirect=False, hsts=None,
+        certificate=None, key=None, acme=None))
+    chosen = dataclasses.replace(with_tls, proxy={**settings.proxy, "max_body_size": "1g",
+                                                  "read_timeout": 300})
+    text = proxy.site_conf(chosen)
+    # HTTP and HTTPS, each before the include whose location inherits them.
+    assert text.count("    client_max_body_size 1g;\n    proxy_read_timeout 300s;\n") == 2
+    assert all(block.index("client_max_body_size") < block.index("togather-app.conf")
+               for block in text.split("server {")[1:])
+    assert proxy.site_changes(proxy.site_conf(with_tls), text) == (
+        "client_max_body_size 100m -> 1g, proxy_read_timeout 60s -> 300s, "
+        "client_max_body_size 100m -> 1g, proxy_read_timeout 60s -> 300s")
+
+
+def test_the_image_leaves_the_read_timeout_to_the_site() -> None:
+    """A location-level proxy_read_timeout in togather-app.conf would override the server's."""
+    include = (Path(proxy.__file__).parent.parent / "docker/nginx/togather-app.conf").read_text()
+    directives = [line.split()[0] for line in include.splitlines()
+                  if line.strip() and not line.lstrip().startswith("#")]
+    assert "proxy_read_timeout" not in directives
+    assert "client_max_body_size" not in directives
 
 
 def test_the_server_blocks_are_a_list_another_scheme_can_extend(settings: Settings) -> None:

@@ -256,6 +256,8 @@ def test_site_conf_with_https(settings: Settings) -> None:
     http_server, https_server = proxy.server_blocks(with_https(settings))
     assert http_server == ("server {\n"
                            "    listen 0.0.0.0:9080 default_server;\n"
+                           "    client_max_body_size 100m;\n"
+                           "    proxy_read_timeout 60s;\n"
                            + tls.http_locations(with_https(settings).tls) + "}\n")
     assert "    listen 0.0.0.0:9443 ssl http2;\n" in https_server
     assert text.endswith(https_server)

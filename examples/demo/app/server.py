@@ -71,8 +71,8 @@ IDLE_KEEPALIVE_SECONDS = 75
 SWEEP_SECONDS = 1.0  # how often connections past that are looked for
 # A request head of at most 64 KiB (http.server's limit per line, here for the whole head, so a
 # client can make a connection buffer no more) and 100 headers; bodies (unused) are read and
-# dropped, up to 1 MiB.
-MAX_HEAD, MAX_HEADERS, MAX_BODY = 65536, 100, 1 << 20
+# dropped, up to 64 MiB (the proxy passes 100 MiB by default: proxy.max_body_size).
+MAX_HEAD, MAX_HEADERS, MAX_BODY = 65536, 100, 64 << 20
 LISTEN_BACKLOG = 128
 SERVER = f"togather-demo Python/{sys.version.split()[0]}"  # http.server's Server header
 REASONS = {status.value: status.phrase for status in HTTPStatus}
