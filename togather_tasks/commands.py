@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, quote
 
+from . import edge
 from .config import Settings, database_parts
 from .errors import StateError
 
@@ -303,6 +304,16 @@ def slot_networks(settings: Settings) -> str:
     return " ".join(["docker ps", "--all", *(f"--filter {q(f)}" for f in filters),
                      "--format",
                      q('{{.Label "com.docker.compose.service"}} {{.Networks}}')])
+
+
+def edge_routes(settings: Settings) -> str:
+    """Prints edge.EDGE_EXISTS when the environment's edge network exists (its route is
+    Docker's own), else the host's IPv4 routes (`ip -4 route show`; nothing without
+    iproute2): what edge.route_conflicts reads before Compose creates the network."""
+    return (f"docker network inspect --format '{{{{.Id}}}}' "
+            f"{q(edge.network_name(settings.compose_project))} >/dev/null 2>&1 "
+            f"&& echo {edge.EDGE_EXISTS} "
+            "|| { command -v ip >/dev/null 2>&1 && ip -4 route show; true; }")
 
 
 def stop_slot(settings: Settings, slot: str) -> str:

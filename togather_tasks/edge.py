@@ -14,6 +14,11 @@ port inside 10.200.0.0/13, so two environments on one host (their ports differ) 
 same one; `proxy.subnet` chooses another where that range is in use. The slots' published
 ports stay: the tool's health gate and `curl 127.0.0.1:<port>` on the host use them.
 
+Docker refuses a subnet that overlaps one of its own networks, but not one that overlaps a
+route the host already has (a VPN's, a routed office network): the bridge would quietly take
+over those addresses on the host. So before the network is created, the host's routes are
+read (`route_conflicts`) and an overlap stops the deploy.
+
 A slot container from before this network (a host deployed by an older version) is not on it
 until it is recreated; until then its upstream stays its published port (`slot_networks` below
 tells which), so the upgrade never sends a request to an address nothing answers on.
@@ -79,3 +84,34 @@ def parse_slot_networks(output: str, project: str) -> set[str]:
                 edge not in networks.split(","):
             legacy.add(slot)
     return legacy
+
+
+# `ip route` types that come before the destination; Docker's own devices (its overlaps it
+# reports itself, "Pool overlaps").
+_ROUTE_TYPES = {"unicast", "local", "broadcast", "multicast", "throw", "unreachable",
+                "prohibit", "blackhole", "nat", "anycast"}
+_DOCKER_DEVICES = ("br-", "docker")
+EDGE_EXISTS = "togather-edge-exists"
+
+
+def route_conflicts(network: ipaddress.IPv4Network, routes: str) -> list[str]:
+    """The lines of `ip -4 route show` whose destination overlaps `network`, but the default
+    route and routes on Docker's own bridges: the addresses the edge bridge would take away
+    from a network the host reaches another way."""
+    found = []
+    for line in routes.splitlines():
+        fields = line.split()
+        if fields and fields[0] in _ROUTE_TYPES:
+            fields = fields[1:]
+        if not fields or fields[0] == "default":
+            continue
+        device = fields[fields.index("dev") + 1] if "dev" in fields[:-1] else ""
+        if device.startswith(_DOCKER_DEVICES):
+            continue
+        try:
+            destination = ipaddress.IPv4Network(fields[0], strict=False)
+        except ValueError:
+            continue
+        if destination.prefixlen and destination.overlaps(network):
+            found.append(" ".join(line.split()))
+    return found

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 from . import commands as cmd
+from . import edge
 from .config import Settings, app_environment
 from .errors import CommandError, HealthCheckError, HostError
 from .health import Verdict, judge, unreachable
@@ -122,9 +123,30 @@ def read_slot_images(settings: Settings, host: Host) -> dict[str, str]:
     return images
 
 
+def check_edge_routes(settings: Settings, host: Host) -> None:
+    """Before Compose creates the environment's edge network on this host: no route of the
+    host may overlap its subnet (Docker would take those addresses over without a word). One
+    round trip; nothing when the network already exists."""
+    out = host.run(cmd.edge_routes(settings), timeout=30, check=False).stdout
+    if edge.EDGE_EXISTS in out:
+        return
+    conflicts = edge.route_conflicts(settings.edge_subnet, out)
+    if conflicts:
+        raise CommandError(
+            f"the edge network {settings.edge_subnet} of {settings.env} would take over "
+            f"addresses {host.name} reaches through its route {conflicts[0]!r}"
+            + (f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""),
+            hint="Nothing was stopped. Choose a private /29 that no route of the host "
+                 "covers in config/deployment.yml (proxy.subnet, per environment under "
+                 f"environments.{settings.env}.proxy); `ip -4 route` on the host lists its "
+                 "routes.")
+
+
 def start_slot(settings: Settings, host: Host, target: SlotTarget) -> None:
-    """Point the slot at its image in slots.env and (re)create it with Compose."""
+    """Point the slot at its image in slots.env and (re)create it with Compose (its edge
+    network first checked against the host's routes)."""
     layout = cmd.Layout(settings.remote_dir)
+    check_edge_routes(settings, host)
     images = read_slot_images(settings, host)
     images[target.slot] = target.image
     host.write_file(layout.slots_env, cmd.slots_env(settings, images).encode(), mode=0o644)

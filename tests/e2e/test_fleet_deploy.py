@@ -7,6 +7,7 @@ Skipped when the fleet is down; fails under CI=true with TOGATHER_FLEET=1 (.ci/r
 
 from __future__ import annotations
 
+import subprocess
 import time
 from typing import Any
 
@@ -42,6 +43,31 @@ def test_remote_deploy_to_one_fleet_host(fleet_app: Any, record_property: Any) -
     assert state["lock"] == {"locked": False}
     assert app.inv("health", app.env_flag).returncode == 0
     app.assert_no_secrets()
+
+
+def test_an_edge_subnet_a_host_route_covers_is_refused_before_anything_starts(
+        fleet_app: Any) -> None:
+    """Docker creates a bridge over a subnet the host already routes elsewhere (a VPN, an
+    office network) without a word, and those addresses then go to the bridge. The deploy
+    reads the host's routes before its edge network exists and stops. The route is added in
+    host1's own network namespace (the test bed's), and removed after."""
+    app = fleet_app
+    third = app.ports["blue"] % 250
+    subnet, route = f"10.250.{third}.8/29", f"10.250.{third}.0/24"
+    app.write_config(environments={app.env: {"proxy": {"subnet": subnet}}})
+    ip_route = ["nsenter", "--net=/run/netns/togather-host1", "ip", "route"]
+    subprocess.run([*ip_route, "add", route, "dev", "lo"], check=True, timeout=30)
+    try:
+        refused = app.deploy(timeout=900)
+    finally:
+        subprocess.run([*ip_route, "del", route, "dev", "lo"], check=True, timeout=30)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0, said
+    assert f"the edge network {subnet} of {app.env} would take over addresses" in said, said
+    assert f"through its route '{route} dev lo scope link'" in said, said
+    assert "proxy.subnet" in said and "Nothing was stopped" in said, said
+    assert not [c for c in app.containers("host1") if c["service"].startswith("app-")]
+    app.deploy(check=True, timeout=900)  # the route gone, the same subnet is fine
 
 
 @pytest.mark.parametrize("fleet_app", [{"hosts": ("host2",)}], indirect=True)

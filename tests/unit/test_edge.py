@@ -59,3 +59,21 @@ def test_slots_not_on_the_edge_network_are_legacy() -> None:
     assert edge.parse_slot_networks("", "p") == set()
     # Another project's edge network does not count.
     assert edge.parse_slot_networks("app-green x_edge\n", "p") == {"green"}
+
+
+def test_route_conflicts_are_the_routes_the_bridge_would_shadow() -> None:
+    routes = """\
+default via 10.77.0.1 dev eth0
+10.0.0.0/8 via 192.168.1.1 dev tun0
+10.201.27.200/29 dev br-9672ebb9341a proto kernel scope link src 10.201.27.201
+172.31.101.0/24 dev docker0 proto kernel scope link src 172.31.101.1 linkdown
+blackhole 10.201.0.0/16
+10.201.27.203 dev wg0 scope link
+10.201.28.0/24 dev eth1 proto kernel scope link src 10.201.28.5
+"""
+    network = ipaddress.IPv4Network("10.201.27.200/29")
+    assert edge.route_conflicts(network, routes) == [
+        "10.0.0.0/8 via 192.168.1.1 dev tun0", "blackhole 10.201.0.0/16",
+        "10.201.27.203 dev wg0 scope link"]
+    assert edge.route_conflicts(ipaddress.IPv4Network("172.30.9.0/29"), routes) == []
+    assert edge.route_conflicts(network, "") == []

@@ -108,6 +108,40 @@ def test_an_image_removed_meanwhile_is_a_clear_error(settings: Settings) -> None
         slots.start_slot(settings, host, TARGET)
 
 
+ROUTES = """\
+default via 10.77.0.1 dev eth0
+10.77.0.0/24 dev eth0 proto kernel scope link src 10.77.0.11
+10.0.0.0/8 via 192.168.1.1 dev tun0
+172.31.101.0/24 dev docker0 proto kernel scope link src 172.31.101.1 linkdown
+"""
+
+
+def test_an_edge_subnet_inside_a_host_route_stops_before_anything_changes(
+        settings: Settings) -> None:
+    host = FakeHost()
+    host.on("docker network inspect", ok(ROUTES))
+    with pytest.raises(CommandError) as raised:
+        slots.start_slot(settings, host, TARGET)
+    assert (f"the edge network {settings.edge_subnet} of staging would take over addresses "
+            "fake reaches through its route '10.0.0.0/8 via 192.168.1.1 dev tun0'"
+            ) == raised.value.message
+    assert "proxy.subnet" in raised.value.hint and "Nothing was stopped" in raised.value.hint
+    assert not host.ran(" up --detach") and host.files == {}
+
+
+def test_an_existing_edge_network_or_no_overlap_starts_the_slot(settings: Settings) -> None:
+    exists = FakeHost()
+    exists.on("docker network inspect", ok("togather-edge-exists\n"))
+    slots.start_slot(settings, exists, TARGET)
+    assert exists.ran(" up --detach")
+    elsewhere = dataclasses.replace(settings, proxy={**settings.proxy,
+                                                     "subnet": "172.30.9.0/29"})
+    free = FakeHost()
+    free.on("docker network inspect", ok(ROUTES))
+    slots.start_slot(elsewhere, free, TARGET)
+    assert free.ran(" up --detach")
+
+
 # --- issue 8 item 11: the remote directory is closed to other local users --------------------
 
 
