@@ -250,6 +250,8 @@ class Deploy(SlotOperation):
                 else "every host is" if len(st.hosts) > 1 else "it is")
         for host in st.hosts:
             lines += [
+                f"[{host}] unless the edge network exists, its subnet {st.edge_subnet} "
+                f"against the host's routes: {cmd.edge_routes(st)}",
                 f"[{host}] write {layout.slots_env} ({new.upper()}_IMAGE={release.image})",
                 f"[{host}] " + cmd.start_slot(st, new, "never"),
                 f"[{host}] GET 127.0.0.1:{st.ports[new]}{st.health_endpoint} until "
