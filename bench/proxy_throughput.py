@@ -218,6 +218,14 @@ def plan(app: BenchApp, active: str, args: argparse.Namespace,
     return sustained + many
 
 
+def row_line(label: str, r: wrk.WrkResult, best: float, avg: float,
+             waiting: tuple[int, int], before: str, after: str) -> str:
+    """One run's line of a results table (header in measure)."""
+    return (f"{label:<34}{r.rps:>8.0f}{best:>8.0%}{avg:>8.0%}{r.p50_ms:>8.1f}"
+            f"{r.p99_ms:>8.1f}{r.socket_errors:>7}{r.non_2xx:>8}"
+            f"{f'{waiting[0]}/{waiting[1]}':>19}  {before} -> {after}")
+
+
 def benchmark(app: BenchApp, args: argparse.Namespace) -> list[str]:
     must(app.inv("deploy", f"--env={ENV}"), "deploy")
     active = app.status()["active_slot"]
@@ -273,9 +281,7 @@ def measure(app: BenchApp, args: argparse.Namespace, active: str, haproxy_pids: 
         best, avg = r.rps / reference, r.rps / mean
         if label.startswith("proxy"):
             ratios.append((label, best))
-        out.append(f"{label:<34}{r.rps:>8.0f}{best:>8.0%}{avg:>8.0%}{r.p50_ms:>8.1f}"
-                   f"{r.p99_ms:>8.1f}{r.socket_errors:>7}{r.non_2xx:>8}"
-                   f"{f'{all_tw}/{ours}':>19}  {before} -> {after}")
+        out.append(row_line(label, r, best, avg, (all_tw, ours), before, after))
     out += ["", "CPU per 1,000 requests (ms): nginx's workers (HAProxy in its runs), the app's "
             "process, docker-proxy "
             "(the published port's forwarder), wrk (the load generator, on the same CPUs), and "
@@ -306,10 +312,8 @@ def measure(app: BenchApp, args: argparse.Namespace, active: str, haproxy_pids: 
                 "TIME_WAIT at 128 connections before proxy.keepalive went to 1024)", header]
         # Against the direct run with as many connections (vs best, vs mean: the same one).
         same = max([r.rps for label, r, *_ in many if label.startswith("direct")] or [mean])
-        out += [f"{label:<34}{r.rps:>8.0f}{r.rps / same:>8.0%}{r.rps / same:>8.0%}"
-                f"{r.p50_ms:>8.1f}{r.p99_ms:>8.1f}{r.socket_errors:>7}{r.non_2xx:>8}"
-                f"{f'{all_tw}/{ours}':>19}  {before} -> {after}"
-                for label, r, (all_tw, ours), before, after, _ in many]
+        out += [row_line(label, r, r.rps / same, r.rps / same, waiting, before, after)
+                for label, r, waiting, before, after, _ in many]
         piled_many = max(ours for _, _, (_, ours), *_ in many)
         out.append(f"TIME_WAIT to the proxy's and slots' ports after a many-clients run: "
                    f"{piled_many} ({'no pile-up' if piled_many < 1000 else 'PILE-UP'})")

@@ -192,9 +192,9 @@ def step_line(proxy_how: str, done: str) -> str:
     return done if proxy_how == "unchanged" else f"nginx proxy {proxy_how}; {done}"
 
 
-def retire_after_deploy(session: Session, host: Host) -> None:
-    """`retire` as cleanup after a deploy: said when done, a failure only a warning (the
-    next deploy or rollback tries again)."""
+def retire_after_switch(session: Session, host: Host) -> None:
+    """`retire` as cleanup after a deploy's or a rollback's switch: said when done, a failure
+    only a warning (the next deploy or rollback tries again)."""
     try:
         done = retire(session.settings, host)
     except (TogatherError, OSError) as exc:

@@ -446,7 +446,7 @@ class Deploy(SlotOperation):
 
         def meanwhile(host: Host) -> None:
             cleanup.prune_host_after_deploy(self.s, self.state, host, pruned)
-            certs.retire_after_deploy(self.s, host)
+            certs.retire_after_switch(self.s, host)
 
         self.drain_and_stop_old_slot(meanwhile=meanwhile)
         cleanup.log_pruned(self.s, pruned)

@@ -186,7 +186,7 @@ class Rollback(SlotOperation):
         certificate renewal service removed where proxy.tls.acme is gone (the switch has just
         written the site without it)."""
         self.drain_and_stop_old_slot(
-            meanwhile=lambda host: certs.retire_after_deploy(self.s, host))
+            meanwhile=lambda host: certs.retire_after_switch(self.s, host))
         note(f"app-{self.slots.old} stopped")
 
     def after(self) -> None:

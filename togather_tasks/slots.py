@@ -123,6 +123,12 @@ def read_slot_images(settings: Settings, host: Host) -> dict[str, str]:
     return images
 
 
+def subnet_setting(settings: Settings) -> str:
+    """Where an operator chooses the edge subnet, for the hints of its errors."""
+    return (f"config/deployment.yml (proxy.subnet, per environment under "
+            f"environments.{settings.env}.proxy)")
+
+
 def check_edge_routes(settings: Settings, host: Host) -> None:
     """Before Compose creates the environment's edge network on this host: no route of the
     host may overlap its subnet (Docker would take those addresses over without a word). One
@@ -137,8 +143,7 @@ def check_edge_routes(settings: Settings, host: Host) -> None:
             f"addresses {host.name} reaches through its route {conflicts[0]!r}"
             + (f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""),
             hint="Nothing was stopped. Choose a private /29 that no route of the host "
-                 "covers in config/deployment.yml (proxy.subnet, per environment under "
-                 f"environments.{settings.env}.proxy); `ip -4 route` on the host lists its "
+                 f"covers in {subnet_setting(settings)}; `ip -4 route` on the host lists its "
                  "routes.")
 
 
@@ -170,9 +175,8 @@ def start_slot(settings: Settings, host: Host, target: SlotTarget) -> None:
                 f"the {target.slot} slot cannot join its edge network on {host.name}: the "
                 f"subnet {settings.edge_subnet} overlaps a network that is already there",
                 hint="Nothing was stopped. Choose a free private /29 for this environment in "
-                     "config/deployment.yml (proxy.subnet, per environment under "
-                     f"environments.{settings.env}.proxy); `docker network inspect` on the "
-                     "host lists the subnets in use.", exit_status=result.exit_status)
+                     f"{subnet_setting(settings)}; `docker network inspect` on the host lists "
+                     "the subnets in use.", exit_status=result.exit_status)
         if any(marker in text for marker in PORT_BUSY_MARKERS):
             raise CommandError(
                 f"port {port} on {host.name} is already in use by something else, so the "

@@ -243,7 +243,7 @@ def test_a_failed_removal_is_a_warning_after_a_deploy(settings: Settings, tmp_pa
     host = session.all_hosts[0]
     host.on("com.docker.compose.service=acme", ok("4f2a\n"))
     host.on("rm --stop --force acme", failed("daemon gone"))
-    certs.retire_after_deploy(session, host)
+    certs.retire_after_switch(session, host)
     assert "could not remove the certificate renewal service" in session.output
 
 
