@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
     parser.add_argument("--min-requests", type=int, default=5000,
                         help="loadgen: at least this many requests per phase")
+    parser.add_argument("--engine", choices=("nginx", "haproxy"), default="nginx",
+                        help="proxy.engine of the deployed app")
     args = parser.parse_args(argv)
     args.wrk_seconds = max(10.0, min(args.wrk_seconds, 300.0))
     args.connections = max(1, min(args.connections, 128))
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     kind = TlsBenchApp if args.scheme == "https" else BenchApp
-    app = kind(Path(tempfile.mkdtemp(prefix="togather-bench-")))
+    app = kind(Path(tempfile.mkdtemp(prefix="togather-bench-")), engine=args.engine)
     lines: list[str] = []
     try:
         with terminate_as_exit():

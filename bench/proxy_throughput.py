@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                              "slot, HTTP and HTTPS (a comparison, not the product)")
     parser.add_argument("--scheme", choices=("both", "http", "https"), default="both",
                         help="which side(s) of the proxy to load")
+    parser.add_argument("--engine", choices=("nginx", "haproxy"), default="nginx",
+                        help="proxy.engine of the deployed app")
     args = parser.parse_args(argv)
     if args.haproxy and args.scheme == "http":
         parser.error("--haproxy needs the HTTPS bench app (--scheme both or https)")
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     kind = BenchApp if args.scheme == "http" else TlsBenchApp
-    app = kind(Path(tempfile.mkdtemp(prefix="togather-bench-")))
+    app = kind(Path(tempfile.mkdtemp(prefix="togather-bench-")), engine=args.engine)
     lines: list[str] = []
     try:
         with terminate_as_exit():

@@ -175,6 +175,7 @@ class BenchApp:
     ports: dict[str, int] = field(default_factory=dict)
     commits: list[str] = field(default_factory=list)
     created_db: bool = False
+    engine: str = "nginx"  # proxy.engine
 
     @property
     def name(self) -> str:
@@ -228,7 +229,8 @@ class BenchApp:
         config_path = self.repo / "config" / "deployment.yml"
         document = yaml.safe_load(config_path.read_text())
         document["app"]["name"] = self.name
-        document["proxy"] = {**(document.get("proxy") or {}), "bind": "127.0.0.1"}
+        document["proxy"] = {**(document.get("proxy") or {}), "bind": "127.0.0.1",
+                             **({"engine": self.engine} if self.engine != "nginx" else {})}
         document["environments"] = {self.env: self.environment()}
         config_path.write_text("# written by a bench/ script (throwaway)\n"
                                + yaml.safe_dump(document, sort_keys=False))

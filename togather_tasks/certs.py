@@ -189,7 +189,7 @@ def serve_challenges(settings: Settings, host: Host) -> str:
 def step_line(proxy_how: str, done: str) -> str:
     """One host's line of the certs step: what the proxy did (when it did something), then
     what happened to the certificate."""
-    return done if proxy_how == "unchanged" else f"nginx proxy {proxy_how}; {done}"
+    return done if proxy_how == "unchanged" else f"proxy {proxy_how}; {done}"
 
 
 def retire_after_switch(session: Session, host: Host) -> None:
@@ -203,6 +203,19 @@ def retire_after_switch(session: Session, host: Host) -> None:
         return
     if done:
         session.console.note(f"{host.name}: {done}")
+
+
+def load_certificate(settings: Settings, host: Host) -> None:
+    """After the tool installed a new certificate: the nginx engine reads it at the next
+    handshake; HAProxy (proxy.engine: haproxy) loads it by a seamless reload, which keeps
+    every client connection. A proxy not running loads it when it starts."""
+    if cmd.proxy_engine(settings) != "haproxy":
+        return
+    result = host.run(cmd.reload_proxy(settings), timeout=60, check=False)
+    if not result.ok and "not running" not in result.stderr:
+        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise TogatherError(f"{host.name}: the proxy did not load the new certificate: "
+                            f"{detail}", hint="The previous certificate keeps serving.")
 
 
 def renewer_running(settings: Settings) -> str:
@@ -243,6 +256,7 @@ def ensure(settings: Settings, host: Host) -> str:
         host.write_file(paths.issued_by, f"{settings_tls.acme.directory}\n".encode(),
                         mode=0o600)
         current = served_certificate(settings, host)
+        load_certificate(settings, host)
         how = f"obtained ({reason})"
     else:
         how = "reused"
@@ -288,6 +302,7 @@ def upload_provided(settings: Settings, host: Host, current: tls.CertificateInfo
         raise TogatherError(f"{host.name}: installing the provided certificate failed: "
                             f"{acme_failure(result.stderr)}")
     host.write_file(paths.issued_by, f"{tls.PROVIDED}\n".encode(), mode=0o600)
+    load_certificate(settings, host)
     return f"provided certificate installed: {describe(wanted)}"
 
 
@@ -309,6 +324,8 @@ def renew(settings: Settings, host: Host, *, force: bool) -> tuple[str, tls.Cert
     if current is None:
         raise TogatherError(f"{host.name}: no certificate installed after the renewal")
     outcome = "renewed" if "renewed" in result.stdout.split() else "not due"
+    if outcome == "renewed":
+        load_certificate(settings, host)
     return outcome, current
 
 

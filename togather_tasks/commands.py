@@ -21,8 +21,13 @@ from .errors import StateError
 
 q = shlex.quote
 DOCKER_DIR = Path(__file__).parent / "docker"
-# The files the proxy image is built from (in DOCKER_DIR/nginx); its tag hashes them.
-PROXY_IMAGE_FILES = ("Dockerfile", "nginx.conf", "togather-app.conf", "togather-nginx")
+# The files each proxy engine's image is built from (in DOCKER_DIR/<engine>); its tag hashes
+# them. proxy.engine picks one (nginx by default).
+PROXY_IMAGE_FILES = {
+    "nginx": ("Dockerfile", "nginx.conf", "togather-app.conf", "togather-nginx"),
+    "haproxy": ("Dockerfile", "haproxy.cfg", "togather.lua", "togather-haproxy"),
+}
+PROXY_ENTRY_POINTS = ("togather-nginx", "togather-haproxy")
 SECRET_QUERY_KEYS = frozenset({"password", "passfile", "sslpassword"})
 # The state schema's image_ref: no blank, quote, `=`, `$` or line break.
 IMAGE_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,511}")
@@ -244,12 +249,17 @@ def proxy_workers(settings: Settings) -> str:
     return str(settings.proxy.get("workers") or "")
 
 
-def proxy_image_ref() -> str:
-    """Tagged by content so a changed nginx.conf, include or Dockerfile builds a new proxy
-    image (and recreates the proxy: see proxy.changes)."""
+def proxy_engine(settings: Settings) -> str:
+    """proxy.engine: `nginx` (the default) or `haproxy`."""
+    return str(settings.proxy.get("engine") or "nginx")
+
+
+def proxy_image_ref(engine: str = "nginx") -> str:
+    """Tagged by content so a changed configuration, entry point or Dockerfile (or another
+    engine) builds a new proxy image (and recreates the proxy: see proxy.changes)."""
     digest = hashlib.sha256()
-    for name in PROXY_IMAGE_FILES:
-        digest.update((DOCKER_DIR / "nginx" / name).read_bytes())
+    for name in PROXY_IMAGE_FILES[engine]:
+        digest.update((DOCKER_DIR / engine / name).read_bytes())
     return f"togather-proxy:{digest.hexdigest()[:12]}"
 
 
@@ -345,10 +355,13 @@ def start_proxy(settings: Settings, *, recreate: bool = False) -> str:
 
 
 def reload_proxy(settings: Settings) -> str:
-    """Test the configuration first: a bad one never reaches the running nginx."""
+    """Test the configuration first: a bad one never reaches the running proxy (nginx: a
+    graceful reload; HAProxy: a seamless one, togather-haproxy)."""
+    reload = ("togather-haproxy reload" if proxy_engine(settings) == "haproxy"
+              else "nginx -t -q && nginx -s reload")
     return (f"id=$({service_containers(settings, 'proxy', running=True)} | head -n 1); "
             '[ -n "$id" ] || { echo "the proxy container is not running" >&2; exit 1; }; '
-            'docker exec "$id" sh -c ' + q("nginx -t -q && nginx -s reload"))
+            'docker exec "$id" sh -c ' + q(reload))
 
 
 def running_proxy(settings: Settings) -> str:
@@ -477,7 +490,7 @@ def slots_env(settings: Settings, images: dict[str, str]) -> str:
         "EDGE_SUBNET": str(settings.edge_subnet),
         "BLUE_EDGE_ADDRESS": settings.edge_address("blue"),
         "GREEN_EDGE_ADDRESS": settings.edge_address("green"),
-        "PROXY_IMAGE": proxy_image_ref(),
+        "PROXY_IMAGE": proxy_image_ref(proxy_engine(settings)),
         "PROXY_WORKERS": proxy_workers(settings),
         "STOP_GRACE_PERIOD": f"{settings.deployment['stop_timeout']}s",
         "LOG_MAX_SIZE": settings.deployment["log_rotation"]["max_size"],

@@ -19,7 +19,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from . import batch, edge, tls
+from . import batch, edge, haproxy, tls
 from . import commands as cmd
 from .config import Settings
 from .errors import CommandError, HealthCheckError, HostError, TogatherError
@@ -103,6 +103,14 @@ def site_conf(settings: Settings, legacy: frozenset[str] = frozenset()) -> str:
     one upstream group per slot and the server blocks. `legacy`: the slots whose container
     is not on the edge network (edge.parse_slot_networks). Changing it is the only change
     that needs `nginx -t && nginx -s reload`; the switch never does."""
+    if cmd.proxy_engine(settings) == "haproxy":
+        return haproxy.site_conf(
+            settings.env, settings.proxy,
+            {slot: slot_server(settings, slot, legacy) for slot in SLOTS},
+            haproxy.bind_address(settings.proxy["bind"], settings.ports["proxy"]),
+            settings.tls,
+            haproxy.bind_address(settings.proxy["bind"], settings.tls.https_port)
+            if settings.tls else None)
     keepalive = settings.proxy["keepalive"]
     blocks = [upstream_block(slot, slot_server(settings, slot, legacy), keepalive)
               for slot in SLOTS]
@@ -114,9 +122,17 @@ def site_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def directives(text: str) -> list[tuple[str, str]]:
+    """The site's directives worth naming when they change, `(what, value)`, in order, for
+    either engine's site.conf (haproxy.py's says so in its first line)."""
+    if "proxy.engine: haproxy" in text.partition("\n")[0]:
+        return haproxy.directives(text)
+    return _DIRECTIVE.findall(text)
+
+
 def site_changes(old: str, new: str) -> str:
     """What changed between two site.conf texts, for the operator: `listen A -> B`, ..."""
-    before, after = _DIRECTIVE.findall(old), _DIRECTIVE.findall(new)
+    before, after = directives(old), directives(new)
     if not old.strip():
         return "site.conf written"
     if len(before) != len(after):
@@ -165,12 +181,12 @@ def parse_routes(output: str) -> Routes:
 
 def ensure_image(settings: Settings, host: Host, timeout: float) -> bool:
     """Build the proxy image on the host if it is not there yet. True when it was built."""
-    image = cmd.proxy_image_ref()
+    image = cmd.proxy_image_ref(cmd.proxy_engine(settings))
     if host.run(cmd.image_exists(image), check=False).ok:
         return False
     host.run(cmd.build_proxy_image(image, cmd.Layout(settings.remote_dir).proxy_dir),
              timeout=timeout,
-             what="building the nginx proxy image")
+             what=f"building the {cmd.proxy_engine(settings)} proxy image")
     return True
 
 
@@ -206,7 +222,7 @@ def changes(settings: Settings, inspected: str) -> list[str]:
     (proxy.workers, `default`: one per four cores) is on its command line (a recreate)."""
     image, _, rest = inspected.strip().partition(" ")
     mode, _, workers = rest.partition(" ")
-    wanted = {"image": cmd.proxy_image_ref(), "network": "host",
+    wanted = {"image": cmd.proxy_image_ref(cmd.proxy_engine(settings)), "network": "host",
               "workers": cmd.proxy_workers(settings) or "default"}
     running = {"image": image, "network": mode.strip() or "?",
                "workers": workers.strip().removeprefix("workers=") or "default"}
@@ -268,11 +284,12 @@ def apply_config(settings: Settings, host: Host, site: Site,
     if inspected is None:
         inspected = host.run(cmd.running_proxy(settings), timeout=60, check=False).stdout
     if not inspected.strip():
-        host.run(cmd.start_proxy(settings), timeout=300, what="starting the nginx proxy")
+        host.run(cmd.start_proxy(settings), timeout=300,
+                 what=f"starting the {cmd.proxy_engine(settings)} proxy")
         how = "started"
     elif differences := changes(settings, inspected):
         host.run(cmd.start_proxy(settings, recreate=True), timeout=300,
-                 what="recreating the nginx proxy")
+                 what=f"recreating the {cmd.proxy_engine(settings)} proxy")
         how = f"recreated ({', '.join(differences)})"
     elif site.stale:
         result = host.run(cmd.reload_proxy(settings), timeout=60, check=False)
@@ -280,8 +297,9 @@ def apply_config(settings: Settings, host: Host, site: Site,
             if site.on_host and site.on_host != site.text:
                 host.write_file(layout.site_file, site.on_host.encode(), mode=0o644)
             detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise CommandError(f"nginx -t (configuration test) or reload failed on "
-                               f"{host.name}: {detail}", exit_status=result.exit_status)
+            raise CommandError(f"the {cmd.proxy_engine(settings)} proxy's configuration test "
+                               f"or reload failed on {host.name}: {detail}",
+                               exit_status=result.exit_status)
         how = f"reloaded ({site_changes(site.on_host, site.text)})"
     else:
         return "unchanged"
@@ -355,10 +373,10 @@ class Switched:
         """What the operator should hear about this host's switch."""
         notes = []
         if self.how.startswith("recreated"):
-            notes.append(f"the nginx proxy was {self.how} to apply its configuration: "
+            notes.append(f"the proxy was {self.how} to apply its configuration: "
                          "connections were refused for about a second")
         elif self.how.startswith("reloaded"):
-            notes.append(f"the nginx proxy was {self.how}: its site configuration changed")
+            notes.append(f"the proxy was {self.how}: its site configuration changed")
         if self.maintenance:
             notes.append("maintenance mode is on and stays on: the proxy answers 503 with "
                          "the maintenance page (inv maintenance.off ends it)")
@@ -409,8 +427,8 @@ def proxy_log_line(settings: Settings, host: Host) -> str:
     answer (its port taken by another program, for one)."""
     out = host.run(cmd.logs_command(settings, "proxy", lines=5), timeout=60, check=False)
     lines = [line.strip() for line in (out.stdout + out.stderr).splitlines()
-             if "[emerg]" in line or "[error]" in line]
-    return f"; nginx says: {lines[-1][:300]}" if lines else ""
+             if any(mark in line for mark in ("[emerg]", "[error]", "[ALERT]"))]
+    return f"; {cmd.proxy_engine(settings)} says: {lines[-1][:300]}" if lines else ""
 
 
 def restore(settings: Settings, host: Host, previous: str | None) -> None:

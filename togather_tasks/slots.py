@@ -82,10 +82,11 @@ def prepare_host(settings: Settings, host: Host, *, primary: bool) -> None:
                     .encode(), mode=0o600)
     if primary and settings.has_database:
         write_pgpass(settings, host)
-    for name in cmd.PROXY_IMAGE_FILES:
-        source = cmd.DOCKER_DIR / "nginx" / name
+    engine = cmd.proxy_engine(settings)
+    for name in cmd.PROXY_IMAGE_FILES[engine]:
+        source = cmd.DOCKER_DIR / engine / name
         host.write_file(f"{layout.proxy_dir}/{name}", source.read_bytes(),
-                        mode=0o755 if name == "togather-nginx" else 0o644)
+                        mode=0o755 if name in cmd.PROXY_ENTRY_POINTS else 0o644)
 
 
 def write_compose_files(host: Host, layout: cmd.Layout) -> None:

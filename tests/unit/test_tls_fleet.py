@@ -211,8 +211,8 @@ def test_every_host_serves_the_challenges_before_any_host_orders(
     deploy.certificate(notes.append)
     assert sorted(calls[:2]) == [("serve", "web1"), ("serve", "web2")]
     assert sorted(calls[2:]) == [("ensure", "web1"), ("ensure", "web2")]
-    assert notes == ["web1: nginx proxy reloaded (site.conf); certificate reused: x; "
-                     "web2: nginx proxy reloaded (site.conf); certificate reused: x"]
+    assert notes == ["web1: proxy reloaded (site.conf); certificate reused: x; "
+                     "web2: proxy reloaded (site.conf); certificate reused: x"]
 
 
 def test_the_renewer_is_removed_where_acme_is_gone(settings: Settings) -> None:

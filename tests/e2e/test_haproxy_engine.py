@@ -1,0 +1,189 @@
+"""proxy.engine: haproxy on the staging test bed: the same switch files, behaviour and
+guarantees as the nginx engine, with HAProxy in the proxy container.
+
+- A host moves from nginx to HAProxy by a deploy (the proxy recreated, with the warning); then
+  one keep-alive connection lives through a deploy and a rollback with no reload, maintenance
+  mode answers 503 and survives a deploy, and the switch survives a proxy restart.
+- HTTPS through HAProxy against the test bed's Pebble: first issuance (the HTTP-01 challenge
+  answered by HAProxy), a forced renewal under load without a failed request (a seamless
+  reload loads the new certificate), then a provided certificate with the redirect and HSTS.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import test_tls
+from test_edge_switch import HeldConnection, proxy_container
+from test_tls import ACME_ROOT, HTTP01_PORT, TlsApp, deployed, https_get, provided_pair
+
+pytestmark = pytest.mark.e2e
+tls_app = test_tls.tls_app  # the fixture, here too
+
+
+def haproxy_pids(app) -> set[str]:
+    """The HAProxy master's and worker's pids in the proxy container: a reload replaces the
+    worker."""
+    out = subprocess.run(["docker", "top", proxy_container(app), "-o", "pid,args"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    pids = {line.split()[0] for line in out.splitlines() if "haproxy -W" in line}
+    assert len(pids) >= 2, out
+    return pids
+
+
+def get(port: int, path: str = "/version", headers: dict[str, str] | None = None
+        ) -> tuple[int, dict[str, str], bytes]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_served(app, timeout: float = 20) -> tuple[str | None, dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return app.served()
+        except (OSError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_from_nginx_to_haproxy_then_a_switch_that_closes_no_connection(demo_app) -> None:
+    app = demo_app
+    v1 = app.head[:7]
+    app.deploy(check=True)
+    assert app.served()[0] == "blue"
+
+    app.write_config(proxy={"engine": "haproxy"})
+    v2 = app.commit("v2", {"app/RELEASE": "v2\n"})[:7]
+    moved = app.deploy()
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert "recreated (image togather-proxy:" in moved.stderr, moved.stderr
+    slot, body = app.served()
+    assert (slot, body["version"]) == ("green", v2)
+    pids = haproxy_pids(app)
+
+    v3 = app.commit("v3", {"app/RELEASE": "v3\n"})[:7]
+    held = HeldConnection(app.ports["proxy"])
+    try:
+        deployed_v3 = app.deploy()
+        rolled_back = app.inv("rollback", app.env_flag)
+        time.sleep(0.5)
+    finally:
+        held.finish()
+    assert deployed_v3.returncode == 0, deployed_v3.stdout + deployed_v3.stderr
+    assert rolled_back.returncode == 0, rolled_back.stdout + rolled_back.stderr
+    assert held.errors == [], held.errors
+    assert len(held.local_ports) == 1, "the client's connection was replaced"
+    assert held.seen == [("green", v2), ("blue", v3), ("green", v2)], held.seen
+    assert haproxy_pids(app) == pids, "HAProxy was reloaded (its worker changed)"
+
+    # Maintenance: 503 with the page (JSON when asked), Retry-After; a deploy keeps it up
+    # (it verifies through it with the host's token); off restores traffic. No reload.
+    on = app.inv("maintenance.on", app.env_flag, "--message=Back <soon>", "--retry-after=120")
+    assert on.returncode == 0, on.stdout + on.stderr
+    time.sleep(0.1)  # togather.lua sees the link within 20 ms
+    status, headers, page = get(app.ports["proxy"], "/", {"Accept": "application/json"})
+    assert status == 503 and headers["retry-after"] == "120", (status, headers)
+    assert json.loads(page)["message"] == "Back <soon>"
+    status, headers, page = get(app.ports["proxy"], "/")
+    assert status == 503 and "Back &lt;soon&gt;" in page.decode()
+    app.commit("v4", {"app/RELEASE": "v4\n"})
+    during = app.deploy()
+    assert during.returncode == 0, during.stdout + during.stderr
+    assert "maintenance mode is on and stays on" in during.stderr
+    assert get(app.ports["proxy"], "/version")[0] == 503
+    off = app.inv("maintenance.off", app.env_flag)
+    assert off.returncode == 0, off.stdout + off.stderr
+    time.sleep(0.1)
+    slot, body = app.served()
+    assert (slot, body["version"][:7]) == ("blue", app.head[:7])
+    assert haproxy_pids(app) == pids
+
+    # The switch is on the host's disk: a restarted proxy serves the same slot.
+    subprocess.run(["docker", "restart", "--time", "2", proxy_container(app)], check=True,
+                   capture_output=True, timeout=60)
+    assert wait_served(app)[0] == "blue"
+    assert v1 != v2
+
+
+def test_https_through_haproxy_issuance_renewal_under_load_and_a_provided_certificate(
+        tls_app: TlsApp) -> None:
+    app = tls_app.app
+
+    def configure(**settings) -> None:
+        ports = {**app.ports, "proxy": HTTP01_PORT, "https": tls_app.https_port}
+        app.write_config(proxy={"bind": tls_app.address, "engine": "haproxy", "tls": settings},
+                         environments={app.env: {"ports": ports, "public_url":
+                                                 f"http://{tls_app.address}:{HTTP01_PORT}"}})
+
+    # First issuance: Pebble asks HAProxy's plain-HTTP frontend for the challenge token.
+    configure(acme=tls_app.acme(), redirect=False, verify_ca=str(ACME_ROOT))
+    first = deployed(tls_app)
+    assert "certificate obtained (no certificate on the host yet)" in first.stdout
+    served = tls_app.https(cafile=ACME_ROOT)
+    assert served.status == 200 and served.version == app.head[:7]
+    issued = served.serial
+
+    # A forced renewal under load: every request answered; the tool's seamless reload
+    # serves the new certificate as soon as the command returns.
+    errors: list[str] = []
+    serials: list[str | None] = []
+    done = threading.Event()
+
+    def load() -> None:
+        deadline = time.monotonic() + 60
+        while not done.is_set() and time.monotonic() < deadline:
+            try:
+                answer = tls_app.https("/health")
+                serials.append(answer.serial)
+                if answer.status != 200:
+                    errors.append(f"HTTP {answer.status}")
+            except OSError as exc:
+                errors.append(repr(exc))
+
+    client = threading.Thread(target=load)
+    client.start()
+    try:
+        renewal = app.inv("certs.renew", app.env_flag, "--force")
+        renewed = tls_app.https().serial
+        time.sleep(0.5)
+    finally:
+        done.set()
+        client.join(timeout=30)
+    assert renewal.returncode == 0, renewal.stdout + renewal.stderr
+    assert renewed != issued
+    assert errors == []
+    assert issued in serials and renewed in serials, "the load did not span the renewal"
+    health = app.inv("health", app.env_flag)
+    assert health.returncode == 0, health.stdout + health.stderr
+    assert f"verified against {ACME_ROOT}" in health.stdout
+
+    # A provided certificate, the redirect (the default) and HSTS.
+    crt, key = provided_pair(app.path / "tls", tls_app.domain)
+    configure(certificate=str(crt), key=str(key), hsts=600, verify_ca=str(crt))
+    result = deployed(tls_app)
+    assert "provided certificate installed" in result.stdout
+    assert key.read_text().splitlines()[1] not in result.stdout + result.stderr
+    served = https_get(tls_app.address, tls_app.https_port, tls_app.domain, cafile=crt)
+    assert served.status == 200 and served.headers["strict-transport-security"] == "max-age=600"
+    assert served.headers["x-togather-slot"] in ("blue", "green")
+    redirect = tls_app.http("/version?x=1")
+    assert redirect.status == 301
+    assert redirect.headers["location"] == \
+        f"https://{tls_app.domain}:{tls_app.https_port}/version?x=1"
+    assert tls_app.http("/.well-known/acme-challenge/no-such-token").status == 404
+    assert (Path(app.remote_dir) / "nginx" / "site.conf").read_text().startswith(
+        "# Written by togather-tasks for the staging environment (proxy.engine: haproxy)")

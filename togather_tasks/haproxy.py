@@ -1,0 +1,120 @@
+"""The site configuration of the HAProxy engine (`proxy.engine: haproxy`), pure: the frontends
+(plain HTTP; HTTPS when proxy.tls is on) and one backend per slot, loaded after the image's
+haproxy.cfg (docker/haproxy). It reads the same files on the host as the nginx engine: the slot
+marker, the maintenance link, the verification token, the ACME webroot and tls/site.pem.
+
+Why a second engine: on the 2-core test bed nginx's HTTPS path holds 72-77 % of the direct
+throughput; HAProxy, doing the same to each request (the slot and maintenance lookups
+included), holds 87-96 % (README, "Sustained throughput"). The slot and the maintenance flag
+are looked up in an in-memory map that togather.lua keeps in line with the files (20 ms), so a
+request costs no system call, and the switch is still a rename(2) on the host that survives a
+proxy restart and a reboot.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .tls import TlsSettings
+
+RUNTIME_MAP = "/run/togather/runtime.map"
+VERIFY_LIST = "/run/togather/verify.lst"
+# tls/site.pem, or the image's placeholder until it exists (togather.lua writes it at load).
+CRT_LIST = "/run/togather/crt.list"
+CHALLENGE_RE = r"^/\.well-known/acme-challenge/[A-Za-z0-9_-]+$"
+_UNITS = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+# What site_changes names: the listen addresses, each slot's server and pool, the read timeout
+# and the body limit.
+_DIRECTIVE = re.compile(r"^[ \t]*(bind|server \S+|timeout server) (\S+)|(pool-max-conn) (\S+)"
+                        r"|(content-length\)) gt (\d+)", re.MULTILINE)
+
+
+def body_bytes(size: str | int) -> int:
+    """proxy.max_body_size (nginx's size syntax, config.BODY_SIZE) in bytes; 0: no limit."""
+    text = str(size).lower()
+    if text[-1:] in _UNITS:
+        return int(text[:-1]) * _UNITS[text[-1]]
+    return int(text)
+
+
+def directives(text: str) -> list[tuple[str, str]]:
+    """`(what, value)` of each directive site_changes names, in order."""
+    return [(a or c or "max body bytes", b or d or f)
+            for a, b, c, d, _e, f in _DIRECTIVE.findall(text)]
+
+
+def bind_address(bind: str, port: int) -> str:
+    return f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
+
+
+def backend(slot: str, server: str, proxy: dict[str, Any]) -> str:
+    """One slot's backend: its address on the edge network (or, for a container from before
+    that network, its published port), keep-alive connections shared between clients (up to
+    proxy.keepalive idle ones, like the nginx engine's pool), and proxy.read_timeout."""
+    return (f"backend togather_{slot}\n"
+            f"    timeout server {proxy['read_timeout']}s\n"
+            f"    server {slot} {server} pool-max-conn {proxy['keepalive']}"
+            " pool-purge-delay 30s\n")
+
+
+def app_rules(proxy: dict[str, Any], scheme: str) -> str:
+    """What every frontend does before the app (the nginx engine's togather-app.conf): the
+    slot and maintenance lookups, the maintenance page unless the request carries this host's
+    verification token, the body limit, the forwarded headers, the slot header on every
+    answer, and the backend of the slot."""
+    limit = body_bytes(proxy["max_body_size"])
+    return (
+        f"    http-request set-var(txn.slot) str(slot),map({RUNTIME_MAP},blue)\n"
+        f"    acl togather_closed str(maintenance),map({RUNTIME_MAP},0) -m str 1\n"
+        f"    acl togather_verified req.hdr(x-togather-verify) -m str -f {VERIFY_LIST}\n"
+        "    http-request use-service lua.togather_maintenance"
+        " if togather_closed !togather_verified\n"
+        + ("    http-request deny deny_status 413"
+           f" if {{ req.hdr_val(content-length) gt {limit} }}\n" if limit else "")
+        + "    option forwardfor\n"
+        f"    http-request set-header X-Forwarded-Proto {scheme}\n"
+        "    http-request set-header X-Forwarded-Host %[req.hdr(host)]\n"
+        "    http-request del-header X-Togather-Verify\n"
+        "    http-after-response set-header X-Togather-Slot %[var(txn.slot)]\n"
+        "    use_backend togather_green if { var(txn.slot) -m str green }\n"
+        "    default_backend togather_blue\n")
+
+
+def http_frontend(listen: str, proxy: dict[str, Any], tls: TlsSettings | None) -> str:
+    """Plain HTTP: the app; with HTTPS on, the ACME challenge files first (HTTP-01 is plain
+    HTTP), then the app or, when `redirect` is on, a 301 to the same URL over HTTPS."""
+    lines = ["frontend togather_http", f"    bind {listen}"]
+    if tls is not None:
+        lines.append("    http-request use-service lua.togather_acme"
+                     f" if {{ path_reg {CHALLENGE_RE} }}")
+        if tls.redirect:
+            port = "" if tls.https_port == 443 else f":{tls.https_port}"
+            lines.append("    http-request redirect location "
+                         f"https://%[req.hdr(host),field(1,:)]{port}%[capture.req.uri] code 301")
+    return "\n".join(lines) + "\n" + app_rules(proxy, "http")
+
+
+def https_frontend(listen: str, proxy: dict[str, Any], tls: TlsSettings) -> str:
+    """HTTPS with tls/site.pem (chain and key in one file; the list names the image's
+    placeholder until it is there); a new certificate is loaded by a seamless reload (the tool
+    asks for it when it installs one; togather-haproxy watches the file for the renewal
+    service's). TLS 1.2 and 1.3, HTTP/2 and 1.1;
+    HAProxy's session cache and tickets let returning clients skip the full handshake."""
+    hsts = (f'    http-after-response set-header Strict-Transport-Security "max-age={tls.hsts}"\n'
+            if tls.hsts else "")
+    return ("frontend togather_https\n"
+            f"    bind {listen} ssl crt-list {CRT_LIST} alpn h2,http/1.1\n"
+            + app_rules(proxy, "https") + hsts)
+
+
+def site_conf(env: str, proxy: dict[str, Any], servers: dict[str, str], listen: str,
+              tls: TlsSettings | None, https_listen: str | None) -> str:
+    """The environment's site.conf for HAProxy: the slots' backends (`servers`: slot ->
+    host:port), the HTTP frontend and, with proxy.tls, the HTTPS one."""
+    blocks = [backend(slot, server, proxy) for slot, server in servers.items()]
+    blocks.append(http_frontend(listen, proxy, tls))
+    if tls is not None and https_listen is not None:
+        blocks.append(https_frontend(https_listen, proxy, tls))
+    return (f"# Written by togather-tasks for the {env} environment (proxy.engine: haproxy); "
+            "rewritten by every deploy.\n" + "\n".join(blocks))
