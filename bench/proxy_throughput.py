@@ -241,8 +241,9 @@ def measure(app: BenchApp, args: argparse.Namespace, active: str, haproxy_pids: 
         print(text, flush=True)
 
     pid = proxy_pid(app)
-    # The proxy column: nginx's workers, or HAProxy in its runs (the other one is idle).
-    nginx_workers = children(pid) + haproxy_pids
+    # The proxy column: nginx's workers (or HAProxy's master and worker, --engine haproxy),
+    # and HAProxy beside it in its runs (the other one is idle).
+    nginx_workers = [pid, *children(pid), *haproxy_pids]
     app_pids = [service_pid(app, f"app-{active}")]
     ports = tuple(app.ports[name] for name in ("proxy", "https", "blue", "green")
                   if name in app.ports)
