@@ -101,8 +101,8 @@ DEFAULTS: dict[str, Any] = {
     # max_body_size: the largest request body the proxy passes (nginx's size: 0 = no limit;
     # nginx's own default of 1m refuses uploads an app accepts direct). read_timeout: seconds
     # the proxy waits between two reads of the app's answer before a 504.
-    # engine: nginx, or haproxy (the same files and features; more throughput over HTTPS on
-    # small hosts: README "Sustained throughput"; not yet with ACME in a fleet).
+    # engine: nginx, or haproxy (the same files and features; more throughput on a small
+    # host: README "The second proxy engine").
     "proxy": {"bind": "0.0.0.0", "verify_attempts": 20,  # noqa: S104 - the public entry point
               "keepalive": 1024, "max_body_size": "100m", "read_timeout": 60,
               "engine": "nginx"},
@@ -467,11 +467,6 @@ def _merge_environment(document: dict[str, Any], env: str, config_path: Path,
         problems.append(f"{config_path}: proxy.max_body_size: "
                         f"{merged['proxy']['max_body_size']!r} is not a size: a number of "
                         "bytes, or of k, m or g (100m, 1g), or 0 for no limit")
-    if (merged["proxy"]["engine"] == "haproxy" and (merged["proxy"].get("tls") or {}).get("acme")
-          and len(env_block.get("hosts") or ()) > 1):
-        problems.append(f"{config_path}: proxy.engine: haproxy does not forward ACME "
-                        "challenges between a fleet's hosts yet: use nginx for a fleet with "
-                        "proxy.tls.acme, or a certificate you provide")
     if merged["proxy"].get("tls"):
         ports.setdefault("https", DEFAULT_HTTPS_PORT)
         if len(set(ports.values())) != len(ports):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .tls import TlsSettings
+from .tls import ACME_HOP_HEADER, PEER_CONNECT_TIMEOUT, PEER_READ_TIMEOUT, TlsSettings
 
 RUNTIME_MAP = "/run/togather/runtime.map"
 VERIFY_LIST = "/run/togather/verify.lst"
@@ -83,16 +83,59 @@ def app_rules(proxy: dict[str, Any], scheme: str) -> str:
 
 def http_frontend(listen: str, proxy: dict[str, Any], tls: TlsSettings | None) -> str:
     """Plain HTTP: the app; with HTTPS on, the ACME challenge files first (HTTP-01 is plain
-    HTTP), then the app or, when `redirect` is on, a 301 to the same URL over HTTPS."""
+    HTTP), then the app or, when `redirect` is on, a 301 to the same URL over HTTPS. In a
+    fleet with ACME, a challenge this host has no file for is asked of the peers (one hop:
+    a request carrying the hop header is answered here or not at all)."""
     lines = ["frontend togather_http", f"    bind {listen}"]
+    rules = app_rules(proxy, "http")
     if tls is not None:
-        lines.append("    http-request use-service lua.togather_acme"
-                     f" if {{ path_reg {CHALLENGE_RE} }}")
+        peers = tls.acme.peers if tls.acme else ()
+        lines.append(f"    acl togather_challenge path_reg {CHALLENGE_RE}")
+        if peers:
+            lines += [f"    acl togather_acme_hop req.hdr({ACME_HOP_HEADER}) -m found",
+                      "    http-request use-service lua.togather_acme if togather_challenge"
+                      " { lua.togather_challenge_here -m bool }",
+                      "    http-request use-service lua.togather_acme if togather_challenge"
+                      " togather_acme_hop"]
+        else:
+            lines.append("    http-request use-service lua.togather_acme if togather_challenge")
         if tls.redirect:
             port = "" if tls.https_port == 443 else f":{tls.https_port}"
             lines.append("    http-request redirect location "
-                         f"https://%[req.hdr(host),field(1,:)]{port}%[capture.req.uri] code 301")
-    return "\n".join(lines) + "\n" + app_rules(proxy, "http")
+                         f"https://%[req.hdr(host),field(1,:)]{port}%[capture.req.uri] code 301"
+                         + (" if !togather_challenge" if peers else ""))
+        if peers:
+            # A challenge on its way to the peers passes by the maintenance page, and goes
+            # before the app's backends.
+            rules = rules.replace(" if togather_closed !togather_verified\n",
+                                  " if togather_closed !togather_verified"
+                                  " !togather_challenge\n").replace(
+                "    use_backend togather_green",
+                "    use_backend togather_acme_peers if togather_challenge\n"
+                "    use_backend togather_green")
+    return "\n".join(lines) + "\n" + rules
+
+
+def acme_peers_backend(tls: TlsSettings | None) -> str:
+    """Where a challenge this host has no file for goes in a fleet (empty otherwise): each
+    peer's proxy in turn until one has it (a 404, a refused connection or a timeout moves on;
+    one try per peer), every host's own address included (the same site on every host; asked
+    by itself, a host answers 404 from the webroot it just looked in). The hop header marks
+    the request: a peer answers it from its webroot only."""
+    if tls is None or tls.acme is None or not tls.acme.peers:
+        return ""
+    peers = tls.acme.peers
+    servers = "".join(f"    server peer{n} {peer}\n" for n, peer in enumerate(peers, 1))
+    return ("backend togather_acme_peers\n"
+            "    balance roundrobin\n"
+            f"    timeout connect {PEER_CONNECT_TIMEOUT}\n"
+            f"    timeout server {PEER_READ_TIMEOUT}\n"
+            f"    retries {len(peers) - 1}\n"
+            "    option redispatch 1\n"
+            "    retry-on 404 conn-failure empty-response response-timeout 502 503 504\n"
+            f"    http-request set-header {ACME_HOP_HEADER} 1\n"
+            "    http-request del-header Content-Length\n"
+            f"{servers}")
 
 
 def https_frontend(listen: str, proxy: dict[str, Any], tls: TlsSettings) -> str:
@@ -113,6 +156,8 @@ def site_conf(env: str, proxy: dict[str, Any], servers: dict[str, str], listen: 
     """The environment's site.conf for HAProxy: the slots' backends (`servers`: slot ->
     host:port), the HTTP frontend and, with proxy.tls, the HTTPS one."""
     blocks = [backend(slot, server, proxy) for slot, server in servers.items()]
+    if peers := acme_peers_backend(tls):
+        blocks.append(peers)
     blocks.append(http_frontend(listen, proxy, tls))
     if tls is not None and https_listen is not None:
         blocks.append(https_frontend(https_listen, proxy, tls))

@@ -297,9 +297,9 @@ def apply_config(settings: Settings, host: Host, site: Site,
             if site.on_host and site.on_host != site.text:
                 host.write_file(layout.site_file, site.on_host.encode(), mode=0o644)
             detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise CommandError(f"the {cmd.proxy_engine(settings)} proxy's configuration test "
-                               f"or reload failed on {host.name}: {detail}",
-                               exit_status=result.exit_status)
+            test = "nginx -t" if cmd.proxy_engine(settings) == "nginx" else "haproxy -c"
+            raise CommandError(f"{test} (configuration test) or reload failed on "
+                               f"{host.name}: {detail}", exit_status=result.exit_status)
         how = f"reloaded ({site_changes(site.on_host, site.text)})"
     else:
         return "unchanged"

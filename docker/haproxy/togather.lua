@@ -61,10 +61,12 @@ do
   write(VERIFY_LIST, token and (token .. "\n") or "")
 end
 
+-- The first round sets the map whatever it holds: the files may have changed between the load
+-- above (in the master) and this task's start (in the worker), a switch right after the proxy
+-- (re)started.
 core.register_task(function()
-  local slot, closed = current()
+  local slot, closed = nil, nil
   while true do
-    core.msleep(POLL_MS)
     local now_slot, now_closed = current()
     if now_slot ~= slot then
       core.set_map(RUNTIME_MAP, "slot", now_slot)
@@ -74,6 +76,7 @@ core.register_task(function()
       core.set_map(RUNTIME_MAP, "maintenance", now_closed)
       closed = now_closed
     end
+    core.msleep(POLL_MS)
   end
 end)
 
@@ -105,10 +108,21 @@ core.register_service("togather_maintenance", "http", function(applet)
   applet:send(page)
 end)
 
--- An HTTP-01 challenge: the token file the ACME client wrote, or 404. A token is base64url
--- (RFC 8555, 8.1): nothing else is looked up, so no other path is reachable.
+-- A challenge's token from its path (a token is base64url, RFC 8555 8.1: nothing else is
+-- looked up, so no other path is reachable), or nil.
+local function challenge_token(path)
+  return path and path:match("^/%.well%-known/acme%-challenge/([A-Za-z0-9_-]+)$")
+end
+
+-- In a fleet: whether this host has the challenge's file (else its peers are asked).
+core.register_fetches("togather_challenge_here", function(txn)
+  local token = challenge_token(txn.f:path())
+  return token ~= nil and exists(CHALLENGES .. token)
+end)
+
+-- An HTTP-01 challenge: the token file the ACME client wrote, or 404.
 core.register_service("togather_acme", "http", function(applet)
-  local token = applet.path:match("^/%.well%-known/acme%-challenge/([A-Za-z0-9_-]+)$")
+  local token = challenge_token(applet.path)
   local body = token and read(CHALLENGES .. token)
   local status = body and 200 or 404
   body = body or "not found\n"

@@ -16,6 +16,9 @@ from togather_tasks import haproxy, proxy, tls
 from togather_tasks.config import Settings
 
 from .conftest import Project
+from .test_tls_config import ACME
+from .test_tls_config import with_tls as tls_config
+from .test_tls_fleet import fleet_config
 
 
 @pytest.fixture
@@ -148,16 +151,32 @@ def test_an_unknown_engine_is_a_config_error(project: Project) -> None:
         project.load("staging")
 
 
-def test_a_fleet_with_acme_on_haproxy_is_refused_until_it_forwards_challenges(
+def test_a_fleet_with_acme_asks_its_peers_for_a_challenge_it_has_no_file_for(
         project: Project) -> None:
-    from .test_tls_config import ACME, one_problem
-    from .test_tls_config import with_tls as tls_config
-    from .test_tls_fleet import fleet_config
-
     project.write_config(fleet_config().replace("proxy:\n", "proxy:\n  engine: haproxy\n", 1))
-    assert "proxy.engine: haproxy does not forward ACME challenges" in one_problem(project)
-    # One host with ACME, or a fleet with nginx, is fine.
+    site = proxy.site_conf(project.load("staging"))
+    peers = site[site.index("backend togather_acme_peers\n"):site.index("frontend")]
+    # Every host's proxy, this one's included, one try each: a 404 or a failure moves on.
+    assert peers.endswith("    server peer1 10.0.0.11:9080\n    server peer2 10.0.0.12:9080\n"
+                          "    server peer3 10.0.0.13:9080\n\n")
+    assert "    retries 2\n    option redispatch 1\n" in peers
+    assert "    retry-on 404 conn-failure empty-response response-timeout" in peers
+    assert "    http-request set-header X-Togather-Acme-Hop 1\n" in peers
+    http = site[site.index("frontend togather_http\n"):site.index("frontend togather_https\n")]
+    lines = http.splitlines()
+
+    def at(text: str) -> int:
+        return next(n for n, line in enumerate(lines) if text in line)
+
+    # Its own file first; a request with the hop header is answered here or not at all (one
+    # hop); then the peers, before the redirect, the maintenance page and the app.
+    assert at("lua.togather_acme if togather_challenge { lua.togather_challenge_here") < at(
+        "lua.togather_acme if togather_challenge togather_acme_hop")
+    assert lines[at("http-request redirect")].endswith(" if !togather_challenge")
+    assert lines[at("lua.togather_maintenance")].endswith(" !togather_challenge")
+    assert at("use_backend togather_acme_peers if togather_challenge") < at(
+        "use_backend togather_green")
+    # One host: its own webroot only.
     project.write_config(tls_config(ACME).replace("proxy:\n", "proxy:\n  engine: haproxy\n", 1))
-    assert project.load("staging").proxy["engine"] == "haproxy"
-    project.write_config(fleet_config())
-    assert project.load("staging").proxy["engine"] == "nginx"
+    one = proxy.site_conf(project.load("staging"))
+    assert "togather_acme_peers" not in one and "lua.togather_acme if togather_challenge\n" in one
