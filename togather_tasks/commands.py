@@ -349,9 +349,24 @@ def container_state(container: str) -> str:
             "{{.RestartCount}}' " + q(container))
 
 
+# The proxy's CPU cgroup parent on this host (compose.yml's PROXY_CGROUP_PARENT): a top-level
+# group of its own, `/togather` (Docker's cgroupfs driver) or `togather.slice` (systemd's),
+# instead of Docker's group that every container shares. Under CFS group scheduling the
+# containers of that group share one weight against everything else on the host: the proxy
+# and the app it forwards to split what one group gets. On the 2-core test bed that cost the
+# HTTPS path 15-20 % of its throughput (README, "Sustained throughput"); in production it
+# keeps the front door's CPU apart from a busy app's. Empty (Docker's default) for a rootless
+# daemon, which cannot place containers elsewhere.
+PROXY_CGROUP_PROBE = (
+    "docker info --format '{{$r := false}}{{range .SecurityOptions}}"
+    '{{if eq . "name=rootless"}}{{$r = true}}{{end}}{{end}}'
+    '{{if $r}}{{else if eq .CgroupDriver "systemd"}}togather.slice{{else}}/togather{{end}}\'')
+
+
 def start_proxy(settings: Settings, *, recreate: bool = False) -> str:
-    return compose(settings, "up", "--detach", "--no-deps",
-                   *(["--force-recreate"] if recreate else []), "proxy")
+    return (f'PROXY_CGROUP_PARENT="$({PROXY_CGROUP_PROBE})" '
+            + compose(settings, "up", "--detach", "--no-deps",
+                      *(["--force-recreate"] if recreate else []), "proxy"))
 
 
 def reload_proxy(settings: Settings) -> str:
@@ -365,15 +380,16 @@ def reload_proxy(settings: Settings) -> str:
 
 
 def running_proxy(settings: Settings) -> str:
-    """The running proxy's image, network mode and worker setting (`IMAGE MODE workers=W`),
-    empty when none runs: one
-    round trip."""
+    """The running proxy's image, network mode, worker setting, CPU cgroup parent and the one
+    this host wants (`IMAGE MODE workers=W cgroup=PARENT own=WANTED`), empty when none runs:
+    one round trip."""
     return (f"id=$({service_containers(settings, 'proxy', running=True)}"
-            ' | head -n 1); [ -z "$id" ] || docker inspect --format '
+            ' | head -n 1); [ -z "$id" ] || { docker inspect --format '
             + q("{{.Config.Image}} {{.HostConfig.NetworkMode}} workers="
                 "{{range .Config.Env}}{{if eq (index (split . \"=\") 0) "
-                "\"TOGATHER_NGINX_WORKERS\"}}{{index (split . \"=\") 1}}{{end}}{{end}}")
-            + ' "$id"')
+                "\"TOGATHER_NGINX_WORKERS\"}}{{index (split . \"=\") 1}}{{end}}{{end}}"
+                " cgroup={{.HostConfig.CgroupParent}}")
+            + f' "$id" | tr -d \'\\n\'; printf \' own=%s\\n\' "$({PROXY_CGROUP_PROBE})"; }}')
 
 
 def read_routes(layout: Layout) -> str:

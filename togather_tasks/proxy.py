@@ -219,13 +219,16 @@ def changes(settings: Settings, inspected: str) -> list[str]:
     """How the running proxy (commands.running_proxy's output) differs from what a recreate
     would start, one phrase per difference; empty when it matches. The listen address and
     the slots' addresses are in site.conf (a reload, see apply_config); nginx's worker count
-    (proxy.workers, `default`: one per four cores) is on its command line (a recreate)."""
-    image, _, rest = inspected.strip().partition(" ")
-    mode, _, workers = rest.partition(" ")
+    (proxy.workers, `default`: one per four cores) is on its command line and the CPU cgroup
+    parent (commands.PROXY_CGROUP_PROBE) in the container's settings (a recreate)."""
+    image, mode, *pairs = [*inspected.split(), "", ""]
+    fields = dict(pair.partition("=")[::2] for pair in pairs if pair)
     wanted = {"image": cmd.proxy_image_ref(cmd.proxy_engine(settings)), "network": "host",
-              "workers": cmd.proxy_workers(settings) or "default"}
-    running = {"image": image, "network": mode.strip() or "?",
-               "workers": workers.strip().removeprefix("workers=") or "default"}
+              "workers": cmd.proxy_workers(settings) or "default",
+              "cgroup": fields.get("own") or "Docker's"}
+    running = {"image": image, "network": mode or "?",
+               "workers": fields.get("workers") or "default",
+               "cgroup": fields.get("cgroup") or "Docker's"}
     return [f"{what} {running[what]} -> {value}" for what, value in wanted.items()
             if running[what] != value]
 

@@ -82,8 +82,10 @@ PS = f"docker ps --quiet {PROJECT}"
      f"docker ps --quiet --all {PROJECT} --filter {SERVICE}=app-blue {NOT_ONE_OFF}"),
     (lambda st: cmd.slot_logs(st, "green"),
      f"{COMPOSE} logs --no-color --tail 15 app-green"),
-    (lambda st: cmd.start_proxy(st), f"{COMPOSE} up --detach --no-deps proxy"),
+    (lambda st: cmd.start_proxy(st),
+     f'PROXY_CGROUP_PARENT="$({cmd.PROXY_CGROUP_PROBE})" {COMPOSE} up --detach --no-deps proxy'),
     (lambda st: cmd.start_proxy(st, recreate=True),
+     f'PROXY_CGROUP_PARENT="$({cmd.PROXY_CGROUP_PROBE})" '
      f"{COMPOSE} up --detach --no-deps --force-recreate proxy"),
     (lambda st: cmd.reload_proxy(st),
      f"id=$({PS} --filter {SERVICE}=proxy {NOT_ONE_OFF} | head -n 1); "
@@ -91,9 +93,10 @@ PS = f"docker ps --quiet {PROJECT}"
      "docker exec \"$id\" sh -c 'nginx -t -q && nginx -s reload'"),
     (lambda st: cmd.running_proxy(st),
      f"id=$({PS} --filter {SERVICE}=proxy {NOT_ONE_OFF} | head -n 1); [ -z \"$id\" ] || "
-     "docker inspect --format '{{.Config.Image}} {{.HostConfig.NetworkMode}} workers="
+     "{ docker inspect --format '{{.Config.Image}} {{.HostConfig.NetworkMode}} workers="
      "{{range .Config.Env}}{{if eq (index (split . \"=\") 0) \"TOGATHER_NGINX_WORKERS\"}}"
-     "{{index (split . \"=\") 1}}{{end}}{{end}}' \"$id\""),
+     "{{index (split . \"=\") 1}}{{end}}{{end}} cgroup={{.HostConfig.CgroupParent}}' \"$id\""
+     f" | tr -d '\\n'; printf ' own=%s\\n' \"$({cmd.PROXY_CGROUP_PROBE})\"; }}"),
     (lambda st: cmd.proxy_files(st),
      f"docker ps --all {PROJECT} {NOT_ONE_OFF} "
      "--format '{{.Label \"com.docker.compose.service\"}} {{.Networks}}'; echo --; "

@@ -457,3 +457,15 @@ def test_changes_names_the_image_network_and_worker_setting_that_differ(
     assert proxy.changes(four, f"{image} host workers=4\n") == []
     auto = dataclasses.replace(settings, proxy={**settings.proxy, "workers": "auto"})
     assert proxy.changes(auto, f"{image} host workers=4\n") == ["workers 4 -> auto"]
+
+
+def test_a_proxy_in_dockers_shared_cgroup_moves_to_one_of_its_own(settings: Settings) -> None:
+    """commands.PROXY_CGROUP_PROBE says what the host wants (`own=`); a proxy started before,
+    in Docker's group, is recreated once; a rootless daemon wants Docker's default."""
+    image = cmd.proxy_image_ref()
+    assert proxy.changes(settings, f"{image} host workers= cgroup= own=/togather\n") == [
+        "cgroup Docker's -> /togather"]
+    assert proxy.changes(settings, f"{image} host workers= cgroup=/togather own=/togather") == []
+    assert proxy.changes(settings, f"{image} host workers= cgroup=togather.slice "
+                                   "own=togather.slice") == []
+    assert proxy.changes(settings, f"{image} host workers= cgroup= own=\n") == []
