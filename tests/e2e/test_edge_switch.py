@@ -185,6 +185,11 @@ def test_many_clients_at_once_reuse_the_pool_without_churn(demo_app) -> None:
                         if line.startswith("Max open files"))
     assert soft == hard or int(soft) == 65536, (soft, hard)
     assert events == f"worker_connections {max(256, min(16384, int(soft) - 64))};\n", events
+    # The proxy's CPU cgroup is its own (/togather/<id> with Docker's cgroupfs driver), not
+    # Docker's group shared by every container (commands.PROXY_CGROUP_PROBE).
+    groups = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    assert any(line.split(":", 2)[2].startswith("/togather/") for line in groups
+               if line.split(":")[1] in ("cpu", "cpu,cpuacct", "")), groups
 
 
 def send_body(port: int, size: int) -> int:
