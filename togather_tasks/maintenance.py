@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import commands as cmd
+from . import proxy
 from .config import Settings
-from .errors import UsageError
+from .errors import HostError, UsageError
 from .hosts import Host
 from .state import utc_now
 
@@ -102,6 +103,7 @@ def turn_on(settings: Settings, host: Host, n: Notice) -> None:
         host.write_file(f"{directory}/{file_name}", text.encode(), mode=0o644)
     host.run(cmd.maintenance_on(layout, name), timeout=30,
              what="turning maintenance mode on")
+    wait_shown(settings, host, on=True)
 
 
 def turn_off(settings: Settings, host: Host) -> bool:
@@ -109,7 +111,32 @@ def turn_off(settings: Settings, host: Host) -> bool:
     layout = cmd.Layout(settings.remote_dir)
     was_on = read(settings, host) is not None
     host.run(cmd.maintenance_off(layout), timeout=30, what="turning maintenance mode off")
+    wait_shown(settings, host, on=False)
     return was_on
+
+
+# How long maintenance.on/off wait for HAProxy to show the change, and between two looks.
+SHOWN_WITHIN = 2.0
+SHOWN_PAUSE = 0.02
+
+
+def wait_shown(settings: Settings, host: Host, *, on: bool) -> None:
+    """HAProxy (proxy.engine: haproxy) sees the link change within 20 ms (togather.lua): ask
+    through the proxy, as a client does, until it answers 503 (on) or anything else (off), at
+    most SHOWN_WITHIN seconds, so the command returns once clients see the change. nginx reads
+    the link at each request: nothing to wait for. A proxy that does not answer (not running)
+    is not waited for."""
+    if cmd.proxy_engine(settings) != "haproxy":
+        return
+    deadline = time.monotonic() + SHOWN_WITHIN
+    while True:
+        try:
+            status = proxy.get_through(settings, host, settings.health_endpoint).status
+        except (OSError, ConnectionError, HostError):
+            return
+        if (status == 503) == on or time.monotonic() > deadline:
+            return
+        time.sleep(SHOWN_PAUSE)
 
 
 def read(settings: Settings, host: Host) -> dict[str, Any] | None:

@@ -350,6 +350,11 @@ def verify(settings: Settings, host: Host, slot: str, version: str | None,
     return last
 
 
+def get_through(settings: Settings, host: Host, path: str) -> HttpResponse:
+    """One request through the host's proxy as a client makes it (no verification token)."""
+    return _get(settings, host, path, None)
+
+
 def _get(settings: Settings, host: Host, path: str,
          headers: dict[str, str] | None) -> HttpResponse:
     """A request through the proxy as a client makes it: over HTTPS (SNI = the first domain,

@@ -93,3 +93,38 @@ def test_turn_off_says_whether_it_was_on(settings: Settings) -> None:
     host = FakeHost()
     assert maintenance.turn_off(settings, host) is False
     assert host.ran(cmd.maintenance_off(cmd.Layout(settings.remote_dir)))
+
+
+def test_with_haproxy_on_and_off_wait_until_the_proxy_shows_it(settings: Settings) -> None:
+    """togather.lua sees the link within 20 ms: the command returns once the proxy answers
+    503 (on) or something else (off), asked as a client would; nginx is not asked at all."""
+    import dataclasses
+
+    from togather_tasks.hosts import HttpResponse
+
+    hap = dataclasses.replace(settings, proxy={**settings.proxy, "engine": "haproxy"})
+    host = FakeHost()
+    answers = iter([200, 200, 503, 503, 503, 200])
+    asked: list[str] = []
+
+    def http(address: str, port: int, path: str, timeout: float) -> HttpResponse:
+        asked.append(path)
+        return HttpResponse(next(answers), {}, b"")
+
+    host.http = http
+    maintenance.turn_on(hap, host, maintenance.notice("Back soon", 60, "ops"))
+    assert len(asked) == 3  # 200, 200, then the page
+    maintenance.turn_off(hap, host)
+    assert len(asked) == 6  # 503, 503, then the app
+    assert set(asked) == {hap.health_endpoint}
+    maintenance.turn_on(settings, host, maintenance.notice("Back soon", 60, "ops"))
+    assert len(asked) == 6  # nginx: no request
+
+
+def test_a_proxy_that_does_not_answer_is_not_waited_for(settings: Settings) -> None:
+    import dataclasses
+
+    hap = dataclasses.replace(settings, proxy={**settings.proxy, "engine": "haproxy"})
+    host = FakeHost()  # refuses every request
+    maintenance.turn_on(hap, host, maintenance.notice("Back soon", 60, "ops"))
+    assert host.ran("ln -sfn pages/")
