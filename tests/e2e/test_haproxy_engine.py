@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import test_tls
 from test_edge_switch import HeldConnection, proxy_container
-from test_tls import ACME_ROOT, HTTP01_PORT, TlsApp, deployed, https_get, provided_pair
+from test_tls import ACME_ROOT, HTTP01_PORT, HttpsLoad, TlsApp, deployed, https_get, provided_pair
 
 pytestmark = pytest.mark.e2e
 tls_app = test_tls.tls_app  # the fixture, here too
@@ -139,30 +138,11 @@ def test_https_through_haproxy_issuance_renewal_under_load_and_a_provided_certif
 
     # A forced renewal under load: every request answered; the tool's seamless reload
     # serves the new certificate as soon as the command returns.
-    errors: list[str] = []
-    serials: list[str | None] = []
-    done = threading.Event()
-
-    def load() -> None:
-        deadline = time.monotonic() + 60
-        while not done.is_set() and time.monotonic() < deadline:
-            try:
-                answer = tls_app.https("/health")
-                serials.append(answer.serial)
-                if answer.status != 200:
-                    errors.append(f"HTTP {answer.status}")
-            except OSError as exc:
-                errors.append(repr(exc))
-
-    client = threading.Thread(target=load)
-    client.start()
-    try:
+    with HttpsLoad(tls_app) as load:
         renewal = app.inv("certs.renew", app.env_flag, "--force")
         renewed = tls_app.https().serial
         time.sleep(0.5)
-    finally:
-        done.set()
-        client.join(timeout=30)
+    errors, serials = load.errors, load.serials
     assert renewal.returncode == 0, renewal.stdout + renewal.stderr
     assert renewed != issued
     assert errors == []

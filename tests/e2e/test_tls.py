@@ -147,6 +147,37 @@ class TlsApp:
         return json.loads(result.stdout)["hosts"]
 
 
+@dataclass
+class HttpsLoad:
+    """GET /health over HTTPS (a new TLS connection each) again and again while the block
+    runs, at most 60 s: the answers' certificate serials and every failure."""
+
+    tls_app: TlsApp
+    errors: list[str] = field(default_factory=list)
+    serials: list[str | None] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def _loop(self) -> None:
+        deadline = time.monotonic() + 60
+        while not self.done.is_set() and time.monotonic() < deadline:
+            try:
+                answer = self.tls_app.https("/health")
+                self.serials.append(answer.serial)
+                if answer.status != 200:
+                    self.errors.append(f"HTTP {answer.status}")
+            except OSError as exc:
+                self.errors.append(repr(exc))
+
+    def __enter__(self) -> HttpsLoad:
+        self.client = threading.Thread(target=self._loop)
+        self.client.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.done.set()
+        self.client.join(timeout=30)
+
+
 @pytest.fixture
 def tls_app(demo_app_factory, free_port) -> Iterator[TlsApp]:
     app = demo_app_factory()
@@ -208,29 +239,10 @@ def test_first_issuance_reuse_and_forced_renewal_without_a_failed_request(tls_ap
     # A forced renewal under load: every request answered, the new certificate served by the
     # same nginx processes (no reload).
     pids = tls_app.proxy_pids()
-    errors: list[str] = []
-    serials: list[str | None] = []
-    done = threading.Event()
-
-    def load() -> None:
-        deadline = time.monotonic() + 60
-        while not done.is_set() and time.monotonic() < deadline:
-            try:
-                answer = tls_app.https("/health")
-                serials.append(answer.serial)
-                if answer.status != 200:
-                    errors.append(f"HTTP {answer.status}")
-            except OSError as exc:
-                errors.append(repr(exc))
-
-    client = threading.Thread(target=load)
-    client.start()
-    try:
+    with HttpsLoad(tls_app) as load:
         renewal = app.inv("certs.renew", app.env_flag, "--force")
         time.sleep(0.5)
-    finally:
-        done.set()
-        client.join(timeout=30)
+    errors, serials = load.errors, load.serials
     assert renewal.returncode == 0, renewal.stdout + renewal.stderr
     assert "togather-testbed: renewed:" in renewal.stdout
     renewed = tls_app.https().serial
