@@ -11,7 +11,7 @@ Goal: 0 socket errors and 0 non-2xx in every phase. Printed next to the figures 
 the graceful-reload switch it replaced and the in-place baseline. About two minutes.
 
     .venv/bin/python bench/edge_switch.py [--scheme http] [--wrk-seconds 40] [--connections 16]
-                                          [--threads 1]
+                                          [--threads 1] [--engine haproxy|nginx]
 
 `--scheme https` gives the throwaway app `proxy.tls` with a self-signed certificate generated
 into the bench's temporary directory (bench/tls_app.py) and loads its HTTPS port instead (wrk
@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
     parser.add_argument("--min-requests", type=int, default=5000,
                         help="loadgen: at least this many requests per phase")
-    parser.add_argument("--engine", choices=("nginx", "haproxy"), default="nginx",
-                        help="proxy.engine of the deployed app")
+    parser.add_argument("--engine", choices=("haproxy", "nginx"), default="haproxy",
+                        help="proxy.engine of the deployed app (default: the product's)")
     args = parser.parse_args(argv)
     args.wrk_seconds = max(10.0, min(args.wrk_seconds, 300.0))
     args.connections = max(1, min(args.connections, 128))

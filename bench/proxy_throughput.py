@@ -22,6 +22,9 @@ in all.
     .venv/bin/python bench/proxy_throughput.py [--seconds 60] [--connections 16] [--threads 1]
                                                [--scheme both|http|https]
                                                [--many 256] [--many-seconds 20] [--haproxy]
+                                               [--engine haproxy|nginx]
+
+--engine: the deployed app's proxy.engine, by default the product's (haproxy).
 
 --haproxy adds two runs: Debian's HAProxy (2.6, OpenSSL 3.0 like nginx) started beside the
 proxy in front of the same slot, doing to each request what togather-app.conf does, over HTTP
@@ -334,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                              "slot, HTTP and HTTPS (a comparison, not the product)")
     parser.add_argument("--scheme", choices=("both", "http", "https"), default="both",
                         help="which side(s) of the proxy to load")
-    parser.add_argument("--engine", choices=("nginx", "haproxy"), default="nginx",
-                        help="proxy.engine of the deployed app")
+    parser.add_argument("--engine", choices=("haproxy", "nginx"), default="haproxy",
+                        help="proxy.engine of the deployed app (default: the product's)")
     args = parser.parse_args(argv)
     if args.haproxy and args.scheme == "http":
         parser.error("--haproxy needs the HTTPS bench app (--scheme both or https)")

@@ -175,7 +175,7 @@ class BenchApp:
     ports: dict[str, int] = field(default_factory=dict)
     commits: list[str] = field(default_factory=list)
     created_db: bool = False
-    engine: str = "nginx"  # proxy.engine
+    engine: str = "haproxy"  # proxy.engine (the product's default)
 
     @property
     def name(self) -> str:
@@ -230,7 +230,7 @@ class BenchApp:
         document = yaml.safe_load(config_path.read_text())
         document["app"]["name"] = self.name
         document["proxy"] = {**(document.get("proxy") or {}), "bind": "127.0.0.1",
-                             **({"engine": self.engine} if self.engine != "nginx" else {})}
+                             "engine": self.engine}
         document["environments"] = {self.env: self.environment()}
         config_path.write_text("# written by a bench/ script (throwaway)\n"
                                + yaml.safe_dump(document, sort_keys=False))

@@ -250,8 +250,8 @@ def proxy_workers(settings: Settings) -> str:
 
 
 def proxy_engine(settings: Settings) -> str:
-    """proxy.engine: `nginx` (the default) or `haproxy`."""
-    return str(settings.proxy.get("engine") or "nginx")
+    """proxy.engine: `haproxy` (the default) or `nginx`."""
+    return str(settings.proxy.get("engine") or "haproxy")
 
 
 def proxy_image_ref(engine: str = "nginx") -> str:

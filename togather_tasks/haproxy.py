@@ -23,6 +23,9 @@ RUNTIME_MAP = "/run/togather/runtime.map"
 VERIFY_LIST = "/run/togather/verify.lst"
 # tls/site.pem, or the image's placeholder until it exists (togather.lua writes it at load).
 CRT_LIST = "/run/togather/crt.list"
+# togather.lua checks the slot marker and the maintenance link every POLL seconds
+# (POLL_MS): a change is in the proxy's map within one POLL, after any request it is answering.
+POLL = 0.02
 CHALLENGE_RE = r"^/\.well-known/acme-challenge/[A-Za-z0-9_-]+$"
 _UNITS = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
 # What site_changes names: the listen addresses, each slot's server and pool, the read timeout

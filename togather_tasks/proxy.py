@@ -31,6 +31,8 @@ SLOTS = ("blue", "green")
 # The header that lets the tool's own check through maintenance mode; its value is a random
 # token per host (verify.map, mode 600), never a well-known one.
 VERIFY_HEADER = "X-Togather-Verify"
+# Polls of togather.lua waited for after the marker is put back (restore).
+RESTORE_SEEN_POLLS = 5
 _LEGACY_SLOT = re.compile(r"\$togather_slot \{\s*default (blue|green);")
 _TOKEN = re.compile(r'^"([0-9a-f]{32,})" 1;$', re.MULTILINE)
 _DIRECTIVE = re.compile(r"^[ \t]*(listen|server|keepalive|client_max_body_size|"
@@ -440,11 +442,15 @@ def proxy_log_line(settings: Settings, host: Host) -> str:
 
 
 def restore(settings: Settings, host: Host, previous: str | None) -> None:
-    """The marker as it was: `previous` marked, or no marker at all (nginx then defaults to
-    blue, on a host where nothing was routed before)."""
+    """The marker as it was: `previous` marked, or no marker at all (the proxy then defaults
+    to blue, on a host where nothing was routed before). With HAProxy, which sees the marker
+    within one poll of togather.lua, it returns after a few polls more, so the slot the
+    caller stops next gets no new request (nginx reads the marker at each request)."""
     layout = cmd.Layout(settings.remote_dir)
     command = cmd.mark_slot(layout, previous) if previous else cmd.unmark_slots(layout)
     host.run(command, timeout=30, check=False)
+    if cmd.proxy_engine(settings) == "haproxy":
+        time.sleep(RESTORE_SEEN_POLLS * haproxy.POLL)
 
 
 def switch_back(settings: Settings, host: Host, previous: str | None,

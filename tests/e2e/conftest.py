@@ -55,7 +55,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import jsonschema
@@ -750,6 +750,19 @@ def _base_config(app_name: str, env: str, remote_dir: str, ports: dict[str, int]
     return document
 
 
+AppT = TypeVar("AppT", bound="DemoApp")
+
+
+def pin_proxy_engine(request: pytest.FixtureRequest, app: AppT) -> AppT:
+    """The engine of the test's `proxy_engine` marker (the tests of one engine's own
+    behaviour: nginx's worker processes, `nginx -t`); else the product's default."""
+    marker = request.node.get_closest_marker("proxy_engine")
+    if marker is not None:
+        app.base_config["proxy"] = {**app.base_config.get("proxy", {}),
+                                    "engine": marker.args[0]}
+    return app
+
+
 def new_demo_app(tmp: Path, env: str = "staging") -> DemoApp:
     """A DemoApp in `tmp`, not set up yet (no side effects outside `tmp`): call `setup_demo_app`
     after registering it for teardown."""
@@ -799,15 +812,17 @@ def setup_demo_app(app: DemoApp) -> None:
 
 
 @pytest.fixture
-def demo_app_factory(tmp_path: Path) -> Iterator[Callable[..., DemoApp]]:
+def demo_app_factory(request: pytest.FixtureRequest, tmp_path: Path
+                     ) -> Iterator[Callable[..., DemoApp]]:
     """`make(env="staging")` -> a new DemoApp; every app made is torn down after the test
-    (containers, network, databases, remote directory; images are kept)."""
+    (containers, network, databases, remote directory; images are kept). A test marked
+    `@pytest.mark.proxy_engine("nginx")` gets that engine in the base config."""
     apps: list[DemoApp] = []
 
     def make(env: str = "staging") -> DemoApp:
         tmp = tmp_path / f"app{len(apps)}"
         tmp.mkdir()
-        app = new_demo_app(tmp, env)
+        app = pin_proxy_engine(request, new_demo_app(tmp, env))
         apps.append(app)  # before any side effect: a half-made app is cleaned up too
         setup_demo_app(app)
         return app
@@ -1285,7 +1300,8 @@ def new_fleet_app(tmp: Path, hosts: tuple[str, ...], *, through_lb: bool, strate
 
 
 @pytest.fixture
-def fleet_app_factory(tmp_path: Path) -> Iterator[Callable[..., FleetApp]]:
+def fleet_app_factory(request: pytest.FixtureRequest, tmp_path: Path
+                      ) -> Iterator[Callable[..., FleetApp]]:
     """`make(hosts=("host1",), through_lb=False, strategy="remote", env="production")` -> a new
     FleetApp (see its docstring); every app made is torn down on every fleet host afterwards."""
     require_fleet()
@@ -1295,8 +1311,8 @@ def fleet_app_factory(tmp_path: Path) -> Iterator[Callable[..., FleetApp]]:
              strategy: str = "remote", env: str = "production") -> FleetApp:
         tmp = tmp_path / f"fleet{len(apps)}"
         tmp.mkdir()
-        app = new_fleet_app(tmp, tuple(hosts), through_lb=through_lb, strategy=strategy,
-                            env=env)
+        app = pin_proxy_engine(request, new_fleet_app(
+            tmp, tuple(hosts), through_lb=through_lb, strategy=strategy, env=env))
         apps.append(app)  # before any side effect: a half-made app is cleaned up too
         if through_lb:
             app.port80_lock = _acquire_port80(app.hex)

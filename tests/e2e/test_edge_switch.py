@@ -23,7 +23,9 @@ import pytest
 
 from togather_tasks import edge
 
-pytestmark = pytest.mark.e2e
+# nginx's own behaviour (its worker processes, events file, pool); the HAProxy engine's
+# counterparts are in test_haproxy_engine.
+pytestmark = [pytest.mark.e2e, pytest.mark.proxy_engine("nginx")]
 
 LEGACY = Path(__file__).parent / "legacy_proxy"
 HOLD_MAX_SECONDS = 300  # the client's loop ends by then whatever happens
@@ -275,6 +277,7 @@ def _start_legacy_proxy(app) -> str:
     return tag
 
 
+@pytest.mark.proxy_engine("haproxy")  # the default: what an upgraded host meets
 def test_a_host_deployed_by_the_previous_version_is_taken_over_by_the_next_deploy(
         demo_app) -> None:
     """e2e: the new version's first deploy meets an old-layout proxy and moves it over."""

@@ -277,6 +277,7 @@ def test_database_refusing_connections(demo_app: DemoApp) -> None:
     assert first != demo_app.head
 
 
+@pytest.mark.proxy_engine("nginx")
 def test_nginx_config_test_failing_keeps_the_old_slot(demo_app: DemoApp) -> None:
     """A switch needs no reload; a site change (here a new proxy port) does, and a failing
     `nginx -t` then keeps the old slot, the old site.conf and the old listen address."""

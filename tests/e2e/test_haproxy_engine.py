@@ -59,6 +59,7 @@ def wait_served(app, timeout: float = 20) -> tuple[str | None, dict]:
             time.sleep(0.2)
 
 
+@pytest.mark.proxy_engine("nginx")  # the first deploy's; then the config names haproxy
 def test_from_nginx_to_haproxy_then_a_switch_that_closes_no_connection(demo_app) -> None:
     app = demo_app
     v1 = app.head[:7]

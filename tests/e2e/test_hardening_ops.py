@@ -90,8 +90,9 @@ def test_a_proxy_port_changed_in_the_config_is_applied_by_the_next_deploy(
     result = demo_app.deploy()
 
     assert result.returncode == 0, result.stdout + result.stderr
-    # A new listen address is a site change: `nginx -t` and a reload, no recreate.
-    assert (f"reloaded (listen 127.0.0.1:{demo_app.ports['proxy']} -> 127.0.0.1:{new_port})"
+    # A new listen address is a site change: the configuration tested and a reload, no recreate
+    # (HAProxy, the default engine, names its `bind`; nginx its `listen`).
+    assert (f"reloaded (bind 127.0.0.1:{demo_app.ports['proxy']} -> 127.0.0.1:{new_port})"
             in result.stderr)
     assert "recreated" not in result.stderr
     demo_app.ports["proxy"] = new_port

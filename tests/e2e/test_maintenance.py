@@ -32,7 +32,9 @@ def worker_pids(app) -> set[str]:
                if c["service"] == "proxy" and c["state"] == "running"]
     out = subprocess.run(["docker", "top", proxy, "-o", "pid,args"], capture_output=True,
                          text=True, timeout=30, check=True).stdout
-    return {line.split()[0] for line in out.splitlines() if "worker process" in line}
+    # nginx's workers, or HAProxy's master and worker: a reload replaces a worker.
+    return {line.split()[0] for line in out.splitlines()
+            if "worker process" in line or "haproxy -W" in line}
 
 
 def assert_maintenance_page(app) -> None:
@@ -85,7 +87,7 @@ def test_maintenance_on_off_through_deploy_and_rollback(demo_app) -> None:
     assert off.returncode == 0, off.stdout + off.stderr
     slot, body = app.served()
     assert (slot, body["version"]) == ("blue", v1)
-    assert worker_pids(app) == workers, "maintenance or a switch reloaded nginx"
+    assert worker_pids(app) == workers, "maintenance or a switch reloaded the proxy"
     status = json.loads(app.inv("status", app.env_flag, "--json", check=True).stdout)
     assert [h["maintenance"] for h in status["hosts"].values()] == [{"on": False}]
     again = app.inv("maintenance.off", app.env_flag)

@@ -201,6 +201,7 @@ def deployed(tls_app: TlsApp) -> subprocess.CompletedProcess:
 # --- ACME -----------------------------------------------------------------------------------
 
 
+@pytest.mark.proxy_engine("nginx")  # no reload at a renewal; HAProxy's: test_haproxy_engine
 def test_first_issuance_reuse_and_forced_renewal_without_a_failed_request(tls_app) -> None:
     app = tls_app.app
     tls_app.configure(acme=tls_app.acme(), redirect=False, verify_ca=str(ACME_ROOT))

@@ -18,9 +18,13 @@ DB_URL = (f"postgres://togather_app:{quote(DB_PASSWORD, safe='')}@db.internal:54
 JWT_SECRET = "jwt-5ecret-value-0123456789"
 ADMIN_API_KEY = "admin-key-abcdef-987654"
 
+# The unit tests of the site configuration, reloads and commands read nginx's text: the base
+# project pins that engine (test_haproxy and the tests of the default switch it per test).
 BASE_CONFIG = """\
 app:
   name: togather-test
+proxy:
+  engine: nginx
 build:
   dockerfile: app/Dockerfile
 environments:

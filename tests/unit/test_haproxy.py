@@ -16,6 +16,7 @@ from togather_tasks import haproxy, proxy, tls
 from togather_tasks.config import Settings
 
 from .conftest import Project
+from .projects import BASE_CONFIG
 from .test_tls_config import ACME
 from .test_tls_config import with_tls as tls_config
 from .test_tls_fleet import fleet_config
@@ -136,6 +137,7 @@ def test_the_image_files_exist_and_the_lua_reads_the_nginx_engines_files() -> No
                  '"/tls/site.pem"', "/acme/.well-known/acme-challenge/"):
         assert path in lua
     assert f'local CONF = "{tls.PROXY_CONF_DIR}"' in lua
+    assert f"local POLL_MS = {round(haproxy.POLL * 1000)}\n" in lua
 
 
 def write_config(project: Project, env: str, proxy_block: dict) -> None:
@@ -143,6 +145,20 @@ def write_config(project: Project, env: str, proxy_block: dict) -> None:
     document = yaml.safe_load(path.read_text())
     document["environments"][env].setdefault("proxy", {}).update(proxy_block)
     path.write_text(yaml.safe_dump(document, sort_keys=False))
+
+
+def test_haproxy_is_the_default_engine_and_nginx_is_chosen_by_name(project: Project) -> None:
+    project.write_config(BASE_CONFIG.replace("proxy:\n  engine: nginx\n", ""))
+    default = project.load("staging")
+    assert cmd.proxy_engine(default) == "haproxy"
+    assert "PROXY_IMAGE=" + cmd.proxy_image_ref("haproxy") in cmd.slots_env(default, {})
+    assert "togather-haproxy reload" in cmd.reload_proxy(default)
+    assert "frontend togather_http\n" in proxy.site_conf(default)
+    write_config(project, "staging", {"engine": "nginx"})
+    chosen = project.load("staging")
+    assert cmd.proxy_engine(chosen) == "nginx"
+    assert "nginx -s reload" in cmd.reload_proxy(chosen)
+    assert "frontend" not in proxy.site_conf(chosen)
 
 
 def test_an_unknown_engine_is_a_config_error(project: Project) -> None:
@@ -153,7 +169,7 @@ def test_an_unknown_engine_is_a_config_error(project: Project) -> None:
 
 def test_a_fleet_with_acme_asks_its_peers_for_a_challenge_it_has_no_file_for(
         project: Project) -> None:
-    project.write_config(fleet_config().replace("proxy:\n", "proxy:\n  engine: haproxy\n", 1))
+    project.write_config(fleet_config().replace("  engine: nginx\n", "  engine: haproxy\n"))
     site = proxy.site_conf(project.load("staging"))
     peers = site[site.index("backend togather_acme_peers\n"):site.index("frontend")]
     # Every host's proxy, this one's included, one try each: a 404 or a failure moves on.
@@ -177,6 +193,23 @@ def test_a_fleet_with_acme_asks_its_peers_for_a_challenge_it_has_no_file_for(
     assert at("use_backend togather_acme_peers if togather_challenge") < at(
         "use_backend togather_green")
     # One host: its own webroot only.
-    project.write_config(tls_config(ACME).replace("proxy:\n", "proxy:\n  engine: haproxy\n", 1))
+    project.write_config(tls_config(ACME).replace("  engine: nginx\n", "  engine: haproxy\n"))
     one = proxy.site_conf(project.load("staging"))
     assert "togather_acme_peers" not in one and "lua.togather_acme if togather_challenge\n" in one
+
+
+def test_a_marker_put_back_is_given_time_to_reach_haproxy_before_anything_stops(
+        settings: Settings, hap: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed switch puts the marker back, then its caller stops the new slot: with HAProxy
+    the restore returns only after a few of togather.lua's polls, so that slot gets no new
+    request meanwhile; nginx reads the marker at each request and needs no pause."""
+    from .fakehost import FakeHost
+
+    slept: list[float] = []
+    monkeypatch.setattr(proxy.time, "sleep", slept.append)
+    host = FakeHost()
+    proxy.restore(hap, host, "blue")
+    assert host.ran("state/blue") and slept == [proxy.RESTORE_SEEN_POLLS * haproxy.POLL]
+    assert slept[0] >= 4 * haproxy.POLL
+    proxy.restore(settings, FakeHost(), "blue")
+    assert slept == [proxy.RESTORE_SEEN_POLLS * haproxy.POLL]

@@ -48,8 +48,8 @@ def with_tls(block: str, ports: str = "{proxy: 9080, blue: 9081, green: 9082, ht
     """BASE_CONFIG with a top-level `proxy:` block holding `block` (indented under tls)."""
     indented = "".join(f"    {line}\n" for line in block.strip().splitlines())
     return (BASE_CONFIG.replace("ports: {proxy: 9080, blue: 9081, green: 9082}",
-                                f"ports: {ports}")
-            + f"proxy:\n  tls:\n{indented}")
+                                f"ports: {ports}").replace("proxy:\n  engine: nginx\n", "")
+            + f"proxy:\n  tls:\n{indented}  engine: nginx\n")
 
 
 def problems_of(project: Project) -> list[str]:
