@@ -11,8 +11,9 @@ an address of its own (127.77.x.y, its domain resolving there in Pebble's DNS), 
   - `inv certs.renew --force`, several times (an SSH connection, a one-off acme container,
     a new order at Pebble, install by rename): median and all runs;
   - during one more forced renewal, HTTPS requests through the proxy, each on a new TLS
-    connection (a full handshake: nginx reads the certificate file each time): how many,
-    how many failed, and the serials served (old and new: the switch without a reload).
+    connection (a full handshake): how many, how many failed, and the serials served (old
+    and new). With HAProxy, the default engine, the new certificate comes with a seamless
+    reload; with nginx (BenchApp.engine) nginx reads the file at each handshake, no reload.
 
 Everything it creates is removed at the end. Run as root:
 

@@ -244,9 +244,10 @@ def measure(app: BenchApp, args: argparse.Namespace, active: str, haproxy_pids: 
         print(text, flush=True)
 
     pid = proxy_pid(app)
-    # The proxy column: nginx's workers (or HAProxy's master and worker, --engine haproxy),
-    # and HAProxy beside it in its runs (the other one is idle).
-    nginx_workers = [pid, *children(pid), *haproxy_pids]
+    # The proxy column: the proxy's processes (HAProxy's master and worker, or nginx's master
+    # and workers with --engine nginx), and HAProxy beside it in --haproxy's runs (the other
+    # one is idle then).
+    proxy_processes = [pid, *children(pid), *haproxy_pids]
     app_pids = [service_pid(app, f"app-{active}")]
     ports = tuple(app.ports[name] for name in ("proxy", "https", "blue", "green")
                   if name in app.ports)
@@ -258,7 +259,7 @@ def measure(app: BenchApp, args: argparse.Namespace, active: str, haproxy_pids: 
             f"connections (load average {before}) ...")
         def sample() -> tuple[float, ...]:
             spent = resource.getrusage(resource.RUSAGE_CHILDREN)
-            return (cpu_seconds(nginx_workers), cpu_seconds(app_pids), cpu_seconds(forwarder),
+            return (cpu_seconds(proxy_processes), cpu_seconds(app_pids), cpu_seconds(forwarder),
                     spent.ru_utime + spent.ru_stime)
 
         cpu0, machine0 = sample(), machine_busy()
@@ -286,12 +287,12 @@ def measure(app: BenchApp, args: argparse.Namespace, active: str, haproxy_pids: 
         if label.startswith("proxy"):
             ratios.append((label, best))
         out.append(row_line(label, r, best, avg, (all_tw, ours), before, after))
-    out += ["", "CPU per 1,000 requests (ms): nginx's workers (HAProxy in its runs), the app's "
-            "process, docker-proxy "
+    out += ["", f"CPU per 1,000 requests (ms): the proxy ({app.engine}; HAProxy beside it in "
+            "--haproxy's runs), the app's process, docker-proxy "
             "(the published port's forwarder), wrk (the load generator, on the same CPUs), and "
             "how busy the whole machine was (all processes, the other users' included):"]
-    for label, _, _, _, _, (nginx_ms, app_ms, forwarder_ms, wrk_ms, busy) in rows:
-        out.append(f"  {label:<34}nginx {nginx_ms:5.1f}  app {app_ms:5.1f}  docker-proxy "
+    for label, _, _, _, _, (proxy_ms, app_ms, forwarder_ms, wrk_ms, busy) in rows:
+        out.append(f"  {label:<34}proxy {proxy_ms:5.1f}  app {app_ms:5.1f}  docker-proxy "
                    f"{forwarder_ms:5.1f}  wrk {wrk_ms:5.1f}  machine busy {busy:4.0%}")
     piled = max(ours for _, _, (_, ours), *_ in rows)
     worst = min(ratio for _, ratio in ratios)

@@ -12,6 +12,7 @@ guarantees as the nginx engine, with HAProxy in the proxy container.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -30,7 +31,9 @@ def haproxy_pids(app) -> set[str]:
     worker."""
     out = subprocess.run(["docker", "top", proxy_container(app), "-o", "pid,args"],
                          capture_output=True, text=True, timeout=30, check=True).stdout
-    pids = {line.split()[0] for line in out.splitlines() if "haproxy -W" in line}
+    # The processes running HAProxy itself (after a reload the master's arguments change);
+    # not Docker's init, not the entry point's shell.
+    pids = {line.split()[0] for line in out.splitlines() if line.split()[1:2] == ["haproxy"]}
     assert len(pids) >= 2, out
     return pids
 
@@ -168,3 +171,45 @@ def test_https_through_haproxy_issuance_renewal_under_load_and_a_provided_certif
     assert tls_app.http("/.well-known/acme-challenge/no-such-token").status == 404
     assert (Path(app.remote_dir) / "nginx" / "site.conf").read_text().startswith(
         "# Written by togather-tasks for the staging environment (proxy.engine: haproxy)")
+
+
+def test_a_proxy_stop_lets_a_request_finish_closes_idle_connections_and_ends_by_itself(
+        demo_app) -> None:
+    """`docker stop` of the proxy (what a recreate does first): a request in flight finishes,
+    an idle keep-alive connection is closed by the proxy, and the container ends by itself
+    (exit 0), not killed at the end of Docker's grace period (exit 137), which kept the
+    listening port, and so the recreated proxy, away for 10 s while any client held an idle
+    connection."""
+    app = demo_app
+    app.deploy(check=True)
+    port = app.ports["proxy"]
+    idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+    idle.sendall(b"GET /version HTTP/1.1\r\nHost: e2e\r\n\r\n")
+    assert idle.recv(65536).startswith(b"HTTP/1.1 200")
+    # In flight: headers sent, half of the body, the other half once the stop has begun.
+    busy = socket.create_connection(("127.0.0.1", port), timeout=10)
+    busy.sendall(b"GET / HTTP/1.1\r\nHost: e2e\r\nContent-Length: 2000\r\n\r\n" + b"x" * 1000)
+    container = proxy_container(app)
+    stop = subprocess.Popen(["docker", "stop", "--time", "10", container],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)
+        busy.sendall(b"x" * 1000)
+        answer = busy.recv(65536)
+        closed = idle.recv(65536)
+        _, err = stop.communicate(timeout=60)
+    finally:
+        idle.close()
+        busy.close()
+    assert stop.returncode == 0, err
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert closed == b"", closed[:200]
+    exit_code = subprocess.run(["docker", "inspect", "--format", "{{.State.ExitCode}}",
+                                container], capture_output=True, text=True, check=True,
+                               timeout=30).stdout.strip()
+    assert exit_code == "0", f"the proxy ended with {exit_code} (137: killed at the grace period)"
+    # The next deploy starts it again, serving the same slot.
+    app.commit("v2", {"app/RELEASE": "v2\n"})
+    app.deploy(check=True)
+    assert wait_served(app)[0] == "green"
+

@@ -34,7 +34,7 @@ def worker_pids(app) -> set[str]:
                          text=True, timeout=30, check=True).stdout
     # nginx's workers, or HAProxy's master and worker: a reload replaces a worker.
     return {line.split()[0] for line in out.splitlines()
-            if "worker process" in line or "haproxy -W" in line}
+            if "worker process" in line or line.split()[1:2] == ["haproxy"]}
 
 
 def assert_maintenance_page(app) -> None:
