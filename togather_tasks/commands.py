@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, quote
 
 from . import edge
-from .config import Settings, database_parts
+from .config import DEFAULTS, Settings, database_parts
 from .errors import StateError
 
 q = shlex.quote
@@ -250,11 +250,11 @@ def proxy_workers(settings: Settings) -> str:
 
 
 def proxy_engine(settings: Settings) -> str:
-    """proxy.engine: `haproxy` (the default) or `nginx`."""
-    return str(settings.proxy.get("engine") or "haproxy")
+    """proxy.engine: `haproxy` (the default, config.DEFAULTS) or `nginx`."""
+    return str(settings.proxy.get("engine") or DEFAULTS["proxy"]["engine"])
 
 
-def proxy_image_ref(engine: str = "nginx") -> str:
+def proxy_image_ref(engine: str) -> str:
     """Tagged by content so a changed configuration, entry point or Dockerfile (or another
     engine) builds a new proxy image (and recreates the proxy: see proxy.changes)."""
     digest = hashlib.sha256()

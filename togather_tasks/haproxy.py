@@ -3,10 +3,10 @@
 haproxy.cfg (docker/haproxy). It reads the same files on the host as the nginx engine: the slot
 marker, the maintenance link, the verification token, the ACME webroot and tls/site.pem.
 
-Why a second engine: on the 2-core test bed, with the proxy in a CPU cgroup of its own, nginx's
-HTTPS path holds 81-83 % of the direct throughput and HAProxy, doing the same to each request
-(the slot and maintenance lookups included), 92-94 % (README, "Sustained throughput"); over
-HTTP 100 % and 108-110 %. The slot and the maintenance flag
+Why HAProxy is the default engine (nginx the other): on the 2-core test bed, with the proxy in
+a CPU cgroup of its own, nginx's HTTPS path holds 81-83 % of the direct throughput and HAProxy,
+doing the same to each request (the slot and maintenance lookups included), 92-94 % (README,
+"Sustained throughput"); over HTTP 100 % and 108-110 %. The slot and the maintenance flag
 are looked up in an in-memory map that togather.lua keeps in line with the files (20 ms), so a
 request costs no system call, and the switch is still a rename(2) on the host that survives a
 proxy restart and a reboot.

@@ -154,8 +154,8 @@ def test_image_ref(settings: Settings) -> None:
 
 
 def test_proxy_image_is_tagged_by_content() -> None:
-    assert re.fullmatch(r"togather-proxy:[0-9a-f]{12}", cmd.proxy_image_ref())
-    assert cmd.proxy_image_ref() == cmd.proxy_image_ref()
+    assert re.fullmatch(r"togather-proxy:[0-9a-f]{12}", cmd.proxy_image_ref("nginx"))
+    assert cmd.proxy_image_ref("nginx") == cmd.proxy_image_ref("nginx")
 
 
 def test_slots_env_content(settings: Settings) -> None:
@@ -171,7 +171,7 @@ def test_slots_env_content(settings: Settings) -> None:
         "EDGE_SUBNET": "10.201.27.200/29",
         "BLUE_EDGE_ADDRESS": "10.201.27.202",
         "GREEN_EDGE_ADDRESS": "10.201.27.203",
-        "PROXY_IMAGE": cmd.proxy_image_ref(),
+        "PROXY_IMAGE": cmd.proxy_image_ref("nginx"),
         "PROXY_WORKERS": "",
         "STOP_GRACE_PERIOD": "30s",
         "LOG_MAX_SIZE": "10m",

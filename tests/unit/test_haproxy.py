@@ -16,6 +16,7 @@ from togather_tasks import haproxy, proxy, tls
 from togather_tasks.config import Settings
 
 from .conftest import Project
+from .fakehost import FakeHost
 from .projects import BASE_CONFIG
 from .test_tls_config import ACME
 from .test_tls_config import with_tls as tls_config
@@ -203,8 +204,6 @@ def test_a_marker_put_back_is_given_time_to_reach_haproxy_before_anything_stops(
     """A failed switch puts the marker back, then its caller stops the new slot: with HAProxy
     the restore returns only after a few of togather.lua's polls, so that slot gets no new
     request meanwhile; nginx reads the marker at each request and needs no pause."""
-    from .fakehost import FakeHost
-
     slept: list[float] = []
     monkeypatch.setattr(proxy.time, "sleep", slept.append)
     host = FakeHost()

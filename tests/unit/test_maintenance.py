@@ -4,6 +4,7 @@ puts the page up."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -13,8 +14,14 @@ from togather_tasks import commands as cmd
 from togather_tasks import maintenance
 from togather_tasks.config import Settings
 from togather_tasks.errors import UsageError
+from togather_tasks.hosts import HttpResponse
 
 from .fakehost import FakeHost
+
+
+def with_haproxy(settings: Settings) -> Settings:
+    return dataclasses.replace(settings, proxy={**settings.proxy, "engine": "haproxy"})
+
 
 HOSTILE = 'Back at 5 <script>alert("x")</script> & "quotes" \\ été'
 
@@ -98,11 +105,7 @@ def test_turn_off_says_whether_it_was_on(settings: Settings) -> None:
 def test_with_haproxy_on_and_off_wait_until_the_proxy_shows_it(settings: Settings) -> None:
     """togather.lua sees the link within 20 ms: the command returns once the proxy answers
     503 (on) or something else (off), asked as a client would; nginx is not asked at all."""
-    import dataclasses
-
-    from togather_tasks.hosts import HttpResponse
-
-    hap = dataclasses.replace(settings, proxy={**settings.proxy, "engine": "haproxy"})
+    hap = with_haproxy(settings)
     host = FakeHost()
     answers = iter([200, 200, 503, 503, 503, 200])
     asked: list[str] = []
@@ -122,9 +125,7 @@ def test_with_haproxy_on_and_off_wait_until_the_proxy_shows_it(settings: Setting
 
 
 def test_a_proxy_that_does_not_answer_is_not_waited_for(settings: Settings) -> None:
-    import dataclasses
-
-    hap = dataclasses.replace(settings, proxy={**settings.proxy, "engine": "haproxy"})
+    hap = with_haproxy(settings)
     host = FakeHost()  # refuses every request
     maintenance.turn_on(hap, host, maintenance.notice("Back soon", 60, "ops"))
     assert host.ran("ln -sfn pages/")

@@ -446,7 +446,7 @@ def test_write_site_keeps_the_published_port_for_a_slot_not_on_the_edge_network(
 
 def test_changes_names_the_image_network_and_worker_setting_that_differ(
         settings: Settings) -> None:
-    image = cmd.proxy_image_ref()
+    image = cmd.proxy_image_ref("nginx")
     assert proxy.changes(settings, f"{image} host workers=\n") == []
     # A proxy started by an older version prints no worker setting: the default either way.
     assert proxy.changes(settings, f"{image} host\n") == []
@@ -462,7 +462,7 @@ def test_changes_names_the_image_network_and_worker_setting_that_differ(
 def test_a_proxy_in_dockers_shared_cgroup_moves_to_one_of_its_own(settings: Settings) -> None:
     """commands.PROXY_CGROUP_PROBE says what the host wants (`own=`); a proxy started before,
     in Docker's group, is recreated once; a rootless daemon wants Docker's default."""
-    image = cmd.proxy_image_ref()
+    image = cmd.proxy_image_ref("nginx")
     assert proxy.changes(settings, f"{image} host workers= cgroup= own=/togather\n") == [
         "cgroup Docker's -> /togather"]
     assert proxy.changes(settings, f"{image} host workers= cgroup=/togather own=/togather") == []

@@ -37,7 +37,7 @@ def proxy_running(host: FakeHost, settings: Settings, *, network: str = "host",
                   image: str | None = None) -> None:
     """The host runs a proxy; with the configured image in the host's network unless told."""
     host.on("{{.Config.Image}} {{.HostConfig.NetworkMode}}",
-            ok(f"{image or cmd.proxy_image_ref()} {network}\n"))
+            ok(f"{image or cmd.proxy_image_ref('nginx')} {network}\n"))
 
 
 def running_containers(host: FakeHost) -> None:
