@@ -168,7 +168,11 @@ def prepare(settings: Settings, host: Host) -> None:
     host.run(directories(paths), timeout=30, what="creating the HTTPS directories")
     ensure_image(settings, host)
     if settings_tls.acme:
-        host.write_file(paths.acme_env, tls.acme_env(settings_tls).encode(), mode=0o600)
+        # HAProxy reads tls/site.pem in one go (togather.lua) and takes a new key at each
+        # renewal; nginx reads it twice per handshake and must keep the key (tls.acme_env).
+        reuse_key = cmd.proxy_engine(settings) == "nginx"
+        host.write_file(paths.acme_env,
+                        tls.acme_env(settings_tls, reuse_key=reuse_key).encode(), mode=0o600)
         if settings_tls.acme.ca_bundle:
             host.write_file(paths.ca_bundle, settings_tls.acme.ca_bundle.read_bytes(),
                             mode=0o644)

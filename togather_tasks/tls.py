@@ -548,9 +548,14 @@ def _peers_location(peers: int) -> str:
 # --- the ACME client's configuration on the host ---------------------------------------------
 
 
-def acme_env(tls: TlsSettings) -> str:
+def acme_env(tls: TlsSettings, *, reuse_key: bool) -> str:
     """`<remote_dir>/acme/acme.env`, read by togather-acme in the acme container (line by line,
-    never sourced). Every value was validated: no blank, quote or line break."""
+    never sourced). Every value was validated: no blank, quote or line break.
+
+    `reuse_key`: a renewal keeps the private key. The nginx engine needs it: at each handshake
+    nginx opens the certificate and then the key, two reads of tls/site.pem; a renewal with a
+    new key renamed in between pairs the old certificate with the new key and fails that
+    handshake ("key values mismatch"). With the key kept, either pairing matches."""
     assert tls.acme is not None
     lines = {
         "ACME_DOMAINS": ",".join(tls.domains),
@@ -558,5 +563,6 @@ def acme_env(tls: TlsSettings) -> str:
         "ACME_DIRECTORY": tls.acme.directory,
         "ACME_RENEW_DAYS": str(tls.acme.renew_before_days),
         "ACME_CA_BUNDLE": "/acme/ca-bundle.pem" if tls.acme.ca_bundle else "",
+        "ACME_REUSE_KEY": "1" if reuse_key else "0",
     }
     return "".join(f"{k}={v}\n" for k, v in lines.items())

@@ -138,17 +138,19 @@ def test_https_through_haproxy_issuance_renewal_under_load_and_a_provided_certif
     assert "certificate obtained (no certificate on the host yet)" in first.stdout
     served = tls_app.https(cafile=ACME_ROOT)
     assert served.status == 200 and served.version == app.head[:7]
-    issued = served.serial
+    issued, issued_key = served.serial, served.key
 
     # A forced renewal under load: every request answered; the tool's seamless reload
     # serves the new certificate as soon as the command returns.
     with HttpsLoad(tls_app) as load:
         renewal = app.inv("certs.renew", app.env_flag, "--force")
-        renewed = tls_app.https().serial
+        after = tls_app.https()
         time.sleep(0.5)
     errors, serials = load.errors, load.serials
+    renewed = after.serial
     assert renewal.returncode == 0, renewal.stdout + renewal.stderr
     assert renewed != issued
+    assert after.key != issued_key  # HAProxy loads the pair at once: each renewal a new key
     assert errors == []
     assert issued in serials and renewed in serials, "the load did not span the renewal"
     health = app.inv("health", app.env_flag)

@@ -90,18 +90,33 @@ def test_without_redirect_http_serves_the_app_and_the_challenge() -> None:
 
 
 def test_acme_env() -> None:
-    assert tls.acme_env(tls_settings()) == (
+    assert tls.acme_env(tls_settings(), reuse_key=False) == (
         "ACME_DOMAINS=app.example.com,www.example.com\n"
         "ACME_EMAIL=ops@example.com\n"
         "ACME_DIRECTORY=https://acme-v02.api.letsencrypt.org/directory\n"
         "ACME_RENEW_DAYS=30\n"
-        "ACME_CA_BUNDLE=\n")
+        "ACME_CA_BUNDLE=\n"
+        "ACME_REUSE_KEY=0\n")
+    assert tls.acme_env(tls_settings(), reuse_key=True).endswith("ACME_REUSE_KEY=1\n")
+
+
+@pytest.mark.parametrize(("engine", "reuse"), [("nginx", "1"), ("haproxy", "0")])
+def test_renewals_keep_the_key_with_nginx_only(project: Project, engine: str,
+                                               reuse: str) -> None:
+    """nginx opens the certificate and the key separately at each handshake: a renewal with a
+    new key, renamed in between, would fail that handshake. HAProxy reads the file at once."""
+    project.write_config(with_tls(ACME).replace("engine: nginx", f"engine: {engine}"))
+    settings = project.load("staging")
+    host = FakeHost()
+    certs.prepare(settings, host)
+    env = host.files[certs.Paths(settings.remote_dir).acme_env].decode()
+    assert f"ACME_REUSE_KEY={reuse}\n" in env
 
 
 def test_acme_env_with_a_private_ca(tmp_path: Path) -> None:
     acme = tls.AcmeSettings("ops@example.com", "https://127.0.0.1:14000/dir",
                             tmp_path / "ca.pem", 20)
-    text = tls.acme_env(tls_settings(acme=acme))
+    text = tls.acme_env(tls_settings(acme=acme), reuse_key=False)
     assert "ACME_CA_BUNDLE=/acme/ca-bundle.pem\n" in text
     assert "ACME_RENEW_DAYS=20\n" in text
 
