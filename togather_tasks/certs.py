@@ -168,9 +168,7 @@ def prepare(settings: Settings, host: Host) -> None:
     host.run(directories(paths), timeout=30, what="creating the HTTPS directories")
     ensure_image(settings, host)
     if settings_tls.acme:
-        # HAProxy reads tls/site.pem in one go (togather.lua) and takes a new key at each
-        # renewal; nginx reads it twice per handshake and must keep the key (tls.acme_env).
-        reuse_key = cmd.proxy_engine(settings) == "nginx"
+        reuse_key = cmd.engine_of(settings).reads_certificate_per_handshake
         host.write_file(paths.acme_env,
                         tls.acme_env(settings_tls, reuse_key=reuse_key).encode(), mode=0o600)
         if settings_tls.acme.ca_bundle:
@@ -213,7 +211,7 @@ def load_certificate(settings: Settings, host: Host) -> None:
     """After the tool installed a new certificate: the nginx engine reads it at the next
     handshake; HAProxy (proxy.engine: haproxy) loads it by a seamless reload, which keeps
     every client connection. A proxy not running loads it when it starts."""
-    if cmd.proxy_engine(settings) != "haproxy":
+    if cmd.engine_of(settings).reads_certificate_per_handshake:
         return
     result = host.run(cmd.reload_proxy(settings), timeout=60, check=False)
     if not result.ok and "not running" not in result.stderr:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, quote
 
-from . import edge
+from . import edge, haproxy
 from .config import DEFAULTS, Settings, database_parts
 from .errors import StateError
 
@@ -254,6 +254,35 @@ def proxy_engine(settings: Settings) -> str:
     return str(settings.proxy.get("engine") or DEFAULTS["proxy"]["engine"])
 
 
+@dataclass(frozen=True)
+class ProxyEngine:
+    """How one proxy engine takes the changes the tool makes, where the engines differ."""
+
+    # Run in the proxy container: test the configuration, then reload without failing a
+    # request (nginx: graceful; HAProxy: seamless, togather-haproxy keeps every connection).
+    reload: str
+    config_test: str  # named in the error when a reload is refused
+    # How late the proxy may see a file the tool changed (the slot marker, the maintenance
+    # link): HAProxy's togather.lua polls them; nginx reads them at each request (None).
+    file_poll: float | None
+    # nginx reads tls/site.pem at each TLS handshake, in two opens (the certificate, then the
+    # key): a new certificate needs no reload, and a renewal must keep the key (tls.acme_env).
+    # HAProxy reads the file in one go when it (re)loads: a new certificate needs a reload.
+    reads_certificate_per_handshake: bool
+
+
+ENGINES = {
+    "nginx": ProxyEngine(reload="nginx -t -q && nginx -s reload", config_test="nginx -t",
+                         file_poll=None, reads_certificate_per_handshake=True),
+    "haproxy": ProxyEngine(reload="togather-haproxy reload", config_test="haproxy -c",
+                           file_poll=haproxy.POLL, reads_certificate_per_handshake=False),
+}
+
+
+def engine_of(settings: Settings) -> ProxyEngine:
+    return ENGINES[proxy_engine(settings)]
+
+
 def proxy_image_ref(engine: str) -> str:
     """Tagged by content so a changed configuration, entry point or Dockerfile (or another
     engine) builds a new proxy image (and recreates the proxy: see proxy.changes)."""
@@ -372,8 +401,7 @@ def start_proxy(settings: Settings, *, recreate: bool = False) -> str:
 def reload_proxy(settings: Settings) -> str:
     """Test the configuration first: a bad one never reaches the running proxy (nginx: a
     graceful reload; HAProxy: a seamless one, togather-haproxy)."""
-    reload = ("togather-haproxy reload" if proxy_engine(settings) == "haproxy"
-              else "nginx -t -q && nginx -s reload")
+    reload = engine_of(settings).reload
     return (f"id=$({service_containers(settings, 'proxy', running=True)} | head -n 1); "
             '[ -n "$id" ] || { echo "the proxy container is not running" >&2; exit 1; }; '
             'docker exec "$id" sh -c ' + q(reload))

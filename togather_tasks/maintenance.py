@@ -126,7 +126,7 @@ def wait_shown(settings: Settings, host: Host, *, on: bool) -> None:
     most SHOWN_WITHIN seconds, so the command returns once clients see the change. nginx reads
     the link at each request: nothing to wait for. A proxy that does not answer (not running)
     is not waited for."""
-    if cmd.proxy_engine(settings) != "haproxy":
+    if cmd.engine_of(settings).file_poll is None:
         return
     deadline = time.monotonic() + SHOWN_WITHIN
     while True:

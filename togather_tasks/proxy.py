@@ -302,7 +302,7 @@ def apply_config(settings: Settings, host: Host, site: Site,
             if site.on_host and site.on_host != site.text:
                 host.write_file(layout.site_file, site.on_host.encode(), mode=0o644)
             detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            test = "nginx -t" if cmd.proxy_engine(settings) == "nginx" else "haproxy -c"
+            test = cmd.engine_of(settings).config_test
             raise CommandError(f"{test} (configuration test) or reload failed on "
                                f"{host.name}: {detail}", exit_status=result.exit_status)
         how = f"reloaded ({site_changes(site.on_host, site.text)})"
@@ -449,8 +449,8 @@ def restore(settings: Settings, host: Host, previous: str | None) -> None:
     layout = cmd.Layout(settings.remote_dir)
     command = cmd.mark_slot(layout, previous) if previous else cmd.unmark_slots(layout)
     host.run(command, timeout=30, check=False)
-    if cmd.proxy_engine(settings) == "haproxy":
-        time.sleep(RESTORE_SEEN_POLLS * haproxy.POLL)
+    if poll := cmd.engine_of(settings).file_poll:
+        time.sleep(RESTORE_SEEN_POLLS * poll)
 
 
 def switch_back(settings: Settings, host: Host, previous: str | None,

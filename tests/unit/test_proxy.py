@@ -258,10 +258,25 @@ def test_a_failing_nginx_test_is_an_error_and_puts_the_old_site_back(
     moved = dataclasses.replace(settings, ports={**settings.ports, "proxy": 9180})
     site, _ = proxy.write_site(moved, host)
 
-    with pytest.raises(CommandError, match="unexpected end of file"):
+    with pytest.raises(CommandError, match="unexpected end of file") as info:
         proxy.apply_config(moved, host, site)
+    assert str(info.value).startswith("nginx -t (configuration test) or reload failed")
     assert host.files[cmd.Layout(settings.remote_dir).site_file].decode() == \
         proxy.site_conf(settings)
+
+
+def test_a_refused_haproxy_reload_names_haproxys_configuration_test(
+        host: FakeHost, disk: ProxyDisk, settings: Settings) -> None:
+    hap = dataclasses.replace(settings, proxy={**settings.proxy, "engine": "haproxy"})
+    with_loaded_site(host, hap)
+    proxy_running(host, hap, image=cmd.proxy_image_ref("haproxy"))
+    host.on("togather-haproxy reload", failed("[ALERT] config : parsing error"))
+    moved = dataclasses.replace(hap, ports={**hap.ports, "proxy": 9180})
+    site, _ = proxy.write_site(moved, host)
+
+    with pytest.raises(CommandError, match="parsing error") as info:
+        proxy.apply_config(moved, host, site)
+    assert str(info.value).startswith("haproxy -c (configuration test) or reload failed")
 
 
 def test_a_proxy_that_is_not_running_is_started_with_a_new_token(
