@@ -227,6 +227,18 @@ def test_request_bodies_up_to_proxy_max_body_size_reach_the_app(demo_app) -> Non
     assert send_body(app.ports["green"], three_mib) == 200  # refused by the proxy only
 
 
+def wait_served(app, timeout: float = 20) -> tuple[str | None, dict]:
+    """What the proxy serves, once it answers again (after a restart), at most `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return app.served()
+        except (OSError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_the_switch_state_survives_a_proxy_restart(demo_app) -> None:
     app = demo_app
     app.deploy(check=True)
@@ -238,13 +250,7 @@ def test_the_switch_state_survives_a_proxy_restart(demo_app) -> None:
     subprocess.run(["docker", "restart", "--time", "2", proxy_container(app)], check=True,
                    capture_output=True, timeout=60)
 
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            slot, body = app.served()
-            break
-        except (OSError, AssertionError):
-            time.sleep(0.2)
+    slot, body = wait_served(app)
     assert (slot, body["version"]) == ("green", v2)
     status = json.loads(app.inv("status", app.env_flag, "--json", check=True).stdout)
     assert [h["routes_to"] for h in status["hosts"].values()] == ["green"]

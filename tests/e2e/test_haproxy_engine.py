@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import test_tls
-from test_edge_switch import HeldConnection, proxy_container
+from test_edge_switch import HeldConnection, proxy_container, wait_served
 from test_tls import ACME_ROOT, HTTP01_PORT, HttpsLoad, TlsApp, deployed, https_get, provided_pair
 
 pytestmark = pytest.mark.e2e
@@ -49,17 +49,6 @@ def get(port: int, path: str = "/version", headers: dict[str, str] | None = None
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
         conn.close()
-
-
-def wait_served(app, timeout: float = 20) -> tuple[str | None, dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return app.served()
-        except (OSError, AssertionError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 @pytest.mark.proxy_engine("nginx")  # the first deploy's; then the config names haproxy
