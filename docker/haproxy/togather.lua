@@ -42,11 +42,18 @@ local function current()
   return slot, closed
 end
 
+-- Every process that loads this file writes through a temporary name of its own (its pid):
+-- two loads at once (the tool's reload and the certificate watcher's, each a `haproxy -c`
+-- and then the master's reload) once shared one name, and the second rename found the file
+-- gone ("togather.lua:49: No such file or directory": the configuration test failed).
+local PID = (read("/proc/self/stat") or ""):match("^(%d+)") or tostring(os.time())
+
 local function write(path, text)
-  local f = assert(io.open(path .. ".new", "wb"))
+  local temporary = path .. ".new." .. PID
+  local f = assert(io.open(temporary, "wb"))
   f:write(text)
   f:close()
-  assert(os.rename(path .. ".new", path))
+  assert(os.rename(temporary, path))
 end
 
 -- At load: the map file as the state is now, the verification token as the list the

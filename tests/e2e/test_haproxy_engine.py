@@ -204,3 +204,33 @@ def test_a_proxy_stop_lets_a_request_finish_closes_idle_connections_and_ends_by_
     app.deploy(check=True)
     assert wait_served(app)[0] == "green"
 
+
+
+def test_two_reloads_at_once_both_load_and_a_refused_configuration_says_why(demo_app) -> None:
+    """The tool reloads HAProxy right after it installs a certificate, and the entry point's
+    watcher reloads it when it sees that certificate: two reloads at once. Each used to load
+    togather.lua beside the other through one temporary file name, and one configuration test
+    in four failed in silence (`haproxy -c -q`); CI saw "the proxy did not load the new
+    certificate: no output". Now every pair loads, traffic stays up, and a configuration
+    HAProxy refuses is named."""
+    app = demo_app
+    app.deploy(check=True)
+    container = proxy_container(app)
+    pairs = ("for i in $(seq 15); do togather-haproxy reload & p=$!; "
+             "togather-haproxy reload || echo failed >&2; wait $p || echo failed >&2; done")
+    done = subprocess.run(["docker", "exec", container, "sh", "-c", pairs],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "failed" not in done.stderr, done.stderr[-2000:]
+    assert wait_served(app)[1]["version"] == app.head[:7]
+
+    site = Path(app.remote_dir) / "nginx" / "site.conf"
+    good = site.read_text()
+    site.write_text(good + "frontend togather_bogus\n    no-such-keyword\n")
+    try:
+        refused = subprocess.run(["docker", "exec", container, "togather-haproxy", "reload"],
+                                 capture_output=True, text=True, timeout=60)
+    finally:
+        site.write_text(good)
+    assert refused.returncode != 0
+    assert "[ALERT]" in refused.stderr and "no-such-keyword" in refused.stderr, refused.stderr
+    assert wait_served(app)[1]["version"] == app.head[:7]
