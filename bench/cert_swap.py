@@ -30,13 +30,11 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from tls_app import certificate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from togather_tasks import commands as cmd  # noqa: E402
@@ -60,16 +58,9 @@ http {
 
 def pem_pair(key: ec.EllipticCurvePrivateKey, days: int) -> bytes:
     """Key then certificate, as togather-acme installs site.pem."""
-    now = datetime.now(UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DOMAIN)])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=1))
-            .not_valid_after(now + timedelta(days=days))
-            .sign(key, hashes.SHA256()))
     return (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                               serialization.NoEncryption())
-            + cert.public_bytes(serialization.Encoding.PEM))
+            + certificate(key, DOMAIN, days).public_bytes(serialization.Encoding.PEM))
 
 
 def handshakes(port: int, seconds: float, clients: int, site: Path,

@@ -18,23 +18,32 @@ from zero_downtime import BenchApp, free_ports
 DOMAIN = "bench.togather.test"
 
 
-def self_signed(directory: Path, domain: str = DOMAIN) -> tuple[Path, Path]:
-    """A P-256 key and a self-signed certificate for `domain`, valid one day: (cert, key).
-    The key file is created mode 600 (the tool refuses a key others can read)."""
+def certificate(key, domain: str = DOMAIN, days: int = 1):
+    """A self-signed certificate for `domain` with `key` (a cryptography private key), valid
+    `days` (an x509.Certificate)."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import NameOID
 
-    key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)])
     now = datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(days=1))
+            .not_valid_before(now - timedelta(hours=1))
+            .not_valid_after(now + timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
+
+
+def self_signed(directory: Path, domain: str = DOMAIN) -> tuple[Path, Path]:
+    """A P-256 key and a self-signed certificate for `domain`, valid one day: (cert, key).
+    The key file is created mode 600 (the tool refuses a key others can read)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = certificate(key, domain)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     crt, pem = directory / "site.crt", directory / "site.key"
     crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
